@@ -1,0 +1,173 @@
+"""Genomes (FASTA/GenBank, plain or .gz) -> train/val/test codon token shards.
+
+    python -m data_preparation.prepare_genomes --input a.fasta.gz b.gb --output_dir data/ \\
+        --max_seq_length 2048 --split 0.9,0.05,0.05 --seed 0
+
+Records are split (not windows), so a genome never straddles train and test. A genome longer
+than max_seq_length codons becomes consecutive non-overlapping windows; the last is padded with
+[PAD], or dropped when shorter than --min_codons. The output is deterministic: same inputs and
+options give byte-identical shards. DIR appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from modelzoo.data.sequences import read_records
+from modelzoo.data.shards import ShardWriter, file_sha256, replace_dir
+from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.errors import DataError, UserError
+
+SPLITS = ("train", "val", "test")
+COMMAND = "python -m data_preparation.prepare_genomes"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="FASTA/GenBank files, plain or .gz")
+    p.add_argument("--output_dir", required=True, help="gets train/, val/, test/ shard dirs")
+    p.add_argument("--max_seq_length", type=int, required=True, help="codons per window")
+    p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test record fractions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the record split permutation")
+    p.add_argument("--features", default=None, help="GenBank feature type to extract, e.g. CDS")
+    p.add_argument("--max_n_fraction", type=float, default=0.5,
+                   help="skip records whose fraction of [UNK] codons is above this")
+    p.add_argument("--min_codons", type=int, default=8,
+                   help="skip shorter records; drop a trailing window shorter than this")
+    p.add_argument("--rename_duplicate_ids", action="store_true",
+                   help="suffix repeated record ids with #2, #3... instead of failing")
+    p.add_argument("--windows_per_file", type=int, default=1 << 16)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    return p.parse_args(argv)
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        fracs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        fracs = ()
+    if len(fracs) != 3 or min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+        raise UserError(f"--split {text!r}: need three non-negative fractions summing to 1, e.g. 0.9,0.05,0.05")
+    return fracs
+
+
+def windows_of(ids: np.ndarray, max_seq_length: int, min_codons: int, pad_id: int) -> np.ndarray:
+    """Cut codon ids into non-overlapping [PAD]-padded rows; drop a short trailing window."""
+    n_windows = -(-len(ids) // max_seq_length)
+    tail = len(ids) - (n_windows - 1) * max_seq_length
+    if n_windows > 1 and tail < min_codons:
+        n_windows -= 1
+        ids = ids[: n_windows * max_seq_length]
+    out = np.full((n_windows, max_seq_length), pad_id, dtype=np.uint8)
+    out.reshape(-1)[: len(ids)] = ids
+    return out
+
+
+def split_bounds(n: int, fracs) -> list[int]:
+    cuts = [round(c * n) for c in np.cumsum(fracs)]
+    return [0] + cuts[:-1] + [n]
+
+
+def tokenize_inputs(args, tokenizer: CodonTokenizer):
+    """Read every record; return kept (id, codon ids) in input order and skip counts by reason."""
+    kept, skipped, seen = [], Counter(), {}
+    progress = tqdm(desc="reading", unit=" records", file=sys.stderr, disable=None, delay=2.0)
+    try:
+        for path in args.input:
+            for rec in read_records(path, features=args.features, allow_empty=True,
+                                    rename_duplicates=args.rename_duplicate_ids):
+                progress.update()
+                if rec.id in seen:
+                    raise DataError(f"{path}: record id {rec.id!r} already used in {seen[rec.id]}")
+                seen[rec.id] = path
+                ids = tokenizer.encode(rec.seq)
+                if len(ids) == 0:
+                    skipped["empty (no whole codon)"] += 1
+                elif len(ids) < args.min_codons:
+                    skipped[f"too short (< {args.min_codons} codons)"] += 1
+                elif np.count_nonzero(ids == tokenizer.unk_id) / len(ids) > args.max_n_fraction:
+                    skipped[f"too many [UNK] codons (> {args.max_n_fraction:g})"] += 1
+                else:
+                    kept.append((rec.id, ids))
+    finally:
+        progress.close()
+    return kept, skipped, len(seen)
+
+
+def prepare(args) -> dict:
+    fracs = parse_split(args.split)
+    if args.max_seq_length < 1 or args.min_codons < 1:
+        raise UserError("--max_seq_length and --min_codons must be positive")
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise UserError(f"{out_dir}: output_dir exists and is not empty (use --overwrite)")
+    tokenizer = CodonTokenizer()
+    kept, skipped, n_read = tokenize_inputs(args, tokenizer)
+
+    order = np.random.default_rng(args.seed).permutation(len(kept))
+    bounds = split_bounds(len(kept), fracs)
+    options = {  # no output_dir or absolute paths: the manifest must not depend on where it ran
+        "inputs": [{"name": Path(p).name, "sha256": file_sha256(Path(p))} for p in args.input],
+        "max_seq_length": args.max_seq_length, "split": list(fracs), "seed": args.seed,
+        "features": args.features, "max_n_fraction": args.max_n_fraction,
+        "min_codons": args.min_codons, "rename_duplicate_ids": args.rename_duplicate_ids,
+    }
+    report = {"records_read": n_read, "records_kept": len(kept), "skipped": dict(skipped), "splits": {}}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, frac, lo, hi in zip(SPLITS, fracs, bounds[:-1], bounds[1:]):
+            if frac == 0:
+                continue
+            # Sorted: within a split, shard order follows input order (the sampler shuffles).
+            members = sorted(order[lo:hi])
+            with ShardWriter(tmp_root / name, args.max_seq_length, tokenizer,
+                             windows_per_file=args.windows_per_file, command=COMMAND,
+                             options=dict(options, split_name=name)) as writer:
+                for k in members:
+                    rec_id, ids = kept[k]
+                    writer.add(rec_id, windows_of(ids, args.max_seq_length, args.min_codons,
+                                                  tokenizer.pad_id))
+            m = writer.manifest
+            report["splits"][name] = {"records": len(members), "windows": m["num_windows"],
+                                      "tokens": m["num_tokens"]}
+        tmp_root.chmod(0o755)  # mkdtemp makes it owner-only
+        replace_dir(tmp_root, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    return report
+
+
+def print_report(report: dict, out_dir: str) -> None:
+    print(f"records read: {report['records_read']}, kept: {report['records_kept']}")
+    for reason, count in sorted(report["skipped"].items()):
+        print(f"  skipped {count}: {reason}")
+    for name, info in report["splits"].items():
+        note = "  (empty split)" if info["records"] == 0 else ""
+        print(f"{name:>5}: {info['records']} records, {info['windows']} windows, "
+              f"{info['tokens']} tokens -> {Path(out_dir) / name}{note}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = prepare(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_report(report, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The backend contract: how one optimizer step or one eval batch is executed.
+
+The Trainer owns the loop and hands a backend the micro-batches of one global step; the backend
+owns devices, precision, parallelism and the optimizer update. Models never see a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+
+import torch
+import torch.distributed as dist
+
+from modelzoo.config import ModelConfig, OptimizerConfig
+from modelzoo.models.base import StagedModel
+
+
+class Backend(ABC):
+    @abstractmethod
+    def setup(self, model: StagedModel, optimizer_cfg: OptimizerConfig | None) -> None:
+        """Take ownership of the model (and build the optimizer when training)."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[dict], lr: float) -> dict[str, float]:
+        """Forward/backward over the micro-batches, one optimizer update. Returns loss, grad_norm."""
+
+    @abstractmethod
+    def eval_step(self, batch: dict) -> dict[str, float]:
+        """Returns loss_sum, tokens and correct (summed over labelled positions)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """{'model': name -> fp32 tensor, 'optimizer': state keyed by parameter name}."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict, states: set[str]) -> None:
+        """Load 'model' and/or 'optimizer' (as listed in states) from a state_dict()."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def labelled_tokens(micro_batches: list[dict]) -> list[int]:
+    return [int((mb["labels"] != -100).sum()) for mb in micro_batches]
+
+
+def loss_weights(micro_batches: list[dict]) -> list[float]:
+    """Weight of each micro-batch's mean loss so that their weighted sum is the token mean of the
+    whole global batch, across all ranks. That makes N ranks x M micro-batches compute exactly
+    the loss (and gradient) of one big batch, however padding is spread."""
+    counts = labelled_tokens(micro_batches)
+    total = torch.tensor(float(sum(counts)))
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(total)
+    total = max(float(total), 1.0)
+    return [c / total for c in counts]
+
+
+def autocast(device_type: str, cfg: ModelConfig):
+    if not cfg.mixed_precision:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=cfg.compute_dtype)
+
+
+@torch.no_grad()
+def token_metrics(out: dict, labels: torch.Tensor) -> dict[str, float]:
+    valid = labels != -100
+    tokens = int(valid.sum())
+    correct = int(((out["logits"].argmax(-1) == labels) & valid).sum())
+    return {"loss_sum": float(out["loss"]) * tokens, "tokens": tokens, "correct": correct}

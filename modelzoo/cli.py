@@ -1,0 +1,128 @@
+"""``python run.py {CPU,GPU,CSX} --params P [flags]``: the Model Zoo command line.
+
+Flags override the yaml's runconfig. Every user error ends in one line on stderr and exit code 2,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from modelzoo.config import MODES, Params, load_params
+from modelzoo.errors import TrainingError, UserError
+
+log = logging.getLogger("modelzoo")
+DEVICES = ("CPU", "GPU", "CSX")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py", description="Train or evaluate a genome language model.")
+    p.add_argument("device", choices=DEVICES, help="CPU, GPU or CSX (emulated weight-streaming Cerebras system)")
+    p.add_argument("--params", "-p", required=True, help="params yaml (train_input, eval_input, model, optimizer, runconfig)")
+    p.add_argument("--mode", "-m", choices=MODES, help="what to run (default: runconfig.mode or train)")
+    p.add_argument("--model_dir", "-o", help="checkpoints, TensorBoard events and logs go here")
+    p.add_argument("--checkpoint_path", help="start from this checkpoint (default: the newest in model_dir)")
+    p.add_argument("--load_checkpoint_states", help="states to load from --checkpoint_path: all, or a comma list of "
+                                                    "model,optimizer,scheduler,dataloader,rng")
+    p.add_argument("--num_steps", type=int, help="train this many steps in this invocation")
+    p.add_argument("--max_steps", type=int, help="train until this global step")
+    p.add_argument("--eval_steps", type=int, help="batches per evaluation")
+    p.add_argument("--seed", type=int, help="seed for initialisation, dropout and masking")
+    p.add_argument("--num_csx", type=int, help="CSX: number of systems (data-parallel ranks)")
+    p.add_argument("--validate_only", action="store_true", help="check params and build the model, then stop")
+    p.add_argument("--compile_only", action="store_true",
+                   help="build the model and print its execution plan (CSX: per-stage memory and streaming), then stop")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    keys = ("mode", "model_dir", "checkpoint_path", "load_checkpoint_states", "num_steps", "max_steps",
+            "eval_steps", "seed", "num_csx")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params, overrides(args))
+    backend = make_backend(args.device, params)
+    torch.manual_seed(params.runconfig.seed)
+    from modelzoo.models import build_model
+    model = build_model(params.model)
+    if args.validate_only or args.compile_only:
+        print(summary(params, model, backend, compile_only=args.compile_only))
+        return 0
+    return execute(params, model, backend)
+
+
+def make_backend(device: str, params: Params):
+    from modelzoo.errors import ConfigError
+    if device == "CSX":
+        raise ConfigError("CSX: the weight-streaming backend is not available in this version; use CPU")
+    if device == "GPU":
+        if not torch.cuda.is_available():
+            raise ConfigError("GPU: no CUDA device is visible (torch.cuda.is_available() is False); use CPU")
+        raise ConfigError("GPU: the GPU backend is not available in this version; use CPU")
+    if params.runconfig.num_csx != 1:
+        raise ConfigError("--num_csx applies to the CSX device only")
+    from modelzoo.backends.resident import ResidentBackend
+    return ResidentBackend("cpu")
+
+
+def summary(params: Params, model, backend, compile_only: bool) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    lines = [f"params OK: {params.model.name}, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32), "
+             f"backend {backend.describe()}"]
+    if compile_only and hasattr(backend, "plan"):
+        lines.append(backend.plan(model))
+    return "\n".join(lines)
+
+
+def execute(params: Params, model, backend) -> int:
+    from modelzoo.training.metrics import setup_logging
+    from modelzoo.training.trainer import Trainer
+    from modelzoo.backends.base import rank_and_world
+
+    rank, _ = rank_and_world()
+    model_dir = Path(params.runconfig.model_dir)
+    mode = params.runconfig.mode
+    if rank == 0:
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml())
+        except OSError as e:
+            from modelzoo.errors import ConfigError
+            raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
+    setup_logging(model_dir, rank)
+    backend.setup(model, params.optimizer if mode in ("train", "train_and_eval") else None)
+    trainer = Trainer(params, backend, model_dir)
+    try:
+        if mode == "train":
+            trainer.train()
+        elif mode == "train_and_eval":
+            trainer.train(evaluate_every=params.runconfig.eval_frequency)
+            trainer.evaluate()
+        elif mode == "eval":
+            from modelzoo.training import checkpoint as ckpt
+            path = params.runconfig.checkpoint_path or ckpt.newest_good_checkpoint(model_dir)
+            trainer.eval_checkpoint(Path(path) if path else None)
+        else:
+            trainer.eval_all()
+    finally:
+        trainer.close()
+    return 0

@@ -1,0 +1,353 @@
+"""The params schema: one strict, typed description of a run.
+
+A params yaml has the sections ``train_input``, ``eval_input``, ``model``, ``optimizer`` and
+``runconfig`` (Cerebras Model Zoo layout). Everything is validated here once; the rest of the
+code only sees the typed objects. Unknown keys are errors (with the closest valid key), never
+warnings: a misspelt ``learning_rte`` silently falling back to a default wastes a cluster run.
+
+``python -m modelzoo.config`` prints the reference of every key (docs/params.md is generated
+from it and a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from modelzoo.errors import ConfigError
+
+MODES = ("train", "eval", "train_and_eval", "eval_all")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataInput(Section):
+    data_dir: str = Field(description="Shard directory written by data_preparation.prepare_genomes "
+                                      "(e.g. data/x/train). Relative paths are read from the current directory.")
+    batch_size: int = Field(gt=0, description="Global batch size (sequences per optimizer step, "
+                                              "split evenly over all systems / ranks).")
+    max_seq_length: int = Field(gt=1, description="Tokens per sequence; must equal the shards' "
+                                                  "max_seq_length and be <= model.max_position_embeddings.")
+    shuffle: bool = Field(True, description="Shuffle sequences every epoch (deterministic from shuffle_seed).")
+    shuffle_seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+    num_workers: int = Field(0, ge=0, description="torch DataLoader worker processes (0 = read in the main process).")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="BERT only: fraction of codons selected "
+                                                                 "for masked-codon prediction.")
+
+
+class ModelConfig(Section):
+    name: Literal["gpt2", "gptj", "bert"] = Field(description="Architecture: gpt2, gptj or bert.")
+    vocab_size: int = Field(69, gt=0, description="Vocabulary size (69 = GenSLM's codon vocabulary).")
+    hidden_size: int = Field(gt=0, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
+    num_heads: int = Field(gt=0, description="Attention heads; must divide hidden_size.")
+    filter_size: Optional[int] = Field(None, gt=0, description="MLP inner width (default 4 * hidden_size).")
+    max_position_embeddings: int = Field(gt=0, description="Longest sequence the model accepts.")
+    dropout_rate: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, residual branches and MLP.")
+    attention_dropout_rate: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
+    layer_norm_epsilon: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    initializer_range: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    mixed_precision: bool = Field(False, description="Compute in fp16_type (autocast) with fp32 master weights.")
+    fp16_type: Literal["bfloat16", "float16"] = Field("bfloat16", description="Low-precision dtype used "
+                                                                               "when mixed_precision is on.")
+    rotary_dim: Optional[int] = Field(None, gt=0, description="GPT-J only: dimensions of each head that get "
+                                                              "rotary embeddings (default head_dim / 4, as GenSLM).")
+    num_labels: Optional[int] = Field(None, gt=1, description="BERT only: number of classes; when set, the model "
+                                                              "is a sequence classifier on the pooled [CLS].")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.filter_size or 4 * self.hidden_size
+
+    @property
+    def compute_dtype(self):
+        import torch
+        if not self.mixed_precision:
+            return torch.float32
+        return torch.bfloat16 if self.fp16_type == "bfloat16" else torch.float16
+
+    @model_validator(mode="after")
+    def _check_shapes(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.rotary_dim is not None:
+            if self.name != "gptj":
+                raise ValueError("rotary_dim applies to gptj only")
+            if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+                raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+        if self.num_labels is not None and self.name != "bert":
+            raise ValueError("num_labels applies to bert only")
+        return self
+
+
+class ConstantLR(Section):
+    scheduler: Literal["Constant"]
+    learning_rate: float = Field(ge=0, description="The learning rate.")
+    total_iters: Optional[int] = Field(None, gt=0, description="Steps this phase lasts (last phase: forever).")
+
+
+class RampLR(Section):
+    scheduler: Literal["Linear", "CosineDecay"]
+    initial_learning_rate: float = Field(ge=0, description="Learning rate at the first step of the phase.")
+    end_learning_rate: float = Field(ge=0, description="Learning rate reached after total_iters steps (then held).")
+    total_iters: int = Field(gt=0, description="Steps this phase lasts.")
+
+
+Schedule = Annotated[Union[ConstantLR, RampLR], Field(discriminator="scheduler")]
+
+
+class OptimizerConfig(Section):
+    optimizer_type: Literal["AdamW", "Adam", "SGD"] = Field("AdamW", description="AdamW, Adam or SGD.")
+    learning_rate: Union[float, Schedule, list[Schedule]] = Field(
+        description="A constant, or a schedule phase {scheduler: Constant|Linear|CosineDecay, ...}, or a list "
+                    "of phases run one after another (e.g. Linear warm-up then CosineDecay).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) or L2 (Adam, SGD) weight decay; "
+                                                       "never applied to biases, norms or embeddings' positions.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    max_gradient_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; must divide the "
+                                                       "per-system batch size.")
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        phases = self.schedule_phases
+        for phase in phases[:-1]:
+            if phase.total_iters is None:
+                raise ValueError("every learning_rate phase except the last needs total_iters")
+        return self
+
+    @property
+    def schedule_phases(self) -> list:
+        lr = self.learning_rate
+        if isinstance(lr, (int, float)):
+            return [ConstantLR(scheduler="Constant", learning_rate=float(lr))]
+        return list(lr) if isinstance(lr, list) else [lr]
+
+
+class CSXConfig(Section):
+    memoryx: Literal["ram", "disk"] = Field("ram", description="Where MemoryX keeps fp32 weights and optimizer "
+                                                               "state: host RAM or memory-mapped files.")
+    memoryx_dir: Optional[str] = Field(None, description="Directory of disk MemoryX files (default "
+                                                         "model_dir/memoryx).")
+    prefetch_depth: int = Field(1, ge=0, description="Stages whose weights stream in ahead of compute.")
+    wafer_memory_gb: float = Field(40.0, gt=0, description="Memory of the emulated wafer; a stage that cannot "
+                                                           "fit is refused at compile time.")
+
+
+class RunConfig(Section):
+    mode: Literal[MODES] = Field("train", description="train, eval, train_and_eval or eval_all.")  # type: ignore
+    model_dir: str = Field("model_dir", description="Where checkpoints, TensorBoard events and logs go.")
+    max_steps: Optional[int] = Field(None, gt=0, description="Train until this global step.")
+    num_steps: Optional[int] = Field(None, gt=0, description="Train this many steps in this invocation "
+                                                             "(capped by max_steps).")
+    log_steps: int = Field(10, gt=0, description="Log and write train scalars every this many steps.")
+    checkpoint_steps: int = Field(0, ge=0, description="Checkpoint every this many steps (0: only at the end).")
+    max_checkpoints: int = Field(5, gt=0, description="Keep this many newest checkpoints.")
+    eval_steps: Optional[int] = Field(None, gt=0, description="Eval batches per evaluation (default: the whole "
+                                                              "eval set once).")
+    eval_frequency: int = Field(0, ge=0, description="train_and_eval: evaluate every this many steps "
+                                                     "(0: only at the end).")
+    seed: int = Field(1, description="Seed for weight initialisation, dropout and masking.")
+    checkpoint_path: Optional[str] = Field(None, description="Start from this checkpoint instead of the newest "
+                                                             "one in model_dir.")
+    load_checkpoint_states: str = Field("all", description="Which states to load from a checkpoint: 'all' or a "
+                                                           "comma list of model, optimizer, scheduler, dataloader, "
+                                                           "rng (e.g. 'model' to fine-tune from pretrained weights).")
+    num_csx: int = Field(1, gt=0, description="CSX: number of systems (data-parallel ranks).")
+    csx: CSXConfig = Field(default_factory=CSXConfig, description="CSX backend settings.")
+
+    @model_validator(mode="after")
+    def _check_states(self):
+        allowed = {"all", "model", "optimizer", "scheduler", "dataloader", "rng"}
+        bad = set(self.checkpoint_states) - allowed
+        if bad:
+            raise ValueError(f"load_checkpoint_states: unknown state {sorted(bad)[0]!r}; choose from {sorted(allowed)}")
+        return self
+
+    @property
+    def checkpoint_states(self) -> set[str]:
+        states = {s.strip() for s in self.load_checkpoint_states.split(",") if s.strip()}
+        return {"model", "optimizer", "scheduler", "dataloader", "rng"} if "all" in states else states
+
+
+class Params(Section):
+    train_input: Optional[DataInput] = Field(None, description="Training data.")
+    eval_input: Optional[DataInput] = Field(None, description="Evaluation data.")
+    model: ModelConfig = Field(description="The model.")
+    optimizer: Optional[OptimizerConfig] = Field(None, description="Optimizer and learning-rate schedule.")
+    runconfig: RunConfig = Field(default_factory=RunConfig, description="How the run is executed.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        for name in ("train_input", "eval_input"):
+            section = getattr(self, name)
+            if section and section.max_seq_length > self.model.max_position_embeddings:
+                raise _CrossFieldError((name, "max_seq_length"),
+                                       f"{section.max_seq_length} is above model.max_position_embeddings "
+                                       f"({self.model.max_position_embeddings})")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+class _CrossFieldError(ValueError):
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
+
+
+# ---------------------------------------------------------------- loading and error messages
+
+def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Params:
+    """Read, merge CLI overrides into runconfig, validate. Raises ConfigError (one line)."""
+    path = str(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid yaml: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {list(Params.model_fields)}")
+    raw.setdefault("runconfig", {})
+    if not isinstance(raw["runconfig"], dict):
+        raise ConfigError(f"{path}: runconfig: expected a mapping")
+    raw["runconfig"].update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_params(raw, path)
+
+
+def validate_params(raw: dict, source: str = "<params>") -> Params:
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+    except _CrossFieldError as e:  # pragma: no cover - pydantic wraps it; kept for safety
+        raise ConfigError(f"{source}: {'.'.join(e.loc)}: {e}") from None
+    _check_paths(params, source)
+    return params
+
+
+def _check_paths(params: Params, source: str) -> None:
+    mode = params.runconfig.mode
+    needs = {"train": ["train_input"], "eval": ["eval_input"], "eval_all": ["eval_input"],
+             "train_and_eval": ["train_input", "eval_input"]}[mode]
+    for name in needs:
+        if getattr(params, name) is None:
+            raise ConfigError(f"{source}: {name}: section is required for mode {mode!r}")
+    if "train_input" in needs and params.optimizer is None:
+        raise ConfigError(f"{source}: optimizer: section is required for mode {mode!r}")
+    for name in needs:
+        data_dir = getattr(params, name).data_dir
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"{source}: {name}.data_dir: directory {data_dir!r} does not exist "
+                              f"(prepare it with python -m data_preparation.prepare_genomes)")
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    """The first validation error as one line: file, section.key, what is wrong, closest key."""
+    # In a union (learning_rate: number | phase | list of phases) the deepest error is the one
+    # about what the user actually wrote.
+    rank = {"extra_forbidden": 3, "union_tag_invalid": 2, "literal_error": 2, "missing": 1}
+    err = max(error.errors(), key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0)))
+    loc = _clean_loc(err["loc"])
+    ctx_error = err.get("ctx", {}).get("error")
+    if isinstance(ctx_error, _CrossFieldError):
+        return f"{source}: {'.'.join(ctx_error.loc)}: {ctx_error}"
+    where = ".".join(loc) if loc else "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1], err["loc"])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{source}: {where}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{source}: {where}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{source}: {where}: {msg}{shown}"
+
+
+def _clean_loc(loc) -> list[str]:
+    return [str(p) for p in loc if not _is_union_tag(p)]
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic puts union member names (e.g. 'RampLR', 'list[...]', 'float') into error locations
+    return isinstance(part, int) is False and (str(part)[:1].isupper() or str(part) in ("float", "int")
+                                               or "[" in str(part))
+
+
+def _valid_keys(loc: list[str], raw_loc: tuple) -> list[str]:
+    if "Constant" in raw_loc:
+        return list(ConstantLR.model_fields)
+    if "Linear" in raw_loc or "CosineDecay" in raw_loc:
+        return list(RampLR.model_fields)
+    model: Any = Params
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        model = _section_class(field.annotation) or model
+    return list(getattr(model, "model_fields", {}))
+
+
+def _section_class(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------- the generated reference
+
+def reference_markdown() -> str:
+    lines = ["# Params reference", "",
+             "Generated by `python -m modelzoo.config > docs/params.md` from the schema in "
+             "`modelzoo/config.py`; a test fails when this file is stale.", ""]
+    sections = [("train_input / eval_input", DataInput), ("model", ModelConfig),
+                ("optimizer", OptimizerConfig),
+                ("optimizer.learning_rate phase: Constant", ConstantLR),
+                ("optimizer.learning_rate phase: Linear / CosineDecay", RampLR),
+                ("runconfig", RunConfig), ("runconfig.csx", CSXConfig)]
+    for title, cls in sections:
+        lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, field in cls.model_fields.items():
+            if key == "scheduler":
+                continue
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = "(section)"
+            else:
+                default = f"`{field.default}`" if field.default is not None else "none"
+            lines.append(f"| `{key}` | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,142 @@
+"""Read genome records from FASTA or GenBank files, plain or gzipped, and validate them.
+
+The format is sniffed from the content, not the file name: gzip by its magic bytes, then FASTA
+if the first non-blank text starts with '>' and GenBank if it starts with 'LOCUS'. Anything wrong
+with a file raises one-line ``DataError`` naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from Bio import SeqIO
+from Bio.Seq import UndefinedSequenceError
+
+from modelzoo.errors import DataError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_SNIFF_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    seq: str
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    raw = gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
+    # latin-1 never fails to decode, so odd bytes become odd letters ([UNK] codons) instead of
+    # a UnicodeDecodeError; newline=None turns Windows CRLF into '\n'.
+    return io.TextIOWrapper(raw, encoding="latin-1", newline=None)
+
+
+def _sniff_format(path: Path, head: str) -> str:
+    if "\x00" in head:
+        raise DataError(f"{path}: binary file, not FASTA or GenBank")
+    text = head.lstrip()
+    if not text:
+        raise DataError(f"{path}: empty file, no records")
+    if text.startswith(">"):
+        return "fasta"
+    if text.startswith("LOCUS"):
+        return "genbank"
+    if text.startswith("<"):
+        raise DataError(f"{path}: looks like HTML/XML (a download error page?), not FASTA or GenBank")
+    first_line = text.splitlines()[0][:40]
+    raise DataError(f"{path}: not FASTA ('>') or GenBank ('LOCUS'); first line is {first_line!r}")
+
+
+def _cds_id(record, feature) -> str:
+    q = feature.qualifiers
+    parts = [record.id]
+    name = (q.get("locus_tag") or q.get("gene") or [None])[0]
+    if name:
+        parts.append(name)
+    if q.get("protein_id"):
+        parts.append(q["protein_id"][0])
+    if len(parts) == 1:  # no qualifiers at all: the location is the only name left
+        parts.append(f"{feature.type}_{int(feature.location.start) + 1}-{int(feature.location.end)}")
+    return "|".join(parts)
+
+
+def _records(path: Path, fmt: str, handle, features: str | None) -> Iterator[Record]:
+    for number, rec in enumerate(SeqIO.parse(handle, fmt), start=1):
+        where = f"{path}: record #{number} ({rec.id!r})"
+        if not rec.id:
+            raise DataError(f"{path}: record #{number} has an empty id")
+        if features is None:
+            try:
+                seq = str(rec.seq)
+            except UndefinedSequenceError:  # e.g. a CONTIG record: reported as empty downstream
+                seq = ""
+            yield Record(rec.id, seq)
+            continue
+        for feature in rec.features:
+            if feature.type == features:
+                try:
+                    seq = str(feature.extract(rec.seq))
+                except UndefinedSequenceError:
+                    raise DataError(f"{where} has no sequence to extract {features} from") from None
+                yield Record(_cds_id(rec, feature), seq)
+
+
+def read_records(path, features: str | None = None, allow_empty: bool = False,
+                 rename_duplicates: bool = False) -> Iterator[Record]:
+    """Yield ``Record``s from a FASTA/GenBank file, plain or gzipped.
+
+    The file is opened and its format checked right away (so a bad path fails at the call);
+    records are then parsed lazily as the iterator is consumed.
+
+    features: a GenBank feature type (e.g. "CDS") to yield each such feature's spliced sequence
+        (``feature.extract`` handles joins) instead of whole records; ids become
+        "record|locus_tag-or-gene|protein_id".
+    allow_empty: yield records with no sequence instead of raising (the prepare CLI counts them).
+    rename_duplicates: a repeated id gets a suffix "#2", "#3"... instead of raising (real files
+        have them, e.g. NCBI CDS FASTA lists alternative start sites under one locus tag).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with _guard(path, "?"), _open_text(path) as handle:
+        fmt = _sniff_format(path, handle.read(_SNIFF_BYTES))
+    if features is not None and fmt != "genbank":
+        raise DataError(f"{path}: features={features!r} needs a GenBank file, this is FASTA")
+    return _checked_records(path, fmt, features, allow_empty, rename_duplicates)
+
+
+def _checked_records(path: Path, fmt: str, features, allow_empty: bool,
+                     rename_duplicates: bool) -> Iterator[Record]:
+    seen: Counter[str] = Counter()
+    with _guard(path, fmt), _open_text(path) as handle:
+        for rec in _records(path, fmt, handle, features):
+            seen[rec.id] += 1
+            if seen[rec.id] > 1:
+                if not rename_duplicates:
+                    raise DataError(f"{path}: duplicate record id {rec.id!r} "
+                                    f"(rename_duplicates / --rename_duplicate_ids adds #2, #3...)")
+                rec = Record(f"{rec.id}#{seen[rec.id]}", rec.seq)
+            if not rec.seq.strip() and not allow_empty:
+                raise DataError(f"{path}: record {rec.id!r} has no sequence")
+            yield rec
+
+
+@contextmanager
+def _guard(path: Path, fmt: str):
+    """Turn decompression and Biopython parse errors into a one-line DataError."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip ({exc})") from None
+    except ValueError as exc:  # Biopython reports malformed records as ValueError
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot parse as {fmt}: {msg}") from None

@@ -1,0 +1,68 @@
+"""Run logging: console + run.log, TensorBoard scalars under train/ and eval/, and baselines."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("modelzoo")
+
+
+def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
+    """Console on rank 0 (others only warn), plus model_dir/run.log appended across resumes."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.addHandler(console)
+    if model_dir is not None and rank == 0:
+        file = logging.FileHandler(model_dir / "run.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+class ScalarWriters:
+    """One TensorBoard SummaryWriter per phase, created lazily (rank 0 only)."""
+
+    def __init__(self, model_dir: Path | None):
+        self.model_dir = model_dir
+        self.writers = {}
+
+    def write(self, phase: str, step: int, scalars: dict[str, float]) -> None:
+        if self.model_dir is None:
+            return
+        if phase not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writers[phase] = SummaryWriter(str(self.model_dir / phase))
+        for tag, value in scalars.items():
+            self.writers[phase].add_scalar(tag, value, step)
+        self.writers[phase].flush()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def unigram_perplexity(train_rows, eval_rows, vocab_size: int, pad_id: int) -> float:
+    """Perplexity on eval targets of the codon-unigram model fitted on train (add-one smoothed).
+
+    The honest floor a language model must beat: it knows codon usage but no context.
+    Targets are the eval tokens after the first of each window, as the causal loss scores them.
+    """
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for row in train_rows:
+        counts += np.bincount(row[row != pad_id], minlength=vocab_size)
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for row in eval_rows:
+        targets = row[1:][row[1:] != pad_id]
+        total -= logp[targets].sum()
+        n += targets.size
+    return math.exp(total / max(n, 1))

@@ -1,0 +1,216 @@
+"""The training loop: steps, accumulation, logging, evaluation and checkpoint cadence.
+
+It knows nothing of how a step executes (that is the backend's) nor of the model's math.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from modelzoo.backends.base import Backend, rank_and_world
+from modelzoo.config import DataInput, Params
+from modelzoo.data.datasets import build_dataloader
+from modelzoo.errors import ConfigError, TrainingError
+from modelzoo.training import checkpoint as ckpt
+from modelzoo.training.metrics import ScalarWriters, unigram_perplexity
+from modelzoo.training.optim import learning_rate_at
+
+log = logging.getLogger("modelzoo")
+
+
+def split_micro_batches(batch: dict, n: int) -> list[dict]:
+    size = next(iter(batch.values())).shape[0]
+    if size % n:
+        raise ConfigError(f"optimizer.grad_accum_steps ({n}) must divide the per-system batch size ({size})")
+    return [{k: v[i * size // n:(i + 1) * size // n] for k, v in batch.items()} for i in range(n)]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, params: Params, backend: Backend, model_dir: Path, dataset_cls=None):
+        self.params = params
+        self.backend = backend
+        self.model_dir = model_dir
+        self.rank, self.world = rank_and_world()
+        self.is_writer = self.rank == 0
+        self.writers = ScalarWriters(model_dir if self.is_writer else None)
+        self.dataset_cls = dataset_cls
+        self.step = 0
+        self.train_loader = None
+
+    # ------------------------------------------------------------ data
+
+    def _loader(self, cfg: DataInput, shuffle: bool):
+        extra = {"dataset_cls": self.dataset_cls} if self.dataset_cls else {}
+        return build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed,
+                                num_workers=cfg.num_workers, rank=self.rank, world_size=self.world,
+                                max_seq_length=cfg.max_seq_length, **extra)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def restore(self) -> None:
+        """Resume from the newest good checkpoint in model_dir, or start from --checkpoint_path."""
+        run = self.params.runconfig
+        own = ckpt.newest_good_checkpoint(self.model_dir)
+        states = run.checkpoint_states
+        if run.checkpoint_path and not (own and states != ckpt_all_states()):
+            path = Path(run.checkpoint_path)
+        elif own:
+            path, states = own, ckpt_all_states()
+        else:
+            return
+        state = ckpt.load_checkpoint(path)
+        self.backend.load_state_dict(state, states)
+        if "scheduler" in states:
+            self.step = int(state["step"])
+        if "dataloader" in states and self.train_loader is not None and "dataloader" in state:
+            self.train_loader.load_state_dict(state["dataloader"])
+        if "rng" in states:
+            set_rng_state(state["rng"])
+        log.info("loaded %s (states: %s) at step %d", path, ",".join(sorted(states)), self.step)
+
+    def save(self) -> None:
+        state = self.backend.state_dict()  # every rank joins: CSX may gather sharded MemoryX
+        if not self.is_writer:
+            return
+        state.update(step=self.step, scheduler={"step": self.step}, rng=rng_state(),
+                     model_name=self.params.model.name, params=self.params.to_yaml())
+        if self.train_loader is not None:
+            state["dataloader"] = self.train_loader.state_dict()
+        path = ckpt.save_checkpoint(self.model_dir, self.step, state)
+        ckpt.prune_checkpoints(self.model_dir, self.params.runconfig.max_checkpoints)
+        log.info("saved %s", path)
+
+    # ------------------------------------------------------------ training
+
+    def _last_step(self) -> int:
+        run = self.params.runconfig
+        if run.num_steps is None and run.max_steps is None:
+            raise ConfigError("runconfig.max_steps: required for training (or pass --num_steps / --max_steps)")
+        end = self.step + run.num_steps if run.num_steps else run.max_steps
+        return min(end, run.max_steps) if run.max_steps else end
+
+    def train(self, evaluate_every: int = 0) -> None:
+        cfg, run, opt = self.params.train_input, self.params.runconfig, self.params.optimizer
+        self.train_loader = self._loader(cfg, shuffle=cfg.shuffle)
+        self.restore()
+        last = self._last_step()
+        if self.step >= last:
+            log.info("nothing to train: already at step %d (target %d)", self.step, last)
+            return
+        log.info("training %s from step %d to %d on %s", self.params.model.name, self.step, last,
+                 self.backend.describe())
+        batches = iter(self.train_loader)
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        bar = tqdm(total=last, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
+                   dynamic_ncols=True)
+        with logging_redirect_tqdm([log]):
+            while self.step < last:
+                batch = next(batches)
+                lr = learning_rate_at(self.step, opt)
+                metrics = self.backend.train_step(split_micro_batches(batch, opt.grad_accum_steps), lr)
+                if not math.isfinite(metrics["loss"]):
+                    raise TrainingError(f"step {self.step + 1}: loss is {metrics['loss']}; stopping "
+                                        f"(the newest checkpoint in {self.model_dir} is untouched)")
+                self.step += 1
+                window_steps += 1
+                window_tokens += batch["input_ids"].numel() * self.world
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.step % run.log_steps == 0 or self.step == last:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+                               "samples_per_sec": window_steps * cfg.batch_size / elapsed,
+                               "tokens_per_sec": window_tokens / elapsed}
+                    log.info("step %d | loss %.4f | lr %.3g | grad_norm %.3f | %.2f samples/s | %.0f tokens/s",
+                             self.step, scalars["loss"], lr, scalars["grad_norm"], scalars["samples_per_sec"],
+                             scalars["tokens_per_sec"])
+                    self.writers.write("train", self.step, scalars)
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                if run.checkpoint_steps and self.step % run.checkpoint_steps == 0 and self.step != last:
+                    self.save()
+                if evaluate_every and self.step % evaluate_every == 0 and self.step != last:
+                    self.evaluate()
+        bar.close()
+        self.save()
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.params.eval_input
+        loader = self._loader(cfg, shuffle=False)
+        n = min(self.params.runconfig.eval_steps or loader.num_batches_per_epoch, loader.num_batches_per_epoch)
+        totals = torch.zeros(3, dtype=torch.float64)
+        batches = iter(loader)
+        for _ in tqdm(range(n), desc="eval", unit="batch", disable=not self.is_writer, leave=False):
+            m = self.backend.eval_step(next(batches))
+            totals += torch.tensor([m["loss_sum"], m["tokens"], m["correct"]], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(totals)
+        loss = float(totals[0] / max(totals[1], 1))
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": float(totals[2] / max(totals[1], 1))}
+        baseline = self._unigram_baseline()
+        if baseline is not None:
+            metrics["unigram_perplexity"] = baseline
+        log.info("eval at step %d | loss %.4f | perplexity %.3f | accuracy %.4f%s", self.step, loss,
+                 metrics["perplexity"], metrics["accuracy"],
+                 f" | codon-unigram baseline perplexity {baseline:.3f}" if baseline is not None else "")
+        self.writers.write("eval", self.step, metrics)
+        return metrics
+
+    def _unigram_baseline(self) -> float | None:
+        if self.params.model.name == "bert" or self.params.train_input is None:
+            return None  # masked-codon loss is not comparable with a left-to-right unigram score
+        from modelzoo.data.shards import ShardSet
+        from modelzoo.data.tokenizer import CodonTokenizer
+        tok = CodonTokenizer()
+        train = ShardSet(self.params.train_input.data_dir, verify=False)
+        evals = ShardSet(self.params.eval_input.data_dir, verify=False)
+        return unigram_perplexity((train[i] for i in range(len(train))), (evals[i] for i in range(len(evals))),
+                                  tok.vocab_size, tok.pad_id)
+
+    def eval_checkpoint(self, path: Path | None) -> dict[str, float]:
+        if path is None:
+            raise ConfigError(f"runconfig.model_dir: no checkpoint in {self.model_dir} to evaluate "
+                              "(train first or pass --checkpoint_path)")
+        state = ckpt.load_checkpoint(path)
+        self.backend.load_state_dict(state, {"model"})
+        self.step = int(state["step"])
+        return self.evaluate()
+
+    def eval_all(self) -> None:
+        paths = [p for _, p in ckpt.list_checkpoints(self.model_dir) if ckpt.verify(p) is None]
+        if not paths:
+            self.eval_checkpoint(None)
+        for path in paths:
+            self.eval_checkpoint(path)
+
+    def close(self) -> None:
+        self.writers.close()
+
+
+def ckpt_all_states() -> set[str]:
+    return {"model", "optimizer", "scheduler", "dataloader", "rng"}

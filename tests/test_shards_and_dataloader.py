@@ -1,0 +1,191 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modelzoo.data.datasets import CausalLMDataset, ResumableBatchSampler, build_dataloader
+from modelzoo.data.shards import ShardSet, ShardWriter
+from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.errors import ConfigError, DataError
+
+L = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CodonTokenizer()
+
+
+def make_windows(n, fill_to=L, start=0):
+    """n rows whose tokens encode (row number) so tests can recognise them; right-padded."""
+    rows = np.full((n, L), 3, dtype=np.uint8)
+    for i in range(n):
+        rows[i, :fill_to] = 5 + (start + i + np.arange(fill_to)) % 64
+    return rows
+
+
+@pytest.fixture
+def shard_dir(tmp_path, tok):
+    out = tmp_path / "train"
+    with ShardWriter(out, L, tok, windows_per_file=7, command="test", options={"k": 1}) as w:
+        w.add("rec_a", make_windows(10, start=0))
+        w.add("rec_b", make_windows(13, fill_to=9, start=10))
+    return out
+
+
+def test_write_and_read(shard_dir, tok):
+    m = json.loads((shard_dir / "manifest.json").read_text())
+    assert m["num_windows"] == 23 and m["max_seq_length"] == L
+    assert m["num_tokens"] == 10 * L + 13 * 9
+    assert m["records"] == [{"id": "rec_a", "num_windows": 10, "num_tokens": 160},
+                            {"id": "rec_b", "num_windows": 13, "num_tokens": 117}]
+    assert [f["shape"] for f in m["files"]] == [[7, L], [7, L], [7, L], [2, L]]
+    assert m["tokenizer"]["sha256"] == tok.sha256 and m["created_by"]["options"] == {"k": 1}
+    assert not [p for p in shard_dir.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+    shards = ShardSet(shard_dir)
+    assert len(shards) == 23 and shards.max_seq_length == L and shards.manifest == m
+    expected = np.concatenate([make_windows(10), make_windows(13, fill_to=9, start=10)])
+    assert np.array_equal(np.stack([shards[i] for i in range(23)]), expected)
+    assert np.array_equal(shards[-1], expected[-1])
+    with pytest.raises(IndexError):
+        shards[23]
+
+
+def test_writer_is_atomic(tmp_path, tok):
+    out = tmp_path / "split"
+    with pytest.raises(RuntimeError):
+        with ShardWriter(out, L, tok) as w:
+            w.add("a", make_windows(3))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):
+        with ShardWriter(out, L, tok) as w:
+            w.add("a", np.zeros((2, L + 1), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+    with ShardWriter(out, L, tok) as w:
+        w.add("a", make_windows(2))
+    with pytest.raises(DataError, match="already exists"):
+        ShardWriter(out, L, tok)
+
+
+def test_shardset_validation(shard_dir, tmp_path):
+    def error(path, **kw):
+        with pytest.raises(DataError) as info:
+            ShardSet(path, **kw)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "not found" in error(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    assert "no manifest.json" in error(tmp_path / "plain")
+
+    manifest = shard_dir / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text("{not json")
+    assert "invalid JSON" in error(shard_dir)
+    m = json.loads(good)
+    m["tokenizer"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(m))
+    assert "another tokenizer" in error(shard_dir)
+    m = json.loads(good)
+    m["files"][0]["shape"] = [8, L]
+    manifest.write_text(json.dumps(m))
+    assert "tokens_00000.npy" in error(shard_dir)
+    manifest.write_text(good)
+
+    npy = shard_dir / "tokens_00001.npy"
+    data = bytearray(npy.read_bytes())
+    data[-1] ^= 1
+    npy.write_bytes(bytes(data))
+    assert "checksum" in error(shard_dir) and "tokens_00001.npy" in error(shard_dir)
+    assert len(ShardSet(shard_dir, verify=False)) == 23
+    npy.unlink()
+    assert "missing" in error(shard_dir, verify=False)
+
+
+def test_causal_lm_labels_are_shifted(shard_dir):
+    ds = CausalLMDataset(ShardSet(shard_dir))
+    item = ds[12]  # a padded row: 9 tokens then 7 pads
+    ids, labels, mask = item["input_ids"], item["labels"], item["attention_mask"]
+    assert ids.dtype == labels.dtype == mask.dtype == torch.int64 and ids.shape == (L,)
+    assert torch.equal(labels[:8], ids[1:9])
+    assert (labels[8:] == -100).all()  # targets that are [PAD], and the last position
+    assert mask.tolist() == [1] * 9 + [0] * 7
+    full = ds[0]
+    assert torch.equal(full["labels"][:-1], full["input_ids"][1:]) and full["labels"][-1] == -100
+
+
+def epoch_batches(sampler):
+    return [b for b in sampler]
+
+
+def test_sampler_determinism_and_epochs():
+    a = ResumableBatchSampler(23, 4, shuffle=True, seed=7)
+    b = ResumableBatchSampler(23, 4, shuffle=True, seed=7)
+    e0, e1 = epoch_batches(a), epoch_batches(a)
+    assert e0 == epoch_batches(b) and e0 != e1 and len(e0) == len(a) == 5  # drop_last
+    assert all(len(x) == 4 for x in e0) and len(set(sum(e0, []))) == 20
+    assert epoch_batches(ResumableBatchSampler(23, 4, shuffle=True, seed=8)) != e0
+    plain = epoch_batches(ResumableBatchSampler(23, 4, shuffle=False, seed=0))
+    assert plain[0] == [0, 1, 2, 3] and plain[-1] == [16, 17, 18, 19]
+
+
+def test_sampler_resume_mid_epoch():
+    ref = ResumableBatchSampler(40, 4, shuffle=True, seed=1)
+    full = epoch_batches(ref) + epoch_batches(ref)
+    run = ResumableBatchSampler(40, 4, shuffle=True, seed=1)
+    it = iter(run)
+    seen = [next(it) for _ in range(3)]
+    state = run.state_dict()
+    assert state == {"epoch": 0, "batches_done": 3}
+    resumed = ResumableBatchSampler(40, 4, shuffle=True, seed=1)
+    resumed.load_state_dict(state)
+    assert seen + epoch_batches(resumed) + epoch_batches(resumed) == full
+
+
+def test_sampler_ranks_partition_global_batch():
+    single = epoch_batches(ResumableBatchSampler(30, 6, shuffle=True, seed=3))
+    r0 = epoch_batches(ResumableBatchSampler(30, 6, shuffle=True, seed=3, rank=0, world_size=2))
+    r1 = epoch_batches(ResumableBatchSampler(30, 6, shuffle=True, seed=3, rank=1, world_size=2))
+    assert [x + y for x, y in zip(r0, r1)] == single
+    with pytest.raises(ConfigError, match="divisible"):
+        ResumableBatchSampler(30, 6, shuffle=True, seed=3, rank=0, world_size=4)
+    with pytest.raises(ConfigError, match="larger than"):
+        ResumableBatchSampler(3, 6, shuffle=True, seed=3)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_dataloader_resume_counts_consumed_batches(shard_dir, num_workers):
+    def loader():
+        return build_dataloader(shard_dir, batch_size=4, shuffle=True, shuffle_seed=11,
+                                num_workers=num_workers, max_seq_length=L)
+
+    ref = loader()
+    assert ref.num_batches_per_epoch == 5 and ref.tokens_per_batch == 4 * L
+    it = iter(ref)
+    expected = [next(it)["input_ids"] for _ in range(13)]  # crosses two epoch boundaries
+
+    first = loader()
+    it = iter(first)
+    for _ in range(7):
+        next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches_done": 2}  # consumed, not what workers prefetched
+    second = loader()
+    second.load_state_dict(state)
+    it = iter(second)
+    rest = [next(it)["input_ids"] for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, expected[7:]))
+
+
+def test_dataloader_config_errors(shard_dir):
+    with pytest.raises(ConfigError, match="max_seq_length 32.*max_seq_length 16"):
+        build_dataloader(shard_dir, 4, True, 0, 0, max_seq_length=32)
+    with pytest.raises(ConfigError, match="divisible"):
+        build_dataloader(shard_dir, 3, True, 0, 0, rank=0, world_size=2)
+    ranks = [build_dataloader(shard_dir, 4, True, 5, 0, rank=r, world_size=2) for r in range(2)]
+    whole = build_dataloader(shard_dir, 4, True, 5, 0)
+    b0, b1, b = (next(iter(x))["input_ids"] for x in (*ranks, whole))
+    assert b0.shape == (2, L) and torch.equal(torch.cat([b0, b1]), b)

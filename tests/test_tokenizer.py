@@ -1,0 +1,69 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from Bio import SeqIO
+
+from modelzoo.data.tokenizer import CodonTokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CodonTokenizer()
+
+
+def real_genomes():
+    with gzip.open(DATA / "nextstrain_example_first3.fasta.gz", "rt") as fh:
+        seqs = [str(r.seq) for r in SeqIO.parse(fh, "fasta")]
+    seqs += [str(r.seq) for r in SeqIO.parse(DATA / "multiclade_nruns_2.fasta", "fasta")]
+    return seqs
+
+
+def test_vocabulary_matches_genslm(tok):
+    assert tok.vocab_size == 69
+    assert (tok.unk_id, tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert sorted(tok.codon_ids.tolist()) == list(range(5, 69))
+    assert len(tok.sha256) == 64 and tok.json_path.name == "codon_wordlevel_69vocab.json"
+    assert tok.backend.token_to_id("ATG") == 10
+
+
+def test_fast_encoder_equals_tokenizers_on_real_genomes(tok):
+    seqs = real_genomes()
+    assert any("N" * 100 in s for s in seqs)  # the fixtures do exercise N runs
+    mutated = seqs[2][:3001].lower() + "\r\n" + seqs[2][3001:6000].replace("T", "U")
+    for seq in seqs + [mutated]:
+        fast = tok.encode(seq)
+        assert fast.dtype == np.uint8
+        assert fast.tolist() == tok.encode_with_tokenizers(seq)
+
+
+def test_normalisation_rules(tok):
+    atg, aaa = tok.backend.token_to_id("ATG"), tok.backend.token_to_id("AAA")
+    assert tok.encode("atgAAA").tolist() == [atg, aaa]  # lowercase is not [UNK]
+    assert tok.encode("AUG").tolist() == [atg]  # RNA
+    assert tok.encode("AT G\nA\tAA\r\n").tolist() == [atg, aaa]  # whitespace ignored
+    assert tok.encode("ATGAA").tolist() == [atg]  # partial codon dropped
+    for bad in ("ANG", "RTG", "A-G", "AT*", "AT\u00e9"):
+        assert tok.encode(bad + "ATG").tolist() == [tok.unk_id, atg], bad
+        assert tok.encode_with_tokenizers(bad + "ATG") == [tok.unk_id, atg], bad
+    assert tok.encode("").tolist() == [] and tok.encode_with_tokenizers("AC") == []
+
+
+def test_decode(tok):
+    ids = tok.encode("ATGnnnCCC")
+    assert tok.decode(ids) == "ATGNNNCCC"  # [UNK] decodes as NNN
+    specials = [tok.cls_id, *ids.tolist(), tok.sep_id, tok.pad_id, tok.mask_id]
+    assert tok.decode(specials) == "ATGNNNCCC"
+    seq = real_genomes()[0]
+    assert tok.decode(tok.encode(seq)) == seq[: len(seq) // 3 * 3]
+    with pytest.raises(ValueError):
+        tok.decode([69])
+
+
+def test_custom_json_path(tmp_path, tok):
+    copy = tmp_path / "vocab.json"
+    copy.write_bytes(tok.json_path.read_bytes())
+    assert CodonTokenizer(copy).sha256 == tok.sha256
