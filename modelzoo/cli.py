@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from modelzoo.config import MODES, Params, load_params
+from modelzoo.distributed import launch_local, launched_world_size
 from modelzoo.errors import TrainingError, UserError
 
 log = logging.getLogger("modelzoo")
@@ -48,6 +49,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return run(args)
     except UserError as e:
@@ -60,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides(args))
+    ranks = ranks_requested(args.device, params)
+    if ranks > 1 and launched_world_size() == 1 and not (args.validate_only or args.compile_only):
+        # Validated once here; the ranks re-read the same params and fail the same way if at all.
+        return launch_local(ranks, sys.argv[1:] if args.argv is None else args.argv)
+    if launched_world_size() > 1 and launched_world_size() != ranks:
+        from modelzoo.errors import ConfigError
+        raise ConfigError(f"launched with WORLD_SIZE={launched_world_size()} but the params ask for {ranks} ranks")
     backend = make_backend(args.device, params)
     torch.manual_seed(params.runconfig.seed)
     from modelzoo.models import build_model
@@ -68,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(summary(params, model, backend, compile_only=args.compile_only))
         return 0
     return execute(params, model, backend)
+
+
+def ranks_requested(device: str, params: Params) -> int:
+    """Data-parallel ranks this run needs: --num_csx systems on CSX."""
+    return params.runconfig.num_csx if device == "CSX" else 1
 
 
 def make_backend(device: str, params: Params):
@@ -126,3 +140,7 @@ def execute(params: Params, model, backend) -> int:
     finally:
         trainer.close()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Process groups for data parallelism (resident DDP and CSX SwarmX), on torch.distributed only.
+
+``run.py`` asked for N ranks on one machine starts them itself through torch's elastic launcher
+(``torchrun --standalone``); launched under an outer ``torchrun`` (one machine or many) it simply
+joins the group that launcher describes in the environment. So a multi-node run needs no code:
+
+    torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m modelzoo.cli CSX --params P --num_csx 2
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# A dead peer must not hang the others: collectives fail after this long (issue: dead ranks).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MODELZOO_COLLECTIVE_TIMEOUT", "60")))
+
+
+def launched_world_size() -> int:
+    """World size of the torchrun that started this process (1 when not under a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(device_type: str) -> tuple[int, int]:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); returns (rank, world)."""
+    if launched_world_size() <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launch_local(num_processes: int, cli_args: list[str]) -> int:
+    """Run ``python -m modelzoo.cli <cli_args>`` as num_processes ranks on this machine.
+
+    The elastic agent watches the workers: if one dies the others are stopped and the exit code
+    is non-zero, so a failure never leaves ranks waiting forever.
+    """
+    from torch.distributed.run import get_args_parser, run
+    launcher_args = get_args_parser().parse_args([
+        "--standalone", f"--nproc_per_node={num_processes}", "--max_restarts=0", "--monitor_interval=1",
+        "--module", "modelzoo.cli", *cli_args])
+    try:
+        run(launcher_args)
+    except Exception as e:  # ChildFailedError: the failing rank already printed its own error
+        first = str(e).strip().splitlines()
+        print(f"error: distributed run failed ({num_processes} ranks): "
+              f"{first[0] if first else type(e).__name__}", flush=True)
+        return 1
+    return 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cuda_device() -> torch.device:
+    return torch.device("cuda", local_rank())
