@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from modelzoo.config import MODES, Params, load_params
-from modelzoo.distributed import launch_local, launched_world_size
+from modelzoo.distributed import launch_local, launched_local_world_size, launched_world_size
 from modelzoo.errors import TrainingError, UserError
 
 log = logging.getLogger("modelzoo")
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_steps", type=int, help="batches per evaluation")
     p.add_argument("--seed", type=int, help="seed for initialisation, dropout and masking")
     p.add_argument("--num_csx", type=int, help="CSX: number of systems (data-parallel ranks)")
+    p.add_argument("--num_workers_per_node", type=int,
+                   help="CPU/GPU: data-parallel processes to start on this machine (DDP; GPU: one per device)")
     p.add_argument("--validate_only", action="store_true", help="check params and build the model, then stop")
     p.add_argument("--compile_only", action="store_true",
                    help="build the model and print its execution plan (CSX: per-stage memory and streaming), then stop")
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides(args: argparse.Namespace) -> dict:
     keys = ("mode", "model_dir", "checkpoint_path", "load_checkpoint_states", "num_steps", "max_steps",
-            "eval_steps", "seed", "num_csx")
+            "eval_steps", "seed", "num_csx", "num_workers_per_node")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -63,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides(args))
     ranks = ranks_requested(args.device, params)
+    if not (args.validate_only or args.compile_only) and launched_world_size() == 1:
+        from modelzoo.data.prepare_on_first_use import ensure_prepared
+        ensure_prepared(params)
     if ranks > 1 and launched_world_size() == 1 and not (args.validate_only or args.compile_only):
         # Validated once here; the ranks re-read the same params and fail the same way if at all.
+        check_batch_split(args.params, params, ranks)
         return launch_local(ranks, sys.argv[1:] if args.argv is None else args.argv)
-    if launched_world_size() > 1 and launched_world_size() != ranks:
-        from modelzoo.errors import ConfigError
-        raise ConfigError(f"launched with WORLD_SIZE={launched_world_size()} but the params ask for {ranks} ranks")
+    if launched_world_size() > 1:
+        check_launched_ranks(args.device, params, ranks)
     backend = make_backend(args.device, params)
     torch.manual_seed(params.runconfig.seed)
     from modelzoo.models import build_model
@@ -80,22 +85,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ranks_requested(device: str, params: Params) -> int:
-    """Data-parallel ranks this run needs: --num_csx systems on CSX."""
-    return params.runconfig.num_csx if device == "CSX" else 1
+    """Data-parallel ranks to start on this machine: --num_csx systems on CSX, --num_workers_per_node
+    processes on CPU/GPU (default 1)."""
+    from modelzoo.errors import ConfigError
+    run = params.runconfig
+    if device == "CSX":
+        if run.num_workers_per_node is not None:
+            raise ConfigError("--num_workers_per_node applies to CPU and GPU; CSX takes --num_csx")
+        return run.num_csx
+    if run.num_csx != 1:
+        raise ConfigError("--num_csx applies to the CSX device only; CPU and GPU take --num_workers_per_node")
+    ranks = run.num_workers_per_node or 1
+    if device == "GPU":
+        from modelzoo.backends.resident import check_cuda_devices
+        check_cuda_devices(ranks)
+    return ranks
+
+
+def check_launched_ranks(device: str, params: Params, ranks: int) -> None:
+    """Under torchrun, the ranks it started must be those the params ask for (CPU/GPU without
+    --num_workers_per_node take whatever it started, on any number of nodes)."""
+    from modelzoo.errors import ConfigError
+    if device == "CSX":
+        launched, what = launched_world_size(), "WORLD_SIZE"
+    elif params.runconfig.num_workers_per_node is None:
+        return
+    else:
+        launched, what = launched_local_world_size(), "LOCAL_WORLD_SIZE"
+    if launched != ranks:
+        raise ConfigError(f"launched with {what}={launched} but the params ask for {ranks} ranks")
+
+
+def check_batch_split(source: str, params: Params, ranks: int) -> None:
+    """Each rank gets batch_size / ranks sequences: refuse before starting ranks that would all fail."""
+    from modelzoo.errors import ConfigError
+    mode = params.runconfig.mode
+    used = [name for name, needed in (("train_input", mode in ("train", "train_and_eval")),
+                                      ("eval_input", mode != "train")) if needed]
+    for name in used:
+        batch = getattr(params, name).batch_size
+        if batch % ranks:
+            raise ConfigError(f"{source}: {name}.batch_size: {batch} is not divisible by the {ranks} "
+                              f"data-parallel ranks")
+    if "train_input" in used and (params.train_input.batch_size // ranks) % params.optimizer.grad_accum_steps:
+        raise ConfigError(f"{source}: optimizer.grad_accum_steps: {params.optimizer.grad_accum_steps} does not "
+                          f"divide the per-rank batch size {params.train_input.batch_size // ranks}")
 
 
 def make_backend(device: str, params: Params):
     from modelzoo.errors import ConfigError
     if device == "CSX":
         raise ConfigError("CSX: the weight-streaming backend is not available in this version; use CPU")
-    if device == "GPU":
-        if not torch.cuda.is_available():
-            raise ConfigError("GPU: no CUDA device is visible (torch.cuda.is_available() is False); use CPU")
-        raise ConfigError("GPU: the GPU backend is not available in this version; use CPU")
-    if params.runconfig.num_csx != 1:
-        raise ConfigError("--num_csx applies to the CSX device only")
-    from modelzoo.backends.resident import ResidentBackend
-    return ResidentBackend("cpu")
+    from modelzoo.backends.resident import cpu_backend, gpu_backend
+    return gpu_backend() if device == "GPU" else cpu_backend()
 
 
 def summary(params: Params, model, backend, compile_only: bool) -> str:
@@ -115,16 +157,21 @@ def execute(params: Params, model, backend) -> int:
     rank, _ = rank_and_world()
     model_dir = Path(params.runconfig.model_dir)
     mode = params.runconfig.mode
-    if rank == 0:
-        try:
+    setup_logging(None, rank)  # console only until the inputs are known to be good
+    trainer = Trainer(params, backend, model_dir)
+    # Read everything the run needs before writing anything: bad shards or a bad checkpoint end
+    # the run with model_dir untouched (not even created).
+    trainer.open_datasets(mode)
+    backend.setup(model, params.optimizer if mode in ("train", "train_and_eval") else None)
+    trainer.load_starting_checkpoint(mode)
+    try:
+        if rank == 0:
             model_dir.mkdir(parents=True, exist_ok=True)
             (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml())
-        except OSError as e:
-            from modelzoo.errors import ConfigError
-            raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
-    setup_logging(model_dir, rank)
-    backend.setup(model, params.optimizer if mode in ("train", "train_and_eval") else None)
-    trainer = Trainer(params, backend, model_dir)
+        setup_logging(model_dir, rank)
+    except OSError as e:
+        from modelzoo.errors import ConfigError
+        raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
     try:
         if mode == "train":
             trainer.train()
@@ -132,9 +179,7 @@ def execute(params: Params, model, backend) -> int:
             trainer.train(evaluate_every=params.runconfig.eval_frequency)
             trainer.evaluate()
         elif mode == "eval":
-            from modelzoo.training import checkpoint as ckpt
-            path = params.runconfig.checkpoint_path or ckpt.newest_good_checkpoint(model_dir)
-            trainer.eval_checkpoint(Path(path) if path else None)
+            trainer.evaluate()  # of the checkpoint load_starting_checkpoint loaded
         else:
             trainer.eval_all()
     finally:

@@ -29,6 +29,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PrepareSpec(Section):
+    input: list[str] = Field(min_length=1, description="FASTA/GenBank files (plain or .gz) to prepare.")
+    split: list[float] = Field([0.9, 0.05, 0.05], min_length=3, max_length=3,
+                               description="train, val, test fractions of the records.")
+    seed: int = Field(0, description="Seed of the record split.")
+    features: Optional[str] = Field(None, description="GenBank feature to extract (e.g. CDS); default whole records.")
+
+
 class DataInput(Section):
     data_dir: str = Field(description="Shard directory written by data_preparation.prepare_genomes "
                                       "(e.g. data/x/train). Relative paths are read from the current directory.")
@@ -39,8 +47,17 @@ class DataInput(Section):
     shuffle: bool = Field(True, description="Shuffle sequences every epoch (deterministic from shuffle_seed).")
     shuffle_seed: int = Field(0, description="Seed of the per-epoch shuffle.")
     num_workers: int = Field(0, ge=0, description="torch DataLoader worker processes (0 = read in the main process).")
+    prepare: Optional[PrepareSpec] = Field(
+        None, description="Build data_dir on first use: data_dir must be <output_dir>/{train,val,test} and is "
+                          "prepared from these genomes with prepare_genomes at this section's max_seq_length.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="BERT only: fraction of codons selected "
                                                                  "for masked-codon prediction.")
+    labels_file: Optional[str] = Field(None, description="BERT classifier (model.num_labels): TSV with a header "
+                                                         "row giving each record's class; every record of data_dir "
+                                                         "needs a row. Classes are its label_column values, sorted.")
+    label_column: Optional[str] = Field(None, description="BERT classifier: the labels_file column holding the class.")
+    id_column: Optional[str] = Field(None, description="BERT classifier: the labels_file column holding the record "
+                                                       "id (default: the first column).")
 
 
 class ModelConfig(Section):
@@ -122,6 +139,17 @@ class OptimizerConfig(Section):
     max_gradient_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value.")
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; must divide the "
                                                        "per-system batch size.")
+    # Dynamic loss scaling: used only with model.mixed_precision and model.fp16_type float16.
+    initial_loss_scale: float = Field(2.0 ** 15, gt=0, description="fp16: loss scale at the first step.")
+    min_loss_scale: float = Field(1.0, gt=0, description="fp16: the scale never shrinks below this; an overflow "
+                                                         "at this scale stops training with an error.")
+    max_loss_scale: float = Field(2.0 ** 24, gt=0, description="fp16: the scale never grows above this.")
+    steps_per_increase: int = Field(2000, gt=0, description="fp16: grow the scale after this many steps in a row "
+                                                            "with finite gradients.")
+    loss_scale_growth_factor: float = Field(2.0, gt=1, description="fp16: factor of each growth of the scale.")
+    loss_scale_backoff_factor: float = Field(0.5, gt=0, lt=1, description="fp16: factor of the scale after a "
+                                                                          "step with inf/NaN gradients (the step "
+                                                                          "is skipped).")
 
     @model_validator(mode="after")
     def _check_schedule(self):
@@ -129,6 +157,10 @@ class OptimizerConfig(Section):
         for phase in phases[:-1]:
             if phase.total_iters is None:
                 raise ValueError("every learning_rate phase except the last needs total_iters")
+        if not self.min_loss_scale <= self.initial_loss_scale <= self.max_loss_scale:
+            raise ValueError(f"loss scales must satisfy min_loss_scale ({self.min_loss_scale:g}) <= "
+                             f"initial_loss_scale ({self.initial_loss_scale:g}) <= max_loss_scale "
+                             f"({self.max_loss_scale:g})")
         return self
 
     @property
@@ -163,12 +195,22 @@ class RunConfig(Section):
     eval_frequency: int = Field(0, ge=0, description="train_and_eval: evaluate every this many steps "
                                                      "(0: only at the end).")
     seed: int = Field(1, description="Seed for weight initialisation, dropout and masking.")
-    checkpoint_path: Optional[str] = Field(None, description="Start from this checkpoint instead of the newest "
-                                                             "one in model_dir.")
+    nonfinite_policy: Literal["stop", "skip"] = Field("stop", description="A NaN/Inf loss or gradient: stop the run "
+                                                                          "naming the step, or skip that batch "
+                                                                          "(never applied; logged and counted).")
+    max_nonfinite_skips: int = Field(10, ge=0, description="skip: stop anyway once more than this many batches of "
+                                                           "the run had a non-finite loss or gradient.")
+    checkpoint_path: Optional[str] = Field(None, description="Start from this checkpoint when model_dir has none "
+                                                             "of its own yet (a path inside model_dir always wins: "
+                                                             "a roll-back); re-running resumes from model_dir.")
     load_checkpoint_states: str = Field("all", description="Which states to load from a checkpoint: 'all' or a "
                                                            "comma list of model, optimizer, scheduler, dataloader, "
                                                            "rng (e.g. 'model' to fine-tune from pretrained weights).")
     num_csx: int = Field(1, gt=0, description="CSX: number of systems (data-parallel ranks).")
+    num_workers_per_node: Optional[int] = Field(None, gt=0, description="CPU/GPU: data-parallel processes on this "
+                                                                        "machine; run.py starts them itself "
+                                                                        "(default 1, or what an outer torchrun "
+                                                                        "started).")
     csx: CSXConfig = Field(default_factory=CSXConfig, description="CSX backend settings.")
 
     @model_validator(mode="after")
@@ -200,6 +242,10 @@ class Params(Section):
                 raise _CrossFieldError((name, "max_seq_length"),
                                        f"{section.max_seq_length} is above model.max_position_embeddings "
                                        f"({self.model.max_position_embeddings})")
+            if section and self.model.num_labels is not None:
+                for key in ("labels_file", "label_column"):
+                    if getattr(section, key) is None:
+                        raise _CrossFieldError((name, key), "required when model.num_labels is set (classifier)")
         return self
 
     def to_yaml(self) -> str:
@@ -214,7 +260,8 @@ class _CrossFieldError(ValueError):
 
 # ---------------------------------------------------------------- loading and error messages
 
-def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                check_paths: bool = True) -> Params:
     """Read, merge CLI overrides into runconfig, validate. Raises ConfigError (one line)."""
     path = str(path)
     try:
@@ -224,7 +271,7 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} invalid yaml: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {list(Params.model_fields)}")
@@ -232,17 +279,19 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw["runconfig"], dict):
         raise ConfigError(f"{path}: runconfig: expected a mapping")
     raw["runconfig"].update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate_params(raw, path)
+    return validate_params(raw, path, check_paths)
 
 
-def validate_params(raw: dict, source: str = "<params>") -> Params:
+def validate_params(raw: dict, source: str = "<params>", check_paths: bool = True) -> Params:
+    """check_paths=False skips the data checks (for tools that need only the model section)."""
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
     except _CrossFieldError as e:  # pragma: no cover - pydantic wraps it; kept for safety
         raise ConfigError(f"{source}: {'.'.join(e.loc)}: {e}") from None
-    _check_paths(params, source)
+    if check_paths:
+        _check_paths(params, source)
     return params
 
 
@@ -256,8 +305,16 @@ def _check_paths(params: Params, source: str) -> None:
     if "train_input" in needs and params.optimizer is None:
         raise ConfigError(f"{source}: optimizer: section is required for mode {mode!r}")
     for name in needs:
-        data_dir = getattr(params, name).data_dir
-        if not Path(data_dir).is_dir():
+        section = getattr(params, name)
+        data_dir = section.data_dir
+        if section.prepare is not None:
+            if Path(data_dir).name not in ("train", "val", "test"):
+                raise ConfigError(f"{source}: {name}.data_dir: with prepare, the last part of data_dir must be "
+                                  f"train, val or test (got {Path(data_dir).name!r})")
+            for path in section.prepare.input:
+                if not Path(path).is_file():
+                    raise ConfigError(f"{source}: {name}.prepare.input: file {path!r} does not exist")
+        elif not Path(data_dir).is_dir():
             raise ConfigError(f"{source}: {name}.data_dir: directory {data_dir!r} does not exist "
                               f"(prepare it with python -m data_preparation.prepare_genomes)")
 
@@ -275,8 +332,8 @@ def _describe(error: ValidationError, source: str) -> str:
     where = ".".join(loc) if loc else "(top level)"
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(loc[:-1], err["loc"])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        close = closest_key(loc[-1], valid)
+        hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(valid)}"
         return f"{source}: {where}: unknown key{hint}"
     if err["type"] == "missing":
         return f"{source}: {where}: required key is missing"
@@ -284,6 +341,17 @@ def _describe(error: ValidationError, source: str) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
     return f"{source}: {where}: {msg}{shown}"
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """Spelling similarity plus shared words, so 'num_layers' finds 'num_hidden_layers' rather
+    than 'num_labels'."""
+    def score(candidate: str) -> float:
+        words, other = set(key.lower().split("_")), set(candidate.split("_"))
+        return (difflib.SequenceMatcher(None, key.lower(), candidate).ratio()
+                + len(words & other) / len(words | other))
+    best = max(valid, key=score, default=None)
+    return best if best is not None and score(best) >= 0.6 else None
 
 
 def _clean_loc(loc) -> list[str]:
@@ -332,6 +400,7 @@ def reference_markdown() -> str:
                 ("optimizer", OptimizerConfig),
                 ("optimizer.learning_rate phase: Constant", ConstantLR),
                 ("optimizer.learning_rate phase: Linear / CosineDecay", RampLR),
+                ("train_input.prepare / eval_input.prepare", PrepareSpec),
                 ("runconfig", RunConfig), ("runconfig.csx", CSXConfig)]
     for title, cls in sections:
         lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]

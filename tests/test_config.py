@@ -1,0 +1,89 @@
+import copy
+from pathlib import Path
+
+import pytest
+
+from modelzoo.config import load_params, reference_markdown, validate_params
+from modelzoo.errors import ConfigError
+from tests.conftest import tiny_params, write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw(shards_msl64, tmp_path):
+    return tiny_params(shards_msl64, tmp_path / "md")
+
+
+def error_of(raw, mutate) -> str:
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    with pytest.raises(ConfigError) as e:
+        validate_params(bad, "p.yaml")
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_params_and_defaults(raw):
+    params = validate_params(raw, "p.yaml")
+    assert params.model.ffn_size == 4 * 32
+    assert params.runconfig.checkpoint_states == {"model", "optimizer", "scheduler", "dataloader", "rng"}
+
+
+@pytest.mark.parametrize("section,key,expected", [
+    ("model", "hiden_size", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
+    ("train_input", "batch_sise", "train_input.batch_sise: unknown key; did you mean 'batch_size'?"),
+    ("runconfig", "max_step", "runconfig.max_step: unknown key; did you mean 'max_steps'?"),
+    ("optimizer", "learning_rte", "optimizer.learning_rte: unknown key; did you mean 'learning_rate'?"),
+])
+def test_unknown_key_names_file_section_key_and_closest(raw, section, key, expected):
+    assert error_of(raw, lambda r: r[section].update({key: 1})) == f"p.yaml: {expected}"
+
+
+def test_unknown_key_inside_a_schedule_phase(raw):
+    msg = error_of(raw, lambda r: r["optimizer"]["learning_rate"][1].update(inital_learning_rate=1))
+    assert msg.endswith("optimizer.learning_rate.1.inital_learning_rate: unknown key; did you mean 'initial_learning_rate'?")
+
+
+def test_wrong_type(raw):
+    msg = error_of(raw, lambda r: r["train_input"].update(batch_size="eight"))
+    assert "train_input.batch_size" in msg and "'eight'" in msg
+
+
+def test_missing_data_dir(raw):
+    msg = error_of(raw, lambda r: r["train_input"].update(data_dir="/no/such/dir"))
+    assert "train_input.data_dir" in msg and "does not exist" in msg
+
+
+def test_sequence_longer_than_positions(raw):
+    msg = error_of(raw, lambda r: r["eval_input"].update(max_seq_length=65))
+    assert "eval_input.max_seq_length: 65 is above model.max_position_embeddings (64)" in msg
+
+
+def test_heads_must_divide_hidden(raw):
+    assert "num_heads (5) must divide hidden_size (32)" in error_of(raw, lambda r: r["model"].update(num_heads=5))
+
+
+def test_unknown_scheduler(raw):
+    msg = error_of(raw, lambda r: r["optimizer"].update(learning_rate={"scheduler": "Cosine"}))
+    assert "optimizer.learning_rate" in msg and "'Cosine'" in msg
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: gpt2\n  hidden_size: [32\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: invalid yaml"):
+        load_params(path)
+
+
+def test_cli_overrides_beat_yaml(raw, tmp_path):
+    path = write_params(tmp_path / "p.yaml", raw)
+    params = load_params(path, {"max_steps": 42, "seed": 7, "model_dir": None})
+    assert params.runconfig.max_steps == 42 and params.runconfig.seed == 7
+    assert params.runconfig.model_dir == raw["runconfig"]["model_dir"]
+
+
+def test_params_reference_is_generated_from_the_schema():
+    """docs/params.md must be regenerated (python -m modelzoo.config > docs/params.md) when keys change."""
+    assert (ROOT / "docs" / "params.md").read_text() == reference_markdown()
