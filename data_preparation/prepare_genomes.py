@@ -111,6 +111,9 @@ def prepare(args) -> dict:
         raise UserError(f"{out_dir}: output_dir exists and is not empty (use --overwrite)")
     tokenizer = CodonTokenizer()
     kept, skipped, n_read = tokenize_inputs(args, tokenizer)
+    if not kept:  # e.g. only all-N genomes: refuse rather than publish empty shards
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "the input is empty"
+        raise DataError(f"{', '.join(map(str, args.input))}: no usable record among {n_read} read ({why})")
 
     order = np.random.default_rng(args.seed).permutation(len(kept))
     bounds = split_bounds(len(kept), fracs)

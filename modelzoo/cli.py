@@ -7,6 +7,8 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -21,8 +23,15 @@ log = logging.getLogger("modelzoo")
 DEVICES = ("CPU", "GPU", "CSX")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Flag errors are one line and exit code 2, like every other user error (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.py", description="Train or evaluate a genome language model.")
+    p = OneLineParser(prog="run.py", description="Train or evaluate a genome language model.")
     p.add_argument("device", choices=DEVICES, help="CPU, GPU or CSX (emulated weight-streaming Cerebras system)")
     p.add_argument("--params", "-p", required=True, help="params yaml (train_input, eval_input, model, optimizer, runconfig)")
     p.add_argument("--mode", "-m", choices=MODES, help="what to run (default: runconfig.mode or train)")
@@ -77,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     backend = make_backend(args.device, params)
     torch.manual_seed(params.runconfig.seed)
     from modelzoo.models import build_model
-    model = build_model(params.model)
-    if args.validate_only or args.compile_only:
+    only_plan = args.validate_only or args.compile_only
+    with torch.device("meta") if only_plan else contextlib.nullcontext():  # shapes only: 25B plans instantly
+        model = build_model(params.model)
+    if only_plan:
         print(summary(params, model, backend, compile_only=args.compile_only))
         return 0
     return execute(params, model, backend)
@@ -133,9 +144,9 @@ def check_batch_split(source: str, params: Params, ranks: int) -> None:
 
 
 def make_backend(device: str, params: Params):
-    from modelzoo.errors import ConfigError
     if device == "CSX":
-        raise ConfigError("CSX: the weight-streaming backend is not available in this version; use CPU")
+        from modelzoo.backends.csx import csx_backend
+        return csx_backend(params)
     from modelzoo.backends.resident import cpu_backend, gpu_backend
     return gpu_backend() if device == "GPU" else cpu_backend()
 
@@ -149,6 +160,15 @@ def summary(params: Params, model, backend, compile_only: bool) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def model_dir_errors(model_dir: Path):
+    try:
+        yield
+    except OSError as e:
+        from modelzoo.errors import ConfigError
+        raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
+
+
 def execute(params: Params, model, backend) -> int:
     from modelzoo.training.metrics import setup_logging
     from modelzoo.training.trainer import Trainer
@@ -157,21 +177,23 @@ def execute(params: Params, model, backend) -> int:
     rank, _ = rank_and_world()
     model_dir = Path(params.runconfig.model_dir)
     mode = params.runconfig.mode
-    setup_logging(None, rank)  # console only until the inputs are known to be good
-    trainer = Trainer(params, backend, model_dir)
     # Read everything the run needs before writing anything: bad shards or a bad checkpoint end
-    # the run with model_dir untouched (not even created).
+    # the run with model_dir untouched (not even created). An existing model_dir's run.log does
+    # record which checkpoint was skipped or resumed from.
+    resuming = model_dir.is_dir()
+    with model_dir_errors(model_dir):
+        setup_logging(model_dir if resuming else None, rank)
+    trainer = Trainer(params, backend, model_dir)
     trainer.open_datasets(mode)
-    backend.setup(model, params.optimizer if mode in ("train", "train_and_eval") else None)
+    training = mode in ("train", "train_and_eval")
+    backend.setup(model, params.optimizer if training else None, params.sparsity if training else None)
     trainer.load_starting_checkpoint(mode)
-    try:
+    with model_dir_errors(model_dir):
         if rank == 0:
             model_dir.mkdir(parents=True, exist_ok=True)
             (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml())
-        setup_logging(model_dir, rank)
-    except OSError as e:
-        from modelzoo.errors import ConfigError
-        raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
+        if not resuming:
+            setup_logging(model_dir, rank)
     try:
         if mode == "train":
             trainer.train()

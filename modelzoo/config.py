@@ -171,11 +171,68 @@ class OptimizerConfig(Section):
         return list(lr) if isinstance(lr, list) else [lr]
 
 
+class SparsityGroup(Section):
+    params: list[str] = Field(min_length=1, description="Parameter-name patterns, shell-style (e.g. "
+                                                        "'blocks.*.mlp.*.weight'); a parameter joins the first "
+                                                        "group with a matching pattern. Any parameter may be "
+                                                        "selected, embeddings, norms and biases included.")
+    density: float = Field(gt=0, le=1, description="Fraction of each selected tensor's weights kept, in (0, 1].")
+    name: Optional[str] = Field(None, description="Label of the group in TensorBoard (default group<index>).")
+
+
+class SparsityConfig(Section):
+    algorithm: Literal["static", "rigl", "set", "gmp"] = Field(
+        "static", description="static: masks fixed at the start; rigl: every update_frequency steps drop the "
+                              "smallest-magnitude weights and regrow as many where the gradient is largest; set: "
+                              "the same with random regrowth; gmp: gradual magnitude pruning from dense to the "
+                              "target density on the cubic schedule of Zhu & Gupta (2017).")
+    density: Optional[float] = Field(None, gt=0, le=1, description="Fraction of weights kept, in (0, 1], in every "
+                                                                   "weight matrix no group selects (embeddings, "
+                                                                   "norms and biases stay dense). Omit to make "
+                                                                   "only the groups sparse.")
+    groups: list[SparsityGroup] = Field([], description="Per-parameter-group densities (see sparsity.groups[]).")
+    init_method: Literal["random", "magnitude"] = Field("random", description="static, rigl, set: the starting "
+                                                                              "mask keeps random weights, or the "
+                                                                              "largest-magnitude ones.")
+    update_frequency: int = Field(100, gt=0, description="rigl, set, gmp: optimizer steps between mask updates.")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="rigl, set: fraction of each tensor's kept weights "
+                                                              "moved at the first update; it decays to zero at "
+                                                              "end_step on a cosine (as RigL).")
+    start_step: int = Field(0, ge=0, description="gmp: the step pruning starts (the model is dense before).")
+    end_step: Optional[int] = Field(None, gt=0, description="rigl, set: the step the drop fraction reaches zero "
+                                                            "(masks are fixed after it); gmp: the step the "
+                                                            "target density is reached. Required for both.")
+    seed: int = Field(0, description="Seed of random initial masks and of set's random regrowth.")
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        if self.density is None and not self.groups:
+            raise ValueError("give a density, groups, or both")
+        dynamic = {"drop_fraction": ("rigl", "set"), "init_method": ("static", "rigl", "set"),
+                   "update_frequency": ("rigl", "set", "gmp"), "end_step": ("rigl", "set", "gmp"),
+                   "start_step": ("gmp",)}
+        for key, algorithms in dynamic.items():
+            # compared with the default, not model_fields_set: the resolved params written to
+            # model_dir (every key, defaults included) must load again
+            changed = getattr(self, key) != type(self).model_fields[key].default
+            if changed and self.algorithm not in algorithms:
+                raise _CrossFieldError(("sparsity", key), f"applies to algorithm {' or '.join(algorithms)}, "
+                                                          f"not {self.algorithm}")
+        if self.algorithm != "static" and self.end_step is None:
+            raise _CrossFieldError(("sparsity", "end_step"), f"required for algorithm {self.algorithm}")
+        if self.algorithm == "gmp" and self.start_step >= self.end_step:
+            raise _CrossFieldError(("sparsity", "start_step"), f"{self.start_step} must be below end_step "
+                                                               f"({self.end_step})")
+        return self
+
+
 class CSXConfig(Section):
-    memoryx: Literal["ram", "disk"] = Field("ram", description="Where MemoryX keeps fp32 weights and optimizer "
-                                                               "state: host RAM or memory-mapped files.")
+    memoryx: Literal["ram", "disk"] = Field("ram", description="Where MemoryX keeps fp32 weights, gradients and "
+                                                               "optimizer state: host RAM, or files on disk read "
+                                                               "and written per stage with explicit I/O.")
     memoryx_dir: Optional[str] = Field(None, description="Directory of disk MemoryX files (default "
-                                                         "model_dir/memoryx).")
+                                                         "model_dir/memoryx); each run and system gets a private "
+                                                         "subdirectory, removed at exit.")
     prefetch_depth: int = Field(1, ge=0, description="Stages whose weights stream in ahead of compute.")
     wafer_memory_gb: float = Field(40.0, gt=0, description="Memory of the emulated wafer; a stage that cannot "
                                                            "fit is refused at compile time.")
@@ -232,6 +289,8 @@ class Params(Section):
     eval_input: Optional[DataInput] = Field(None, description="Evaluation data.")
     model: ModelConfig = Field(description="The model.")
     optimizer: Optional[OptimizerConfig] = Field(None, description="Optimizer and learning-rate schedule.")
+    sparsity: Optional[SparsityConfig] = Field(None, description="Unstructured weight sparsity while training "
+                                                                 "(default: dense).")
     runconfig: RunConfig = Field(default_factory=RunConfig, description="How the run is executed.")
 
     @model_validator(mode="after")
@@ -401,6 +460,7 @@ def reference_markdown() -> str:
                 ("optimizer.learning_rate phase: Constant", ConstantLR),
                 ("optimizer.learning_rate phase: Linear / CosineDecay", RampLR),
                 ("train_input.prepare / eval_input.prepare", PrepareSpec),
+                ("sparsity", SparsityConfig), ("sparsity.groups[]", SparsityGroup),
                 ("runconfig", RunConfig), ("runconfig.csx", CSXConfig)]
     for title, cls in sections:
         lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]

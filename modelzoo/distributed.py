@@ -25,12 +25,18 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_local_world_size() -> int:
+    """Processes the launcher started on this machine (1 when not under a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def init_process_group(device_type: str) -> tuple[int, int]:
     """Join the launcher's process group (gloo on CPU, NCCL on CUDA); returns (rank, world)."""
     if launched_world_size() <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # On CUDA, small host-side reductions (token counts, eval totals) still travel over gloo.
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 

@@ -18,12 +18,17 @@ from modelzoo.models.base import StagedModel
 
 class Backend(ABC):
     @abstractmethod
-    def setup(self, model: StagedModel, optimizer_cfg: OptimizerConfig | None) -> None:
-        """Take ownership of the model (and build the optimizer when training)."""
+    def setup(self, model: StagedModel, optimizer_cfg: OptimizerConfig | None, sparsity=None) -> None:
+        """Take ownership of the model (and build the optimizer when training). ``sparsity``
+        (params.sparsity, training only) masks weights through training.sparsity.Sparsifier;
+        train_step then also returns its scalars."""
 
     @abstractmethod
     def train_step(self, micro_batches: list[dict], lr: float) -> dict[str, float]:
-        """Forward/backward over the micro-batches, one optimizer update. Returns loss, grad_norm."""
+        """Forward/backward over the micro-batches, one optimizer update. Returns loss, grad_norm and
+        overflow. An update whose gradient norm is not finite is never applied (the trainer then
+        stops or skips the batch); overflow=True says it was an fp16 loss-scale overflow, already
+        handled by lowering the scale."""
 
     @abstractmethod
     def eval_step(self, batch: dict) -> dict[str, float]:

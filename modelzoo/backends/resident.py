@@ -1,50 +1,151 @@
-"""CPU and GPU backends: the whole model resident on one device."""
+"""CPU and GPU backends: the whole model resident on one device, data parallel across ranks.
+
+With several ranks (``--num_workers_per_node`` or an outer ``torchrun``) the model is wrapped in
+DistributedDataParallel: gloo on CPU, NCCL on CUDA. Everything else is one code path for both
+devices; the CUDA-only parts are the device choice, TF32 and pinned non-blocking copies.
+"""
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import math
 
-from modelzoo.backends.base import Backend, autocast, loss_weights, token_metrics
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from modelzoo.backends.base import Backend, autocast, loss_weights, rank_and_world, token_metrics
 from modelzoo.config import OptimizerConfig
+from modelzoo.distributed import init_process_group, local_rank
+from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel
 from modelzoo.training import optim
 from modelzoo.training.checkpoint import check_model_state
+from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
+from modelzoo.training.sparsity import build_sparsifier
+
+
+def cpu_backend() -> "ResidentBackend":
+    init_process_group("cpu")
+    return ResidentBackend("cpu")
+
+
+def check_cuda_devices(needed: int) -> None:
+    """One clear line when this machine cannot give each local rank its own CUDA device."""
+    if not torch.cuda.is_available():
+        raise ConfigError("GPU: no CUDA device is visible (torch.cuda.is_available() is False); use CPU")
+    count = torch.cuda.device_count()
+    if needed > count:
+        raise ConfigError(f"GPU: {needed} workers on this machine need {needed} CUDA devices but {count} "
+                          f"are visible; lower --num_workers_per_node")
+
+
+def gpu_backend() -> "ResidentBackend":
+    """The CUDA device of this rank (LOCAL_RANK), TF32 matmuls on, NCCL when data parallel."""
+    index = local_rank()
+    check_cuda_devices(index + 1)
+    torch.cuda.set_device(index)  # before NCCL starts: it binds to the current device
+    # fp32 matmuls and convolutions may use TF32 tensor cores (10-bit mantissa, fp32 range).
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    init_process_group("cuda")
+    return ResidentBackend(torch.device("cuda", index))
+
+
+def _sum_gradients(process_group, bucket):
+    """DDP communication hook: SUM gradients over ranks instead of DDP's default average.
+
+    ``loss_weights`` already weights every rank's loss by its share of the global batch's tokens,
+    so the per-rank gradients add up to the global-batch gradient; averaging would divide it by
+    the world size.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 class ResidentBackend(Backend):
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model: StagedModel | None = None
+        self.model: StagedModel | None = None  # the bare model: state dicts and evaluation
+        self.runner: torch.nn.Module | None = None  # what training calls: the DDP wrapper when world > 1
         self.optimizer = None
         self.optimizer_cfg: OptimizerConfig | None = None
+        self.loss_scaler: DynamicLossScaler | None = None
+        self.sparsity = None  # training.sparsity.Sparsifier when params.sparsity is set
 
     def describe(self) -> str:
-        return f"resident on {self.device}"
+        _, world = rank_and_world()
+        parallel = f", data parallel over {world} ranks ({dist.get_backend()})" if world > 1 else ""
+        cfg = self.model.config if self.model is not None else None
+        precision = f", {cfg.fp16_type} autocast" if cfg is not None and cfg.mixed_precision else ""
+        scaling = ", dynamic loss scaling" if self.loss_scaler is not None else ""
+        return f"resident on {self.device}{parallel}{precision}{scaling}"
 
-    def setup(self, model, optimizer_cfg):
+    def setup(self, model, optimizer_cfg, sparsity=None):
         self.model = model.to(self.device)
+        self.runner = self.model
         self.optimizer_cfg = optimizer_cfg
-        if optimizer_cfg is not None:
-            self.optimizer = optim.build_optimizer(model.named_parameters(), optimizer_cfg)
+        if optimizer_cfg is None:
+            return
+        self.optimizer = optim.build_optimizer(model.named_parameters(), optimizer_cfg)
+        self.sparsity = build_sparsifier(sparsity, self.model.named_parameters())
+        if self.sparsity is not None:
+            weights = dict(self.model.named_parameters())
+            self.sparsity.initialize(weights)
+            self.sparsity.apply(weights)
+        if needs_loss_scaling(model.config):
+            self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+        _, world = rank_and_world()
+        if world > 1:
+            # DDP starts by broadcasting rank 0's weights, so every rank begins identical.
+            on_cuda = self.device.type == "cuda"
+            self.runner = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_cuda else None)
+            self.runner.register_comm_hook(None, _sum_gradients)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.device.type != "cuda":
+            return batch
+        # Page-locked host memory lets the copy run asynchronously with the compute queued before it.
+        return {k: (v if v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True)
+                for k, v in batch.items()}
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """Inside a global step only the last micro-batch's backward all-reduces the gradients."""
+        if isinstance(self.runner, DistributedDataParallel) and not last_micro_batch:
+            return self.runner.no_sync()
+        return contextlib.nullcontext()
 
     def train_step(self, micro_batches, lr):
-        self.model.train()
-        total = 0.0
-        for mb, weight in zip(micro_batches, loss_weights(micro_batches)):
+        self.runner.train()
+        total = torch.zeros((), device=self.device)
+        weights = loss_weights(micro_batches)
+        for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
             mb = self._to_device(mb)
-            with autocast(self.device.type, self.model.config):
-                loss = self.model(mb)["loss"] * weight
-            loss.backward()
-            total += float(loss.detach())
+            with self._gradient_sync(i == len(micro_batches) - 1):
+                with autocast(self.device.type, self.model.config):
+                    loss = self.runner(mb)["loss"] * weight
+                (self.loss_scaler.scale_loss(loss) if self.loss_scaler else loss).backward()
+            total += loss.detach()
+        _, world = rank_and_world()
+        if world > 1:
+            dist.all_reduce(total)  # each rank holds its share of the global-batch mean
         params = list(self.model.parameters())
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale_(params)
+        if self.sparsity is not None:
+            self.sparsity.mask_gradients(self.model.named_parameters())
         grad_norm = optim.clip_gradients(params, self.optimizer_cfg.max_gradient_norm)
-        optim.set_learning_rate(self.optimizer, lr)
-        self.optimizer.step()
+        # Gradients are identical on every rank after the all-reduce, so all ranks decide alike.
+        apply = self.loss_scaler.update(grad_norm) if self.loss_scaler else math.isfinite(grad_norm)
+        if apply:
+            optim.set_learning_rate(self.optimizer, lr)
+            self.optimizer.step()
+        sparsity = self.sparsity.after_step(self.model.named_parameters(), self.optimizer.state) \
+            if apply and self.sparsity is not None else {}
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total, "grad_norm": grad_norm}
+        return {"loss": float(total), "grad_norm": grad_norm, "overflow": self.loss_scaler is not None and not apply,
+                **sparsity}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -58,9 +159,14 @@ class ResidentBackend(Backend):
         return {id(p): n for n, p in self.model.named_parameters()}
 
     def state_dict(self):
+        # From the bare model, never the DDP wrapper: names stay free of a 'module.' prefix.
         state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
         if self.optimizer is not None:
             state["optimizer"] = optim.optimizer_state_by_name(self.optimizer, self._names())
+        if self.loss_scaler is not None:
+            state["loss_scale"] = self.loss_scaler.state_dict()
+        if self.sparsity is not None:
+            state["sparsity"] = self.sparsity.state_dict()
         return state
 
     def load_state_dict(self, state, states):
@@ -68,6 +174,12 @@ class ResidentBackend(Backend):
             expected = {k: v.shape for k, v in self.model.state_dict().items()}
             check_model_state("checkpoint", state["model"], expected)
             self.model.load_state_dict(state["model"])
+            if self.sparsity is not None:
+                weights = dict(self.model.named_parameters())
+                self.sparsity.load_state_dict(state.get("sparsity"), weights, with_step="scheduler" in states)
+                self.sparsity.apply(weights)
         if "optimizer" in states and self.optimizer is not None and "optimizer" in state:
             optim.load_optimizer_state_by_name(self.optimizer, state["optimizer"],
                                                dict(self.model.named_parameters()))
+        if "optimizer" in states and self.loss_scaler is not None and "loss_scale" in state:
+            self.loss_scaler.load_state_dict(state["loss_scale"])

@@ -3,10 +3,11 @@
 Labels are shifted here, once: ``labels[t]`` is the token the model must predict at position t,
 so models and losses never shift (plain cross-entropy with ``ignore_index=-100``).
 
-To add another objective (e.g. BERT masked-LM), write a class taking ``(shardset, **kwargs)`` with
-``__len__``/``__getitem__`` returning a dict of tensors, and pass it as ``dataset_cls`` to
-``build_dataloader``. Random masking should draw from a generator seeded by (seed, epoch, index)
-so that a resumed run sees the same masks.
+Objectives: causal LM (GPT-2, GPT-J), masked LM and labelled windows (BERT); ``dataset_for``
+picks one from the model config. Another objective is a class taking ``(shardset, **kwargs)``
+with ``__len__``/``__getitem__`` returning a dict of tensors, passed as ``dataset_cls`` to
+``build_dataloader``; random draws come from a generator seeded by (seed, epoch, index), the
+epoch set through ``set_epoch``, so that a resumed run sees the same ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modelzoo.data.shards import ShardSet
-from modelzoo.errors import ConfigError
+from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 
@@ -142,8 +144,14 @@ class GenomeDataLoader:
             # A fresh DataLoader per epoch: its workers start from the sampler's resume point.
             self.sampler.load_state_dict({"epoch": self._epoch, "batches_done": self._consumed})
             self._epoch, self._consumed = self.sampler.epoch, self.sampler.batches_done
+            if hasattr(self.dataset, "set_epoch"):  # per-epoch random draws (MLM masks) follow the sampler
+                self.dataset.set_epoch(self._epoch)
+            # Without its own generator a DataLoader draws its workers' base seed from the global
+            # torch RNG each time it starts: a resumed run (which starts one mid-epoch) would
+            # then shift every later dropout mask and no longer match the uninterrupted run.
+            seeds = torch.Generator().manual_seed(self.sampler.seed + self._epoch)
             loader = DataLoader(self.dataset, batch_sampler=self.sampler,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers, generator=seeds)
             for batch in loader:
                 self._consumed += 1
                 yield batch
@@ -172,3 +180,160 @@ def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int
     sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle, shuffle_seed,
                                     rank=rank, world_size=world_size)
     return GenomeDataLoader(dataset, sampler, shards.max_seq_length, num_workers=num_workers)
+
+
+# ---------------------------------------------------------------- BERT: framing, masking, labels
+
+class FramedWindows:
+    """Each record's codons re-cut into windows of max_seq_length - 2, framed [CLS] ... [SEP].
+
+    Shard rows hold max_seq_length codons; BERT needs two of those slots for [CLS] and [SEP].
+    Rather than drop codons, a record's rows are read as one stream (its codons are the first
+    num_tokens of its rows, in order) and cut again, so one shard directory serves GPT and BERT
+    alike. A record's last window may be short; it is padded with [PAD].
+    """
+
+    def __init__(self, shardset: ShardSet, tokenizer: CodonTokenizer | None = None):
+        tok = tokenizer or CodonTokenizer()
+        self.shardset = shardset
+        self.length = shardset.max_seq_length
+        if self.length < 3:
+            raise ConfigError(f"{shardset.data_dir}: max_seq_length {self.length} leaves no room for codons "
+                              "between [CLS] and [SEP]")
+        self.cls_id, self.sep_id, self.pad_id = tok.cls_id, tok.sep_id, shardset.pad_id
+        body, first_row, windows = self.length - 2, 0, []
+        for r, rec in enumerate(shardset.manifest["records"]):
+            n = int(rec["num_tokens"])
+            windows += [(r, first_row, start, min(n, start + body)) for start in range(0, n, body)]
+            first_row += int(rec["num_windows"])
+        self.windows = np.array(windows, dtype=np.int64).reshape(-1, 4)  # record, first row, start, end
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def record_of(self, i: int) -> int:
+        return int(self.windows[i, 0])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        _, first_row, start, end = (int(x) for x in self.windows[i])
+        lo, hi = start // self.length, (end - 1) // self.length  # the record's rows this window spans
+        stream = np.concatenate([self.shardset[first_row + k] for k in range(lo, hi + 1)])
+        codons = stream[start - lo * self.length: end - lo * self.length]
+        out = np.full(self.length, self.pad_id, dtype=np.int64)
+        out[0], out[1:1 + len(codons)], out[1 + len(codons)] = self.cls_id, codons, self.sep_id
+        return out
+
+
+class MaskedLMDataset(Dataset):
+    """BERT masked-codon batches: {input_ids, labels, attention_mask} over framed windows.
+
+    Each codon is selected with probability ``mlm_probability`` (never [CLS], [SEP] or [PAD]; at
+    least one per window, so no window is without loss); a selected codon becomes [MASK] 80% of
+    the time, a random codon 10%, and stays 10%. ``labels`` holds the original codon at selected
+    positions and -100 elsewhere. The draws come from a generator seeded by (seed, epoch, window),
+    so a resumed run sees exactly the masks the uninterrupted run would have.
+    """
+
+    def __init__(self, shardset: ShardSet, mlm_probability: float = 0.15, seed: int = 0,
+                 tokenizer: CodonTokenizer | None = None):
+        tok = tokenizer or CodonTokenizer()
+        self.windows = FramedWindows(shardset, tok)
+        self.mlm_probability = mlm_probability
+        self.seed = seed & 0xFFFF_FFFF_FFFF_FFFF  # numpy seeds must be non-negative
+        self.epoch = 0
+        self.mask_id, self.codon_ids = tok.mask_id, tok.codon_ids.astype(np.int64)
+        self.never_masked = np.array([tok.cls_id, tok.sep_id, shardset.pad_id])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        candidates = ~np.isin(ids, self.never_masked)
+        chosen = candidates & (rng.random(len(ids)) < self.mlm_probability)
+        if not chosen.any():
+            chosen[rng.choice(np.flatnonzero(candidates))] = True
+        action = rng.random(len(ids))
+        inputs = ids.copy()
+        inputs[chosen & (action < 0.8)] = self.mask_id
+        swap = chosen & (action >= 0.8) & (action < 0.9)
+        inputs[swap] = rng.choice(self.codon_ids, size=int(swap.sum()))
+        return {"input_ids": torch.from_numpy(inputs),
+                "labels": torch.from_numpy(np.where(chosen, ids, IGNORE_INDEX)),
+                "attention_mask": torch.from_numpy((ids != self.windows.pad_id).astype(np.int64))}
+
+
+def read_label_table(path, label_column: str, id_column: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """A TSV with a header -> ({record id: class}, sorted class names). Rows with an empty class
+    are left out (those records count as unlabelled)."""
+    import csv
+    import difflib
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read labels file ({e.strerror or e})") from None
+    if not rows:
+        raise DataError(f"{path}: empty labels file (need a header row)")
+    header = rows[0]
+    for key, column in (("label_column", label_column), ("id_column", id_column or header[0])):
+        if column not in header:
+            close = difflib.get_close_matches(column, header, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; columns: {', '.join(header)}"
+            raise DataError(f"{path}: no column {column!r} ({key}){hint}")
+    id_at, label_at = header.index(id_column or header[0]), header.index(label_column)
+    table: dict[str, str] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
+        record, label = row[id_at], row[label_at].strip()
+        if record in table and table[record] != label:
+            raise DataError(f"{path}: line {line}: record {record!r} appears twice with different classes")
+        if label:
+            table[record] = label
+    return table, sorted(set(table.values()))
+
+
+class SequenceClassificationDataset(Dataset):
+    """Framed windows labelled with their record's class (from a TSV keyed by record id):
+    {input_ids, attention_mask, labels (one class index per window)}."""
+
+    def __init__(self, shardset: ShardSet, labels_file, label_column: str, id_column: str | None = None,
+                 num_labels: int | None = None):
+        self.windows = FramedWindows(shardset)
+        table, names = read_label_table(labels_file, label_column, id_column)
+        if num_labels is not None and len(names) != num_labels:
+            raise ConfigError(f"model.num_labels is {num_labels} but column {label_column!r} of {labels_file} "
+                              f"has {len(names)} classes ({', '.join(names[:8])})")
+        self.label_names = names
+        unlabelled = [r for r in shardset.record_ids if r not in table]
+        if unlabelled:
+            raise DataError(f"{labels_file}: no {label_column} for record {unlabelled[0]!r} of "
+                            f"{shardset.data_dir} ({len(unlabelled)} records unlabelled)")
+        index = {name: k for k, name in enumerate(names)}
+        self.record_labels = np.array([index[table[r]] for r in shardset.record_ids], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        return {"input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.from_numpy((ids != self.windows.pad_id).astype(np.int64)),
+                "labels": torch.tensor(self.record_labels[self.windows.record_of(i)])}
+
+
+def dataset_for(model, section, seed: int) -> tuple[type, dict]:
+    """The dataset class and its arguments for a model config and an input section: causal LM
+    for GPT-2/GPT-J, masked LM for BERT, labelled windows for a BERT classifier."""
+    if model.name != "bert":
+        return CausalLMDataset, {}
+    if model.num_labels is None:
+        return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed}
+    return SequenceClassificationDataset, {"labels_file": section.labels_file, "label_column": section.label_column,
+                                           "id_column": section.id_column, "num_labels": model.num_labels}

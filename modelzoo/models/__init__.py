@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
-from modelzoo.config import ModelConfig
-from modelzoo.models.base import StagedModel
-from modelzoo.models.gpt2 import GPT2LMModel
+import logging
 
-MODELS = {"gpt2": GPT2LMModel}
+import torch
+
+from modelzoo.config import ModelConfig
+from modelzoo.errors import CheckpointError
+from modelzoo.models.base import StagedModel
+from modelzoo.models.bert import BertModel
+from modelzoo.models.gpt2 import GPT2LMModel
+from modelzoo.models.gptj import GPTJLMModel
+
+MODELS = {"gpt2": GPT2LMModel, "gptj": GPTJLMModel, "bert": BertModel}
+HEAD_PREFIX = "head."  # the last stage; a task head that may differ between pretraining and fine-tuning
+
+log = logging.getLogger("modelzoo")
 
 
 def build_model(cfg: ModelConfig) -> StagedModel:
-    if cfg.name not in MODELS:
-        from modelzoo.errors import ConfigError
-        raise ConfigError(f"model.name: {cfg.name!r} is not built yet; available: {sorted(MODELS)}")
     return MODELS[cfg.name](cfg)
+
+
+def transfer_backbone(saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
+                      source: str) -> dict[str, torch.Tensor]:
+    """Fine-tuning: the saved weights of every stage but the head, with the current model's own
+    (freshly initialised) head where the checkpoint's task head differs (e.g. MLM -> classifier).
+
+    Returns ``saved`` unchanged when the two models have the same tensors. Tensors shared by the
+    head and the backbone (the tied token embedding) come from the checkpoint.
+    """
+    if saved.keys() == fresh.keys():
+        return saved
+    missing = [k for k in fresh if k not in saved and not k.startswith(HEAD_PREFIX)]
+    if missing:
+        raise CheckpointError(f"{source}: checkpoint has no tensor {missing[0]!r} ({len(missing)} missing): "
+                              f"it belongs to another model")
+    out = {}
+    for name, tensor in fresh.items():
+        out[name] = saved[name] if name in saved else tensor
+    fresh_head = sorted(k for k in fresh if k not in saved)
+    dropped = sorted(k for k in saved if k not in fresh)
+    log.info("fine-tuning from %s: new head tensors %s; checkpoint tensors not used: %s", source,
+             ", ".join(fresh_head) or "none", ", ".join(dropped) or "none")
+    return out

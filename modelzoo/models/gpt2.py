@@ -9,7 +9,7 @@ from torch import nn
 
 from modelzoo.config import ModelConfig
 from modelzoo.models.base import StagedModel, init_weights, token_loss
-from modelzoo.models.layers import MLP, Attention
+from modelzoo.models.layers import MLP, Attention, position_offset
 
 
 class GPT2Embeddings(nn.Module):
@@ -21,7 +21,8 @@ class GPT2Embeddings(nn.Module):
 
     def forward(self, hidden, batch):
         ids = batch["input_ids"]
-        positions = torch.arange(ids.shape[1], device=ids.device)
+        start = position_offset(batch)  # > 0 when decoding with a KV cache
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         return self.dropout(self.tokens(ids) + self.positions(positions))
 
 
@@ -35,7 +36,7 @@ class GPT2Block(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=True)
 
     def forward(self, hidden, batch):
-        hidden = hidden + self.attn(self.ln_1(hidden))
+        hidden = hidden + self.attn(self.ln_1(hidden), cache=batch.get("cache"))
         return hidden + self.mlp(self.ln_2(hidden))
 
 

@@ -9,6 +9,76 @@ from torch import nn
 import torch.nn.functional as F
 
 
+class Rotary(nn.Module):
+    """GPT-J rotary position embedding on the first ``rotary_dim`` dimensions of each head.
+
+    GPT-J's layout rotates interleaved pairs (dims 2i, 2i+1) by the angle position * base^(-2i/d),
+    unlike GPT-NeoX, which pairs dim i with dim i + d/2. The angles are recomputed per call (a
+    (t, d/2) table, negligible next to attention) so the module holds no state to checkpoint.
+    """
+
+    def __init__(self, rotary_dim: int, base: float = 10000.0):
+        super().__init__()
+        if rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+        self.rotary_dim = rotary_dim
+        self.base = base
+
+    def angles(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.int64) / self.rotary_dim
+        inv_freq = 1.0 / (self.base ** exponents)
+        theta = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+        return theta.cos(), theta.sin()
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        d = self.rotary_dim
+        pairs = x[..., :d].unflatten(-1, (d // 2, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        return torch.cat((rotated, x[..., d:]), dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (batch, heads, t, head_dim) at positions offset.. -> the same with positions rotated in."""
+        cos, sin = self.angles(offset + q.shape[-2], q.device)
+        cos, sin = cos[offset:], sin[offset:]
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per attention layer, for incremental decoding.
+
+    Inference puts one in the batch (``batch["cache"]``) and feeds only the new tokens: each
+    causal Attention appends their keys and values and attends over all cached ones, and position
+    embeddings start at ``offset``. Training never passes one, so the stages stay the same.
+    """
+
+    def __init__(self):
+        self._kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def length(self, layer: nn.Module) -> int:
+        return self._kv[layer][0].shape[-2] if layer in self._kv else 0
+
+    @property
+    def offset(self) -> int:
+        """Position of the next token (tokens cached by every layer that has run)."""
+        return min((k.shape[-2] for k, _ in self._kv.values()), default=0)
+
+    def extend(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys/values (batch, heads, t, head_dim); return past + new."""
+        if layer in self._kv:
+            past_k, past_v = self._kv[layer]
+            k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+        self._kv[layer] = (k, v)
+        return k, v
+
+
+def position_offset(batch: dict) -> int:
+    """Position of the batch's first token: 0, or the tokens already in its KV cache."""
+    cache = batch.get("cache")
+    return 0 if cache is None else cache.offset
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention (flash / memory-efficient
     kernels, so memory grows linearly with sequence length)."""
@@ -26,16 +96,27 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, head_dim)
+        past = 0 if cache is None else cache.length(self)
         if self.rotary is not None:
-            q, k = self.rotary(q, k)
+            q, k = self.rotary(q, k, offset=past)
+        if cache is not None:
+            k, v = cache.extend(self, k, v)
         mask = None
-        if padding_mask is not None:  # keys that are padding get no attention
+        if past:  # incremental decoding (no padding): the t queries are the last of past + t keys
+            if t > 1:
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        elif padding_mask is not None and not padding_mask.all():  # keys that are padding get no attention
+            # (no mask at all when nothing is padded: the fused flash kernels take no mask)
             mask = padding_mask[:, None, None, :].bool()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+            if self.causal:
+                mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        is_causal = self.causal and mask is None and not past
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.attention_dropout if self.training else 0.0)
         return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, c)))
 

@@ -44,18 +44,87 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(model_dir: str | Path, step: int, state: dict) -> Path:
-    """Serialize to memory, write to a temporary name, fsync, rename; then the seal."""
+    """Serialize to memory, write to a temporary name, fsync, rename; then the seal.
+
+    On failure (disk full, read-only directory) nothing of this checkpoint is left behind and
+    the earlier ones are untouched.
+    """
     path = checkpoint_path(model_dir, step)
+    if hasattr(state, "write_to"):  # a state larger than RAM (CSX disk MemoryX) streams itself out
+        return _save_streamed(path, state.write_to)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getbuffer()
     try:
         _write_atomically(path, data)
-        _write_atomically(_seal_path(path), hashlib.sha256(data).hexdigest().encode())
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); "
-                              "earlier checkpoints are untouched") from None
+        raise _write_error(path, e) from None
+    try:
+        _write_atomically(_seal_path(path), hashlib.sha256(data).hexdigest().encode())
+        _fsync_dir(path.parent)
+    except OSError as e:
+        _remove_quietly(path)  # data without its seal is unusable: do not leave it to be skipped later
+        raise _write_error(path, e) from None
     return path
+
+
+def _save_streamed(path: Path, write) -> Path:
+    """save_checkpoint for a state with ``write_to(file)``: the same temporary name, fsync,
+    rename and seal, with the digest taken as the bytes go out instead of from a buffer."""
+    tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            write(_HashingWriter(f, digest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch's writer wraps the OSError
+        if isinstance(cause, OSError):
+            raise _write_error(path, cause) from None
+        raise
+    try:
+        _write_atomically(_seal_path(path), digest.hexdigest().encode())
+        _fsync_dir(path.parent)
+    except OSError as e:
+        _remove_quietly(path)
+        raise _write_error(path, e) from None
+    return path
+
+
+class _HashingWriter:
+    def __init__(self, file, digest):
+        self.file, self.digest = file, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); earlier checkpoints are untouched")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable: a power cut must not lose the seal after training went on."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    for p in (path, _seal_path(path)):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
@@ -73,11 +142,15 @@ def verify(path: Path) -> str | None:
     """None when the checkpoint's seal matches its bytes, else what is wrong."""
     seal = _seal_path(path)
     if not seal.exists():
-        return "no .sha256 seal (interrupted write?)"
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest != seal.read_text().strip():
-        return "checksum mismatch (truncated or corrupted)"
+        return f"no {seal.name} next to it (an interrupted write, or copied without its seal)"
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        expected = seal.read_text().strip()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if digest != expected:
+        return "sha256 checksum mismatch (truncated or corrupted)"
     return None
 
 
@@ -88,7 +161,14 @@ def load_checkpoint(path: str | Path) -> dict:
     problem = verify(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # mmap: pages come in as tensors are read, so a state larger than RAM loads too
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # sealed yet unreadable: written by something else, or another torch
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path}: not a Model Zoo checkpoint (no model state and step)")
+    return state
 
 
 def newest_good_checkpoint(model_dir: str | Path) -> Path | None:
@@ -102,9 +182,11 @@ def newest_good_checkpoint(model_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(model_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; also drop ``*.tmp`` files that a crash left behind."""
     for _, path in list_checkpoints(model_dir)[:-keep]:
-        path.unlink(missing_ok=True)
-        _seal_path(path).unlink(missing_ok=True)
+        _remove_quietly(path)
+    for orphan in Path(model_dir).glob("checkpoint_*.tmp"):
+        orphan.unlink(missing_ok=True)
 
 
 def check_model_state(path_or_name, saved: dict, expected: dict[str, torch.Size]) -> None:

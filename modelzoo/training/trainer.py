@@ -18,8 +18,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modelzoo.backends.base import Backend, rank_and_world
 from modelzoo.config import DataInput, Params
-from modelzoo.data.datasets import build_dataloader
-from modelzoo.errors import ConfigError, TrainingError
+from modelzoo.data.datasets import build_dataloader, dataset_for
+from modelzoo.errors import CheckpointError, ConfigError, TrainingError
+from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
 from modelzoo.training.metrics import ScalarWriters, unigram_perplexity
 from modelzoo.training.optim import learning_rate_at
@@ -60,44 +61,87 @@ class Trainer:
         self.dataset_cls = dataset_cls
         self.step = 0
         self.train_loader = None
+        self.eval_loader = None
+        self.nonfinite_skipped = 0  # batches skipped for a non-finite loss or gradient, over the run
 
     # ------------------------------------------------------------ data
 
     def _loader(self, cfg: DataInput, shuffle: bool):
-        extra = {"dataset_cls": self.dataset_cls} if self.dataset_cls else {}
+        # The objective follows the model: causal LM, masked LM (BERT) or labelled windows (classifier).
+        dataset_cls, dataset_kwargs = dataset_for(self.params.model, cfg, self.params.runconfig.seed)
+        if self.dataset_cls:
+            dataset_cls, dataset_kwargs = self.dataset_cls, {}
         return build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed,
                                 num_workers=cfg.num_workers, rank=self.rank, world_size=self.world,
-                                max_seq_length=cfg.max_seq_length, **extra)
+                                max_seq_length=cfg.max_seq_length, dataset_cls=dataset_cls,
+                                dataset_kwargs=dataset_kwargs)
+
+    def open_datasets(self, mode: str) -> None:
+        """Open (and verify) the shard directories the mode reads. Writes nothing, so bad data
+        fails the run before model_dir is created or touched."""
+        if mode in ("train", "train_and_eval"):
+            self.train_loader = self._loader(self.params.train_input, shuffle=self.params.train_input.shuffle)
+        if mode != "train":
+            self.eval_loader = self._loader(self.params.eval_input, shuffle=False)
 
     # ------------------------------------------------------------ checkpoints
 
+    def load_starting_checkpoint(self, mode: str) -> None:
+        """Load the checkpoint the mode starts from (a bad one is a one-line error); writes nothing."""
+        run = self.params.runconfig
+        if mode in ("train", "train_and_eval"):
+            self.restore()
+        elif mode == "eval":
+            path = run.checkpoint_path or ckpt.newest_good_checkpoint(self.model_dir)
+            self.load_for_eval(Path(path) if path else None)
+        elif not self._good_checkpoints():
+            self.load_for_eval(None)  # eval_all with nothing to evaluate: the same clear error
+
     def restore(self) -> None:
-        """Resume from the newest good checkpoint in model_dir, or start from --checkpoint_path."""
+        """Resume from the newest good checkpoint in model_dir, or start from --checkpoint_path.
+
+        Once the run has good checkpoints of its own they win over a --checkpoint_path from
+        elsewhere, so re-running the same command resumes instead of starting over; a
+        --checkpoint_path inside model_dir is an explicit roll-back and is honoured.
+        """
         run = self.params.runconfig
         own = ckpt.newest_good_checkpoint(self.model_dir)
-        states = run.checkpoint_states
-        if run.checkpoint_path and not (own and states != ckpt_all_states()):
-            path = Path(run.checkpoint_path)
-        elif own:
+        start = Path(run.checkpoint_path) if run.checkpoint_path else None
+        if start is not None and (own is None or start.resolve().parent == self.model_dir.resolve()):
+            path, states = start, run.checkpoint_states
+        elif own is not None:
             path, states = own, ckpt_all_states()
         else:
             return
-        state = ckpt.load_checkpoint(path)
-        self.backend.load_state_dict(state, states)
+        # fine-tuning may swap the task head (BERT MLM -> classifier)
+        state = self._load_into_backend(path, states, transfer_head=states == {"model"})
         if "scheduler" in states:
             self.step = int(state["step"])
+            self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         if "dataloader" in states and self.train_loader is not None and "dataloader" in state:
             self.train_loader.load_state_dict(state["dataloader"])
         if "rng" in states:
             set_rng_state(state["rng"])
         log.info("loaded %s (states: %s) at step %d", path, ",".join(sorted(states)), self.step)
 
+    def _load_into_backend(self, path: Path, states: set[str], transfer_head: bool = False) -> dict:
+        state = ckpt.load_checkpoint(path)
+        try:
+            if transfer_head:
+                state["model"] = transfer_backbone(state["model"], self.backend.state_dict()["model"], str(path))
+            self.backend.load_state_dict(state, states)
+        except CheckpointError as e:  # e.g. another architecture: name the file, not just the tensor
+            message = str(e).removeprefix("checkpoint: ")
+            raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        return state
+
     def save(self) -> None:
         state = self.backend.state_dict()  # every rank joins: CSX may gather sharded MemoryX
         if not self.is_writer:
             return
         state.update(step=self.step, scheduler={"step": self.step}, rng=rng_state(),
-                     model_name=self.params.model.name, params=self.params.to_yaml())
+                     model_name=self.params.model.name, params=self.params.to_yaml(),
+                     nonfinite_skipped=self.nonfinite_skipped)
         if self.train_loader is not None:
             state["dataloader"] = self.train_loader.state_dict()
         path = ckpt.save_checkpoint(self.model_dir, self.step, state)
@@ -115,8 +159,9 @@ class Trainer:
 
     def train(self, evaluate_every: int = 0) -> None:
         cfg, run, opt = self.params.train_input, self.params.runconfig, self.params.optimizer
-        self.train_loader = self._loader(cfg, shuffle=cfg.shuffle)
-        self.restore()
+        if self.train_loader is None:  # not opened up front by the CLI
+            self.open_datasets("train")
+            self.restore()
         last = self._last_step()
         if self.step >= last:
             log.info("nothing to train: already at step %d (target %d)", self.step, last)
@@ -127,19 +172,19 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         bar = tqdm(total=last, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
                    dynamic_ncols=True)
-        with logging_redirect_tqdm([log]):
+        with bar, logging_redirect_tqdm([log]):  # the bar ends its line even when a step fails
             while self.step < last:
                 batch = next(batches)
                 lr = learning_rate_at(self.step, opt)
                 metrics = self.backend.train_step(split_micro_batches(batch, opt.grad_accum_steps), lr)
-                if not math.isfinite(metrics["loss"]):
-                    raise TrainingError(f"step {self.step + 1}: loss is {metrics['loss']}; stopping "
-                                        f"(the newest checkpoint in {self.model_dir} is untouched)")
+                if self._skip_nonfinite(metrics):
+                    continue
                 self.step += 1
                 window_steps += 1
                 window_tokens += batch["input_ids"].numel() * self.world
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                self._write_extra_scalars(metrics)
                 if self.step % run.log_steps == 0 or self.step == last:
                     elapsed = time.perf_counter() - window_start
                     scalars = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
@@ -154,14 +199,45 @@ class Trainer:
                     self.save()
                 if evaluate_every and self.step % evaluate_every == 0 and self.step != last:
                     self.evaluate()
-        bar.close()
         self.save()
+
+    def _write_extra_scalars(self, metrics: dict) -> None:
+        """Scalars a backend returns beyond loss, grad_norm and overflow (e.g. sparsity's realised
+        density and weights moved) go to TensorBoard under train/ at the step they are returned:
+        the backend decides their cadence."""
+        extra = {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm", "overflow")
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if extra:
+            self.writers.write("train", self.step, extra)
+
+    def _skip_nonfinite(self, metrics: dict) -> bool:
+        """False for a finite step. For a non-finite loss or gradient (which the backend did not
+        apply): True when runconfig.nonfinite_policy skips the batch, else TrainingError."""
+        bad = [f"{key} is {metrics[key]}" for key in ("loss", "grad_norm") if not math.isfinite(metrics[key])]
+        if metrics.get("overflow") and bad == [f"grad_norm is {metrics['grad_norm']}"]:
+            bad = []  # an fp16 loss-scale overflow: the backend skipped it and lowered the scale
+        if not bad:
+            return False
+        run = self.params.runconfig
+        what = f"step {self.step + 1}: {' and '.join(bad)}"
+        if run.nonfinite_policy == "skip" and self.nonfinite_skipped < run.max_nonfinite_skips:
+            self.nonfinite_skipped += 1
+            log.warning("%s; batch skipped (%d of at most %d)", what, self.nonfinite_skipped,
+                        run.max_nonfinite_skips)
+            self.writers.write("train", self.step + 1, {"nonfinite_skipped": self.nonfinite_skipped})
+            return True
+        limit = (f" after {self.nonfinite_skipped} skipped batches (runconfig.max_nonfinite_skips)"
+                 if run.nonfinite_policy == "skip" else "")
+        saved = ckpt.list_checkpoints(self.model_dir)
+        kept = f"the newest checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
+        raise TrainingError(f"{what}; stopping{limit} ({kept})")
 
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.params.eval_input
-        loader = self._loader(cfg, shuffle=False)
+        loader = self.eval_loader or self._loader(cfg, shuffle=False)
+        loader.load_state_dict({"epoch": 0, "batches_done": 0})  # every evaluation sees the same batches
         n = min(self.params.runconfig.eval_steps or loader.num_batches_per_epoch, loader.num_batches_per_epoch)
         totals = torch.zeros(3, dtype=torch.float64)
         batches = iter(loader)
@@ -192,17 +268,21 @@ class Trainer:
         return unigram_perplexity((train[i] for i in range(len(train))), (evals[i] for i in range(len(evals))),
                                   tok.vocab_size, tok.pad_id)
 
-    def eval_checkpoint(self, path: Path | None) -> dict[str, float]:
+    def load_for_eval(self, path: Path | None) -> None:
         if path is None:
             raise ConfigError(f"runconfig.model_dir: no checkpoint in {self.model_dir} to evaluate "
                               "(train first or pass --checkpoint_path)")
-        state = ckpt.load_checkpoint(path)
-        self.backend.load_state_dict(state, {"model"})
-        self.step = int(state["step"])
+        self.step = int(self._load_into_backend(path, {"model"})["step"])
+
+    def eval_checkpoint(self, path: Path | None) -> dict[str, float]:
+        self.load_for_eval(path)
         return self.evaluate()
 
+    def _good_checkpoints(self) -> list[Path]:
+        return [p for _, p in ckpt.list_checkpoints(self.model_dir) if ckpt.verify(p) is None]
+
     def eval_all(self) -> None:
-        paths = [p for _, p in ckpt.list_checkpoints(self.model_dir) if ckpt.verify(p) is None]
+        paths = self._good_checkpoints()
         if not paths:
             self.eval_checkpoint(None)
         for path in paths:

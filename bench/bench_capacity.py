@@ -1,0 +1,223 @@
+"""Capacity: GenSLM-2.5B (GPT-J) trains on the CSX backend with disk MemoryX on a 24 GB machine,
+and the largest GPT-J the resident CPU backend can train here, for contrast.
+
+    python bench/bench_capacity.py csx [--work_dir /work/capacity] [--steps_2048 3] [--steps_10240 1]
+    python bench/bench_capacity.py resident [--work_dir ...] [--confirm]
+    python bench/bench_capacity.py report [--work_dir ...]
+
+``csx`` trains the 2.5B preset at MSL 2048 (steps_2048 steps), then resumes from its streamed
+checkpoint at MSL 10,240 (steps_10240 steps); each run is a ``run.py CSX`` subprocess under
+``/usr/bin/time -v`` (peak RSS), and the CSX backend's per-step log lines give the time per phase.
+``resident`` measures the CPU backend's peak RSS on 2.5B-shaped GPT-Js with 1 and 2 blocks, fits
+bytes per block, and (with --confirm) trains one step of the deepest one predicted to stay under
+the RAM budget.
+Each part writes a JSON next to its logs; ``report`` (also run after each part) writes
+bench/results/capacity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GiB = 2 ** 30
+PRESETS = {2048: "configs/genslm/gptj_2.5B_msl2048.yaml", 10240: "configs/genslm/gptj_2.5B_msl10240.yaml"}
+STEP_LINE = re.compile(r"step (\d+) \| loss ([\d.naninf]+) \| lr \S+ \| grad_norm ([\d.naninf]+)")
+PHASE_LINE = re.compile(r"CSX step ([\d.]+) s: compute ([\d.]+) s, waiting for weights ([\d.]+) s, gradients to "
+                        r"MemoryX ([\d.]+) s, optimizer ([\d.]+) s \(weights read from MemoryX ([\d.]+) s")
+
+
+def run_timed(cmd: list[str], log_path: Path) -> dict:
+    """Run cmd under /usr/bin/time -v; returns exit code, wall seconds and peak RSS."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    text = log_path.read_text(errors="replace")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"exit_code": proc.returncode, "wall_s": time.perf_counter() - start,
+            "peak_rss_gib": int(peak.group(1)) * 1024 / GiB if peak else None,
+            "killed": "signal" in text.split("Command being timed")[0][-200:]}
+
+
+def write_params(preset: str, path: Path, model_dir: Path, memoryx_dir: Path, batch: int | None, lr: float,
+                 device: str = "CSX", model: dict | None = None) -> None:
+    params = yaml.safe_load((ROOT / preset).read_text())
+    params["runconfig"].update(mode="train", model_dir=str(model_dir), log_steps=1, checkpoint_steps=0,
+                               max_checkpoints=1)
+    if device == "CSX":
+        params["runconfig"]["csx"] = {"memoryx": "disk", "memoryx_dir": str(memoryx_dir), "prefetch_depth": 1}
+    if batch:
+        params["train_input"]["batch_size"] = batch
+    # A constant rate: a handful of steps must show the loss falling (the preset warms up over 100).
+    params["optimizer"]["learning_rate"] = lr
+    params["model"].update(model or {})
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def parse_run_log(model_dir: Path) -> dict:
+    text = (model_dir / "run.log").read_text(errors="replace") if (model_dir / "run.log").exists() else ""
+    steps = [{"step": int(m[0]), "loss": float(m[1]), "grad_norm": float(m[2])} for m in STEP_LINE.findall(text)]
+    phases = [dict(zip(("total", "compute", "weights_wait", "gradients_out", "optimizer", "weights_read"),
+                       map(float, m))) for m in PHASE_LINE.findall(text)]
+    for s, p in zip(steps, phases):
+        s.update(p)
+    stamps = {}
+    for line in text.splitlines():
+        for key, marker in (("train_start", " training "), ("saved", " saved ")):
+            if marker in line:
+                stamps[key] = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    return {"steps": steps, "log_stamps": stamps}
+
+
+def part_csx(args) -> None:
+    work = Path(args.work_dir)
+    runs = []
+    previous = None
+    for msl, steps in ((2048, args.steps_2048), (10240, args.steps_10240)):
+        if not steps:
+            continue
+        model_dir, params = work / f"gptj_2.5B_msl{msl}", work / f"gptj_2.5B_msl{msl}.yaml"
+        write_params(PRESETS[msl], params, model_dir, work / "memoryx", args.batch_2048 if msl == 2048 else None,
+                     args.lr)
+        cmd = [sys.executable, "run.py", "CSX", "--params", str(params), "--num_steps", str(steps)]
+        if previous is not None:  # continue from the MSL 2048 run's streamed checkpoint
+            cmd += ["--checkpoint_path", str(previous), "--load_checkpoint_states", "model,optimizer,scheduler"]
+        print("running:", " ".join(cmd), flush=True)
+        result = run_timed(cmd, work / f"msl{msl}.log")
+        result.update(parse_run_log(model_dir), msl=msl, batch=yaml.safe_load(params.read_text())["train_input"]
+                      ["batch_size"], resumed_from=str(previous) if previous else None)
+        runs.append(result)
+        (work / "csx.json").write_text(json.dumps(runs, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "log_stamps"}, indent=1), flush=True)
+        ckpts = sorted(model_dir.glob("checkpoint_*.mdl"))
+        if result["exit_code"] != 0 or not ckpts:
+            break
+        previous = ckpts[-1]
+
+
+def part_resident(args) -> None:
+    """Peak RSS of one CPU training step of GenSLM-2.5B-shaped GPT-Js with 1 and 2 blocks gives the
+    bytes per block (weights, gradients, Adam state, autocast copies, saved activations) and the
+    fixed rest; --confirm then trains the deepest one predicted to fit the budget."""
+    work = Path(args.work_dir)
+    rows = json.loads((work / "resident.json").read_text()) if (work / "resident.json").exists() else []
+    depths = [1, 2]
+    if args.confirm:
+        depths.append(None)
+    for layers in depths:
+        if layers is None:
+            layers = _fit(rows)["largest_layers"]
+        if any(r["layers"] == layers and r["exit_code"] == 0 for r in rows):
+            continue
+        name = f"cpu_gptj_2.5B_shape_{layers}_layers"
+        params = work / f"{name}.yaml"
+        write_params(PRESETS[2048], params, work / name, work / "unused", args.batch_2048, args.lr, "CPU",
+                     {"num_hidden_layers": layers})
+        n = _parameters(params)
+        print(f"resident CPU: {name}, {n:,} parameters", flush=True)
+        result = run_timed([sys.executable, "run.py", "CPU", "--params", str(params), "--num_steps", "1"],
+                           work / f"{name}.log")
+        result.update(parse_run_log(work / name), parameters=n, name=name, layers=layers)
+        rows.append(result)
+        (work / "resident.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "log_stamps"}, indent=1), flush=True)
+
+
+def _parameters(params_path: Path) -> int:
+    import torch
+    from modelzoo.config import load_params
+    from modelzoo.models import build_model
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(load_params(str(params_path), {}).model).parameters())
+
+
+def _fit(rows: list[dict], budget_gib: float = 18.0) -> dict:
+    by_depth = {r["layers"]: r for r in rows if r["exit_code"] == 0}
+    one, two = by_depth[1], by_depth[2]
+    per_layer = (two["peak_rss_gib"] - one["peak_rss_gib"]) * GiB
+    params_per_layer = two["parameters"] - one["parameters"]
+    fixed = one["peak_rss_gib"] * GiB - per_layer
+    layers = int((budget_gib * GiB - fixed) // per_layer)
+    return {"per_layer": per_layer, "per_param": per_layer / params_per_layer, "fixed": fixed,
+            "largest_layers": layers, "largest_params": one["parameters"] + (layers - 1) * params_per_layer}
+
+
+def report(args) -> None:
+    work = Path(args.work_dir)
+    lines = ["# Capacity: GenSLM-2.5B on CSX (disk MemoryX) vs the resident CPU backend", "",
+             "`python bench/bench_capacity.py csx`, then `python bench/bench_capacity.py resident --confirm` "
+             "(2 shared CPU cores, 24 GB RAM, no swap; other engineers' jobs ran alongside, so times are upper "
+             "bounds)", ""]
+    if (work / "csx.json").exists():
+        runs = json.loads((work / "csx.json").read_text())
+        lines += ["## GenSLM-2.5B (GPT-J, hidden 3840, 28 layers, 32 heads, FFN 4096), CSX, disk MemoryX", "",
+                  "| MSL x batch | step | loss | grad norm | s/step | compute | waiting for weights | "
+                  "gradients to MemoryX | optimizer (MemoryX) | weights read (overlapped) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            for s in r["steps"]:
+                lines.append(f"| {r['msl']} x {r['batch']} | {s['step']} | {s['loss']:.4f} | {s['grad_norm']:.3f} | "
+                             + " | ".join(f"{s.get(k, float('nan')):.0f}" for k in
+                                          ("total", "compute", "weights_wait", "gradients_out", "optimizer",
+                                           "weights_read")) + " |")
+        lines += ["", "| run | exit code | peak RSS (GiB) | wall (s) | final checkpoint save (s) |", "|---|---|---|---|---|"]
+        for r in runs:
+            stamps = r.get("log_stamps", {})
+            save = ""
+            if "saved" in stamps and r["steps"]:
+                save = "see log"
+            lines.append(f"| MSL {r['msl']}{' (resumed)' if r.get('resumed_from') else ''} | {r['exit_code']} | "
+                         f"{r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | {save} |")
+        lines.append("")
+    if (work / "resident.json").exists():
+        rows = json.loads((work / "resident.json").read_text())
+        lines += ["## Resident CPU backend: GenSLM-2.5B-shaped GPT-J (hidden 3840, FFN 4096) with fewer blocks, "
+                  f"MSL 2048 x {args.batch_2048}, bf16 autocast, AdamW, one training step", "",
+                  "| blocks | parameters | peak RSS (GiB) | s/step | exit code |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['layers']} | {r['parameters']:,} | {r['peak_rss_gib']:.2f} | "
+                         f"{r['wall_s']:.0f} (whole run) | {r['exit_code']} |")
+        if sum(1 for r in rows if r["layers"] in (1, 2) and r["exit_code"] == 0) >= 2:
+            fit = _fit(rows, args.budget_gib)
+            lines += ["", f"Fit from the 1- and 2-block runs: {fit['per_layer'] / GiB:.2f} GiB per block "
+                          f"({fit['per_param']:.1f} bytes per parameter: fp32 weights, gradients and Adam state, "
+                          f"bf16 autocast copies, saved activations) + {fit['fixed'] / GiB:.2f} GiB fixed. Under a "
+                          f"{args.budget_gib:g} GiB budget the largest resident GPT-J of this shape has "
+                          f"{fit['largest_layers']} blocks, {fit['largest_params'] / 1e9:.2f} B parameters "
+                          f"(GenSLM-2.5B has 28 blocks)."]
+        lines.append("")
+    out = ROOT / "bench" / "results" / "capacity.md"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("part", choices=("csx", "resident", "report"))
+    p.add_argument("--work_dir", default="/work/capacity")
+    p.add_argument("--steps_2048", type=int, default=3)
+    p.add_argument("--steps_10240", type=int, default=1)
+    p.add_argument("--batch_2048", type=int, default=1, help="MSL 2048 batch (the preset's is 2)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--budget_gib", type=float, default=18.0, help="RAM one training process may use here")
+    p.add_argument("--confirm", action="store_true", help="resident: also train the predicted largest GPT-J")
+    args = p.parse_args()
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    if args.part == "csx":
+        part_csx(args)
+    elif args.part == "resident":
+        part_resident(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Genomes -> token shards: this project's prepare_genomes vs GenSLM's own tokenisation path.
+
+    python bench/bench_data_prep.py [--repeats 3]
+
+GenSLM's path (genslm/dataset.py): Biopython SeqIO reads each record, the sequence is cut into
+codons joined by spaces, and a transformers PreTrainedTokenizerFast with GenSLM's 69-token file
+encodes it, padded to the block. GenSLM truncates every sequence to one block; to compare equal
+work we let it encode the whole sequence and cut the ids into padded blocks the way ours does, so
+both produce every window of every genome. Ours is the complete CLI path, shards written to disk.
+One process each, same inputs, side by side; nucleotides per second and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_preparation import prepare_genomes
+from modelzoo.data.tokenizer import PACKAGED_JSON
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {
+    "SARS-CoV-2 (418 genomes)": ROOT / "data" / "sars_cov_2" / "nextstrain_2020_example_sequences.fasta.gz",
+    "E. coli K-12 CDS (4,298 genes)": SHARED / "prokaryotic" / "ecoli_k12_mg1655_cds.fna.gz",
+}
+BLOCK = 2048
+
+
+def genslm_path(path: Path) -> int:
+    from Bio import SeqIO
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(PACKAGED_JSON))
+    tokenizer.pad_token = "[PAD]"
+    opener = gzip.open if path.suffix == ".gz" else open
+    windows = 0
+    with opener(path, "rt") as handle:
+        for record in SeqIO.parse(handle, "fasta"):
+            seq = str(record.seq).upper()
+            text = " ".join(seq[i:i + 3] for i in range(0, len(seq) - len(seq) % 3, 3))
+            ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.uint8)
+            n = -(-len(ids) // BLOCK)
+            block = np.full((n, BLOCK), tokenizer.pad_token_id, dtype=np.uint8)
+            block.reshape(-1)[: len(ids)] = ids
+            windows += n
+    return windows
+
+
+def our_path(path: Path) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = prepare_genomes.parse_args(["--input", str(path), "--output_dir", f"{tmp}/out",
+                                           "--max_seq_length", str(BLOCK), "--split", "1,0,0",
+                                           "--rename_duplicate_ids"])
+        report = prepare_genomes.prepare(args)
+        return report["splits"]["train"]["windows"]
+
+
+def nucleotides(path: Path) -> int:
+    with gzip.open(path, "rb") as fh:
+        return sum(len(line.strip()) for line in fh if not line.startswith(b">"))
+
+
+def best_time(fn, path, repeats) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(path)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = ["| data set | nucleotides | GenSLM path Mnt/s | ours Mnt/s | ours / GenSLM |", "|---|---|---|---|---|"]
+    for name, path in DATASETS.items():
+        if not path.exists():
+            print(f"skipping {name}: {path} not found")
+            continue
+        nt = nucleotides(path)
+        theirs = best_time(genslm_path, path, args.repeats)
+        ours = best_time(our_path, path, args.repeats)
+        rows.append(f"| {name} | {nt:,} | {nt / theirs / 1e6:.2f} | {nt / ours / 1e6:.1f} | {theirs / ours:.0f}x |")
+    table = "\n".join(rows)
+    print(table)
+    out = ROOT / "bench" / "results" / "data_prep.md"
+    out.write_text("# Data preparation: genomes -> shards\n\n`python bench/bench_data_prep.py`\n\n" + table + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

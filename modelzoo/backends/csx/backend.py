@@ -1,0 +1,269 @@
+"""The CSX backend: emulated Cerebras weight streaming, MemoryX <-> wafer, SwarmX over N systems.
+
+Per step: weights stream from MemoryX to the wafer stage by stage (cast to the compute dtype,
+prefetched in the background), the wafer keeps only boundary activations and recomputes each
+stage for its backward, gradients stream back (summed over systems by SwarmX) and accumulate in
+fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py, swarmx.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from modelzoo.backends.base import Backend, loss_weights, token_metrics
+from modelzoo.backends.csx.memoryx import MemoryX
+from modelzoo.backends.csx.plan import check_fits, format_plan, make_plan
+from modelzoo.backends.csx.prefetch import Prefetcher
+from modelzoo.backends.csx.sparse_stream import SparseStream, plan_lines, sum_over_systems
+from modelzoo.backends.csx.store import DiskStore, RamStore
+from modelzoo.backends.csx.streamed_state import StreamedState
+from modelzoo.backends.csx.swarmx import SwarmX
+from modelzoo.backends.csx.wafer import Wafer
+from modelzoo.config import Params
+from modelzoo.models.base import StagedModel
+from modelzoo.training.checkpoint import check_model_state
+from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
+from modelzoo.training.sparsity import build_sparsifier, merge_states
+
+log = logging.getLogger("modelzoo")
+PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read")
+
+
+class CSXBackend(Backend):
+    def __init__(self, params: Params):
+        self.cfg = params.runconfig.csx
+        self.systems = params.runconfig.num_csx
+        self.memoryx_dir = Path(self.cfg.memoryx_dir or Path(params.runconfig.model_dir) / "memoryx")
+        data = params.train_input or params.eval_input
+        self.micro_batches = params.optimizer.grad_accum_steps if params.optimizer else 1
+        if data is not None:
+            per_system = max(data.batch_size // self.systems, 1)
+            self.micro_batch = (max(per_system // self.micro_batches, 1), data.max_seq_length)
+        else:
+            self.micro_batch = (1, params.model.max_position_embeddings)
+        self.training = params.runconfig.mode in ("train", "train_and_eval")
+        self.optimizer_cfg = params.optimizer
+        self.sparsity_cfg = params.sparsity if self.training else None
+        self.sparsity = self.sparse_stream = None
+
+    def describe(self) -> str:
+        where = "RAM" if self.cfg.memoryx == "ram" else f"disk ({self.memoryx_dir})"
+        return (f"CSX weight streaming: {self.systems} system(s), MemoryX in {where}, "
+                f"prefetch depth {self.cfg.prefetch_depth}")
+
+    def plan(self, model: StagedModel, optimizer_cfg=None) -> str:
+        """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
+        plan = make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
+                         optimizer_cfg or self.optimizer_cfg, training=self.training)
+        text = format_plan(plan, self.cfg.wafer_memory_gb, self.cfg.memoryx)
+        if self.sparsity_cfg is not None:
+            text += "\n" + plan_lines(plan, model, build_sparsifier(self.sparsity_cfg, model.named_parameters()),
+                                      self.training)
+        check_fits(plan, self.cfg.wafer_memory_gb)
+        return text
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self, model, optimizer_cfg, sparsity=None):
+        self.model = model.to("cpu")
+        self.optimizer_cfg = optimizer_cfg
+        self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
+        self.plan(model, optimizer_cfg)  # refuse a model that cannot fit before touching anything
+        self.wafer = Wafer(model)
+        n = len(self.wafer.stages)
+        stage_names = [self.wafer.stage_names(i) for i in range(n)]
+        self.swarm = SwarmX(stage_names)
+        # checkpoint keys -> MemoryX names (tied weights have several keys), taken before stripping
+        names = {id(p): name for name, p in model.named_parameters()}
+        live = model.state_dict(keep_vars=True)
+        self.param_keys = {k: names[id(v)] for k, v in live.items() if isinstance(v, torch.nn.Parameter)}
+        self.expected = {k: v.shape for k, v in live.items()}
+        store = RamStore() if self.cfg.memoryx == "ram" else \
+            DiskStore(self.memoryx_dir, prefix=f"rank{self.swarm.rank}-")
+        owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
+        self._setup_sparsity(model, owned)
+        self.memoryx = MemoryX(owned, store, optimizer_cfg)
+        self.memoryx.sparsity = self.sparsity
+        del owned, live
+        self.wafer.strip_weights()
+        self.uses = {}
+        for names_of_stage in stage_names:
+            for name in names_of_stage:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        self.prefetcher = Prefetcher(self._fetch, self.cfg.prefetch_depth)
+        # Seconds per phase, summed over steps: compute on the wafer, waiting for weights that the
+        # prefetch did not hide, writing gradients into MemoryX, the optimizer update, and (in the
+        # prefetch thread, overlapped with the rest) reading weights out of MemoryX.
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.timed_steps = 0
+        self.loss_scaler = None
+        if optimizer_cfg is not None and needs_loss_scaling(model.config):
+            self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+
+    def _setup_sparsity(self, model, owned: dict[str, torch.Tensor]) -> None:
+        """Masks of the weights this system owns, applied before MemoryX takes them."""
+        self.sparsity = build_sparsifier(self.sparsity_cfg, model.named_parameters(), reduce=sum_over_systems)
+        if self.sparsity is not None:
+            self.sparsity.initialize(owned)
+            self.sparsity.apply(owned)
+            self.sparse_stream = SparseStream(self.sparsity)
+
+    def _fetch(self, stage: int) -> dict[str, torch.Tensor]:
+        """Runs in the prefetch thread: the stage's weights as the wafer receives them."""
+        dtype = self.model.config.compute_dtype
+        read = lambda name: self.memoryx.read(name).to(dtype)  # noqa: E731
+        if self.sparse_stream is not None:  # masked weights cross as kept values + occupancy map
+            read = self.sparse_stream.wrap(read)
+        start = time.perf_counter()
+        weights = self.swarm.broadcast_weights(self.wafer.stage_names(stage), read, self.wafer.shapes, dtype)
+        self.phase_seconds["weights_read"] += time.perf_counter() - start
+        return weights
+
+    def _timed(self, stream):
+        """The weight stream, counting the time the wafer waits for it."""
+        while True:
+            start = time.perf_counter()
+            try:
+                weights = next(stream)
+            except StopIteration:
+                return
+            finally:
+                self._step_phases["weights_wait"] += time.perf_counter() - start
+            yield weights
+
+    # ------------------------------------------------------------ steps
+
+    def train_step(self, micro_batches, lr):
+        self.wafer.train()
+        n = len(self.wafer.stages)
+        weights = loss_weights(micro_batches)
+        scale = self.loss_scaler.scale if self.loss_scaler else None
+        step_start = time.perf_counter()
+        self._step_phases = dict.fromkeys(PHASES, 0.0)
+        read_before = self.phase_seconds["weights_read"]
+        raw = self.prefetcher.stream(Wafer.train_order(n) * len(micro_batches))
+        stream = self._timed(raw)
+        total = 0.0
+        for k, (mb, weight) in enumerate(zip(micro_batches, weights)):
+            self._final = k == len(micro_batches) - 1
+            self._uses_left = dict(self.uses)
+            self._pending: dict[str, torch.Tensor] = {}
+            total += self.wafer.forward_backward(mb, weight, stream, self._gradients_out, scale)
+        stream.close()
+        raw.close()
+        optimizer_start = time.perf_counter()
+        # Every gradient is in MemoryX: the global norm decides clipping and whether the update
+        # may apply at all (a non-finite one never does), then the stages are updated one by one.
+        norms = self.swarm.global_norms(self.memoryx.norms)
+        total_norm = torch.nn.utils.get_total_norm(norms, foreach=True) if norms else torch.tensor(0.0)
+        grad_norm = float(total_norm)
+        apply = self.loss_scaler.update(grad_norm) if self.loss_scaler else math.isfinite(grad_norm)
+        if apply:
+            clip = self.optimizer_cfg.max_gradient_norm
+            for i in range(n - 1, -1, -1):
+                self.memoryx.update(self._owned(self.wafer.stage_names(i)), lr, clip, total_norm)
+        self.memoryx.end_step()
+        self._account(step_start, optimizer_start, read_before)
+        sparsity = self.sparsity.end_step() if apply and self.sparsity is not None else {}
+        return {"loss": self.swarm.sum(total), "grad_norm": grad_norm,
+                "overflow": self.loss_scaler is not None and not apply, **sparsity}
+
+    def _account(self, step_start: float, optimizer_start: float, read_before: float) -> None:
+        now = time.perf_counter()
+        phases = self._step_phases
+        phases["optimizer"] = now - optimizer_start
+        phases["compute"] = optimizer_start - step_start - phases["weights_wait"] - phases["gradients_out"]
+        phases["weights_read"] = self.phase_seconds["weights_read"] - read_before
+        for k in ("compute", "weights_wait", "gradients_out", "optimizer"):
+            self.phase_seconds[k] += phases[k]
+        self.timed_steps += 1
+        # a line per step where steps take long enough for it to matter (large models)
+        log.log(logging.INFO if now - step_start >= 10 else logging.DEBUG,
+                "CSX step %.1f s: %s", now - step_start, describe_phases(phases))
+
+    def _owned(self, names: list[str]) -> list[str]:
+        return [n for n in names if self.memoryx.owns(n)]
+
+    def _gradients_out(self, stage: int, grads: dict[str, torch.Tensor | None]) -> None:
+        """Gradients leaving the wafer: a tied weight's uses are summed per micro-batch (as
+        autograd does in one backward pass), then reduced over systems into MemoryX."""
+        start = time.perf_counter()
+        ready = {}
+        for name, grad in grads.items():
+            if grad is not None:
+                grad = grad.float()
+                self._pending[name] = grad if name not in self._pending else self._pending[name] + grad
+            self._uses_left[name] -= 1
+            if self._uses_left[name] == 0 and name in self._pending:
+                ready[name] = self._pending.pop(name)
+        for name, grad in self.swarm.reduce_gradients(ready).items():
+            self.memoryx.add_gradient(name, grad)
+        if self._final:
+            unscale = 1.0 / self.loss_scaler.scale if self.loss_scaler else None
+            for name in self._owned(list(ready)):
+                self.memoryx.finalize(name, unscale)
+        self._step_phases["gradients_out"] += time.perf_counter() - start
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        self.wafer.train(False)
+        stream = self.prefetcher.stream(range(len(self.wafer.stages)))
+        out = self.wafer.forward(batch, stream)
+        stream.close()
+        return token_metrics(out, batch["labels"])
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self):
+        gathered = self.swarm.gather(self.memoryx.state_dict())
+        masters, optimizer = {}, None
+        for part in gathered:
+            masters.update(part["model"])
+            if "optimizer" in part:
+                optimizer = optimizer or {"type": part["optimizer"]["type"], "state": {}}
+                optimizer["state"].update(part["optimizer"]["state"])
+        buffers = self.model.state_dict()
+        state = {"model": {k: (masters[self.param_keys[k]] if k in self.param_keys else buffers[k].detach())
+                           for k in self.expected}}
+        if optimizer is not None:
+            state["optimizer"] = optimizer
+        if self.loss_scaler is not None:
+            state["loss_scale"] = self.loss_scaler.state_dict()
+        if self.sparsity is not None:
+            state["sparsity"] = merge_states(self.swarm.gather(self.sparsity.state_dict()))
+        if not self.memoryx.store.resident and self.systems == 1:
+            # disk MemoryX may be larger than RAM: the tensors are lazily mapped snapshots and the
+            # checkpoint streams them to its file one at a time (see streamed_state.py)
+            return StreamedState(state, self.memoryx.snapshots())
+        return state
+
+    def load_state_dict(self, state, states):
+        if "model" in states:
+            check_model_state("checkpoint", state["model"], self.expected)
+            weights = {name: state["model"][k] for k, name in self.param_keys.items() if self.memoryx.owns(name)}
+            if self.sparsity is not None:
+                self.sparsity.load_state_dict(state.get("sparsity"), weights, with_step="scheduler" in states)
+                weights = self.sparsity.masked(weights)
+            self.memoryx.load_weights(weights)
+            buffers = {k: v for k, v in state["model"].items() if k not in self.param_keys}
+            if buffers:
+                self.model.load_state_dict(buffers, strict=False)
+        if "optimizer" in states and "optimizer" in state:
+            self.memoryx.load_optimizer(state["optimizer"])
+        if "optimizer" in states and self.loss_scaler is not None and "loss_scale" in state:
+            self.loss_scaler.load_state_dict(state["loss_scale"])
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.memoryx.close()
+
+
+def describe_phases(phases: dict[str, float]) -> str:
+    return (f"compute {phases['compute']:.1f} s, waiting for weights {phases['weights_wait']:.1f} s, "
+            f"gradients to MemoryX {phases['gradients_out']:.1f} s, optimizer {phases['optimizer']:.1f} s "
+            f"(weights read from MemoryX {phases['weights_read']:.1f} s, overlapped with compute)")

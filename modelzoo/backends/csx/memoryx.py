@@ -1,0 +1,195 @@
+"""MemoryX: the fp32 master weights, gradient accumulators and optimizer state of the stages
+this system owns, and the optimizer update applied to them.
+
+The update is the resident backends' own: the optimizer comes from ``training.optim`` (same
+torch.optim class, parameter groups and weight-decay rule, learning rate set with
+``set_learning_rate``), and clipping uses torch's ``get_total_norm``/``clip_grads_with_norm_``,
+the two halves of the ``clip_grad_norm_`` the resident backends call. What differs is only
+where tensors live: every parameter has a handle ``nn.Parameter`` the optimizer knows; its data,
+gradient and state are loaded from the store just for the update of its stage and written back
+after (a no-op in RAM, explicit file I/O on disk).
+
+Clipping needs the global norm, i.e. every gradient, before any update, and so does the rule
+that a non-finite gradient is never applied (the fp16 loss scaler skips such steps): per-tensor
+norms are taken as each gradient becomes final, the gradients wait in MemoryX until the
+backward pass has finished, then the stages are updated one by one. This is exact: the same
+norm, clip coefficient and optimizer arithmetic as one resident step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelzoo.backends.csx.store import release_pages
+from modelzoo.config import OptimizerConfig
+from modelzoo.training import optim
+
+_RELEASED = torch.empty(0)  # data of a disk-backed handle between updates
+
+
+class MemoryX:
+    def __init__(self, masters: dict[str, torch.Tensor], store, optimizer_cfg: OptimizerConfig | None):
+        self.store = store
+        self.handles: dict[str, nn.Parameter] = {}
+        for name, tensor in masters.items():
+            master = tensor.detach().float()  # in RAM this aliases the model's tensor: no copy
+            self.store.put(f"w/{name}", master)
+            self.handles[name] = nn.Parameter(master)
+        self.optimizer_cfg = optimizer_cfg
+        self.optimizer = None
+        if optimizer_cfg is not None and self.handles:
+            self.optimizer = optim.build_optimizer(self.handles.items(), optimizer_cfg)
+        self._state_keys: dict[str, list[str]] = {}  # optimizer state tensors kept in the store
+        self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
+        self.norms: dict[str, torch.Tensor] = {}  # per-tensor gradient norms of this step
+        self.sparsity = None  # training.sparsity.Sparsifier: masks gradients, then weights after updates
+        if not self.store.resident:
+            for handle in self.handles.values():
+                handle.data = _RELEASED
+
+    def owns(self, name: str) -> bool:
+        return name in self.handles
+
+    def read(self, name: str) -> torch.Tensor:
+        """The fp32 master weight (in RAM: the master itself; on disk: a fresh copy)."""
+        return self.store.get(f"w/{name}")
+
+    # ------------------------------------------------------------ gradients
+
+    def add_gradient(self, name: str, grad: torch.Tensor) -> None:
+        key = f"g/{name}"
+        if key in self.store:
+            total = self.store.get(key)
+            total.add_(grad)
+        else:  # MemoryX owns its accumulator: never a tensor autograd may still hand elsewhere
+            total = grad.to(torch.float32, copy=True)
+        self.store.put(key, total)
+
+    def finalize(self, name: str, unscale: float | None = None) -> None:
+        """The gradient of ``name`` is complete for this step: undo an fp16 loss scale (as
+        DynamicLossScaler.unscale_ does) and record its norm."""
+        key = f"g/{name}"
+        if key in self.store:
+            grad = self.store.get(key)
+            if unscale is not None:
+                torch._foreach_mul_([grad], unscale)
+                self.store.put(key, grad)
+            if self.sparsity is not None and self.sparsity.is_sparse(name):
+                self.sparsity.mask_gradient(name, grad)  # before the norm, as the resident backends
+                self.store.put(key, grad)
+            self.norms[name] = torch.nn.utils.get_total_norm([grad], foreach=True)
+
+    # ------------------------------------------------------------ the update
+
+    def update(self, names: list[str], lr: float, max_norm: float | None = None,
+               total_norm: torch.Tensor | None = None) -> None:
+        """One optimizer step over ``names`` (those with a gradient); gradients are then dropped."""
+        params = []
+        for name in names:
+            key = f"g/{name}"
+            if key not in self.store:
+                continue  # no gradient (unused parameter): the optimizer skips it too
+            handle = self.handles[name]
+            if not self.store.resident:
+                handle.data = self.store.get(f"w/{name}")
+            handle.grad = self.store.get(key)
+            self._load_state(name, handle)
+            params.append((name, handle))
+        if not params:
+            return
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, total_norm, foreach=True)
+        optim.set_learning_rate(self.optimizer, lr)
+        self.optimizer.step()
+        for name, handle in params:
+            if self.sparsity is not None:
+                self.sparsity.update(name, handle.data, self.optimizer.state.get(handle, {}))
+            handle.grad = None
+            self.store.pop(f"g/{name}")
+            self.store.put(f"w/{name}", handle.data)
+            self._unload_state(name, handle)
+            if not self.store.resident:
+                handle.data = _RELEASED
+
+    def end_step(self) -> None:
+        self.norms.clear()
+        for name in self.handles:  # a gradient left over (should not happen) must not leak into the next step
+            self.store.pop(f"g/{name}")
+
+    def _load_state(self, name: str, handle: nn.Parameter) -> None:
+        state = dict(self._scalars.get(name, {}))
+        state.update({k: self.store.get(f"s/{name}/{k}") for k in self._state_keys.get(name, ())})
+        if state:
+            self.optimizer.state[handle] = state
+
+    def _unload_state(self, name: str, handle: nn.Parameter) -> None:
+        state = self.optimizer.state.pop(handle, {})
+        self._scalars[name], self._state_keys[name] = {}, []
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                self.store.put(f"s/{name}/{k}", v)
+                self._state_keys[name].append(k)
+            else:
+                self._scalars[name][k] = v
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """{'model': name -> fp32 master, 'optimizer': optim.optimizer_state_by_name format}.
+
+        On disk the tensors are snapshots (``DiskStore.snapshot``): lazily mapped, read-only in
+        spirit, never loaded unless touched; ``snapshots()`` lists them for a streamed save."""
+        take = (lambda key: self.store.get(key)) if self.store.resident else self._snapshot
+        self._taken: list = []
+        state = {"model": {name: take(f"w/{name}") for name in self.handles}}
+        if self.optimizer is not None:
+            by_name = {}
+            for name in self.handles:
+                values = {k: take(f"s/{name}/{k}") for k in self._state_keys.get(name, ())}
+                values.update(self._scalars.get(name, {}))
+                if values:
+                    by_name[name] = values
+            state["optimizer"] = {"type": type(self.optimizer).__name__, "state": by_name}
+        return state
+
+    def _snapshot(self, key: str) -> torch.Tensor:
+        snap = self.store.snapshot(key)
+        self._taken.append(snap)
+        return snap.tensor
+
+    def snapshots(self) -> list:
+        """The disk snapshots behind the tensors of the last state_dict()."""
+        return list(getattr(self, "_taken", []))
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, value in weights.items():
+            if self.store.resident:
+                self.read(name).copy_(value)  # keeps the handle and the store aliased
+            else:
+                self.store.put(f"w/{name}", value.detach().float().contiguous())
+                release_pages(value)  # a tensor mapped from a checkpoint: let its pages go
+
+    def load_optimizer(self, saved: dict) -> None:
+        """Load a state in optim.optimizer_state_by_name format (this system's parameters only),
+        one parameter at a time (a checkpoint larger than RAM arrives memory-mapped)."""
+        if self.optimizer is None:
+            return
+        for name, handle in self.handles.items():
+            self.optimizer.state.pop(handle, None)
+            for k in self._state_keys.pop(name, ()):
+                self.store.pop(f"s/{name}/{k}")
+            self._scalars.pop(name, None)
+        mine = {n: v for n, v in saved.get("state", {}).items() if n in self.handles}
+        for name, values in mine.items():
+            handle = self.handles[name]
+            optim.load_optimizer_state_by_name(self.optimizer, {**saved, "state": {name: values}}, self.handles)
+            self.optimizer.state[handle] = {k: (v.clone() if torch.is_tensor(v) else v)
+                                            for k, v in self.optimizer.state[handle].items()}
+            self._unload_state(name, handle)
+            for v in values.values():
+                if torch.is_tensor(v):
+                    release_pages(v)
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,160 @@
+"""The compile-time plan: what each stage needs on the wafer and what MemoryX holds.
+
+Every figure comes from shapes alone: stages run on fake CPU tensors (``FakeTensorMode``: CPU
+kernel choices, no data, no allocation), so the plan of a 25B-parameter preset built on the meta
+device takes seconds. Activation memory is what autograd saves while a stage is recomputed for
+its backward (counted with ``saved_tensors_hooks``), which is exactly what the wafer must hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from modelzoo.backends.base import autocast
+from modelzoo.config import OptimizerConfig
+from modelzoo.errors import ConfigError
+from modelzoo.models.base import StagedModel
+
+GiB = 2 ** 30
+
+
+@dataclass
+class StageCost:
+    label: str
+    weight_bytes: int  # streamed in, compute dtype
+    output_bytes: int  # boundary activation it hands to the next stage
+    saved_bytes: int  # activations autograd keeps while its backward runs
+    peak_bytes: int = 0
+
+
+@dataclass
+class Plan:
+    stages: list[StageCost]
+    micro_batch: tuple[int, int]
+    micro_batches: int
+    compute_dtype: torch.dtype
+    prefetch_depth: int
+    systems: int
+    boundary_bytes: int  # all boundary activations of a micro-batch, kept for the backward pass
+    memoryx_bytes: int
+    state_tensors: int  # optimizer state tensors per parameter
+    streamed_in: int  # weight bytes streamed per step per system
+    streamed_out: int  # gradient bytes streamed per step per system
+
+    @property
+    def peak(self) -> StageCost:
+        return max(self.stages, key=lambda s: s.peak_bytes)
+
+
+def optimizer_state_tensors(cfg: OptimizerConfig | None) -> int:
+    """Full-size state tensors the configured optimizer keeps per parameter (Adam: 2)."""
+    if cfg is None:
+        return 0
+    from modelzoo.training import optim
+    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = optim.build_optimizer([("probe", probe)], cfg)
+    probe.grad = torch.zeros(2, 2)
+    optimizer.step()
+    return sum(1 for v in optimizer.state[probe].values() if torch.is_tensor(v) and v.ndim > 0)
+
+
+def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: int, prefetch_depth: int,
+              systems: int, optimizer_cfg: OptimizerConfig | None, training: bool = True) -> Plan:
+    dtype = model.config.compute_dtype
+    costs = _stage_costs(model, micro_batch, dtype, training)
+    n = len(costs)
+    boundary = sum(c.output_bytes for c in costs[:-1])
+    for i, c in enumerate(costs):
+        ahead = sum(costs[j % n].weight_bytes for j in range(i + 1, i + 1 + prefetch_depth))
+        grads = c.weight_bytes if training else 0
+        grad_in = costs[i - 1].output_bytes if (training and i > 0) else 0
+        c.peak_bytes = boundary + c.weight_bytes + ahead + grads + c.saved_bytes + c.output_bytes + grad_in
+    unique = sum(p.numel() for p in model.parameters())
+    states = optimizer_state_tensors(optimizer_cfg) if training else 0
+    memoryx = unique * 4 * (1 + (1 + states if training else 0))
+    weights = sum(c.weight_bytes for c in costs)
+    streamed_in = micro_batches * (weights + (weights - costs[-1].weight_bytes if training else 0))
+    streamed_out = micro_batches * weights if training else 0
+    return Plan(costs, micro_batch, micro_batches, dtype, prefetch_depth, systems, boundary, memoryx, states,
+                streamed_in, streamed_out)
+
+
+def _stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.dtype,
+                 training: bool) -> list[StageCost]:
+    costs = []
+    with FakeTensorMode() as mode:
+        b, t = micro_batch
+        # Full (unpadded) windows: no attention mask, as models skip it when nothing is padded,
+        # and fake tensors cannot answer that data-dependent question.
+        # A sequence classifier (model.num_labels) has one label per window, a language model one per token.
+        per_sequence = getattr(model.config, "num_labels", None) is not None
+        batch = {"input_ids": torch.zeros(b, t, dtype=torch.long),
+                 "labels": torch.zeros((b,) if per_sequence else (b, t), dtype=torch.long)}
+        hidden = None
+        for i, stage in enumerate(model.stages()):
+            weights = {n: torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype,
+                                      requires_grad=training) for n, p in stage.named_parameters()}
+            bound = dict(weights)
+            bound.update({n: torch.empty(x.shape, dtype=x.dtype) for n, x in stage.named_buffers()})
+            if torch.is_tensor(hidden) and training:
+                hidden = hidden.detach().requires_grad_(hidden.is_floating_point())
+            excluded = {id(w) for w in weights.values()} | ({id(hidden)} if torch.is_tensor(hidden) else set())
+            saved: dict[int, int] = {}
+
+            def pack(x):
+                base = x._base if x._base is not None else x
+                if id(base) not in excluded:
+                    saved[id(base)] = base.numel() * base.element_size()
+                return x
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), torch.set_grad_enabled(training), \
+                    autocast("cpu", model.config):
+                out = functional_call(stage, bound, (hidden, batch))
+            weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+            output_bytes = out.numel() * out.element_size() if torch.is_tensor(out) else 0
+            costs.append(StageCost(f"{i} {type(stage).__name__}", weight_bytes, output_bytes, sum(saved.values())))
+            hidden = out
+    del mode
+    return costs
+
+
+def check_fits(plan: Plan, wafer_memory_gb: float) -> None:
+    peak = plan.peak
+    if peak.peak_bytes > wafer_memory_gb * GiB:
+        raise ConfigError(
+            f"runconfig.csx.wafer_memory_gb: stage {peak.label} needs {peak.peak_bytes / GiB:.2f} GiB of wafer "
+            f"memory (weights {peak.weight_bytes / GiB:.2f} GiB, activations {peak.saved_bytes / GiB:.2f} GiB, "
+            f"boundary activations {plan.boundary_bytes / GiB:.2f} GiB at micro-batch {plan.micro_batch[0]} x "
+            f"{plan.micro_batch[1]}) but the wafer has {wafer_memory_gb:g} GiB; use a smaller batch or more "
+            f"grad_accum_steps, shorter sequences, or a larger wafer_memory_gb")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_plan(plan: Plan, wafer_memory_gb: float, memoryx_where: str) -> str:
+    b, t = plan.micro_batch
+    dtype = str(plan.compute_dtype).removeprefix("torch.")
+    lines = [f"CSX plan: {len(plan.stages)} stages, micro-batch {b} x {t} tokens ({plan.micro_batches} per step), "
+             f"weights stream in {dtype}, prefetch depth {plan.prefetch_depth}, {plan.systems} system(s)",
+             f"  {'stage':<24}{'weights':>12}{'boundary act.':>15}{'saved act.':>13}{'peak wafer':>13}"]
+    for c in plan.stages:
+        lines.append(f"  {c.label:<24}{_size(c.weight_bytes):>12}{_size(c.output_bytes):>15}"
+                     f"{_size(c.saved_bytes):>13}{_size(c.peak_bytes):>13}")
+    peak = plan.peak
+    per_system = plan.memoryx_bytes / plan.systems
+    lines += [f"peak wafer memory: {_size(peak.peak_bytes)} at stage {peak.label} "
+              f"(of {wafer_memory_gb:g} GiB; all boundary activations: {_size(plan.boundary_bytes)})",
+              f"MemoryX ({memoryx_where}): {_size(plan.memoryx_bytes)} fp32 (weights, gradients, "
+              f"{plan.state_tensors} optimizer state tensor(s) per weight), ~{_size(int(per_system))} per system",
+              f"streamed per step per system: weights in {_size(plan.streamed_in)}, "
+              f"gradients out {_size(plan.streamed_out)}"]
+    return "\n".join(lines)

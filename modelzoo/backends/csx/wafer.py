@@ -1,0 +1,132 @@
+"""The wafer: runs a StagedModel one stage at a time on weights streamed in from MemoryX.
+
+It holds a weight-less skeleton of the model (parameters on the meta device, buffers kept) and
+binds a stage's streamed weights only while that stage runs (``torch.func.functional_call``).
+Training one micro-batch:
+
+- forward, stages 0..n-2 without autograd, keeping only each stage's input (the boundary
+  activation) and the RNG state it started from;
+- the last stage (head and loss) runs with autograd and is differentiated at once;
+- backward, stages n-2..0: weights stream in again, the stage's forward is recomputed from its
+  boundary activation under the RNG state it first ran with (so dropout masks are the same, as
+  in ``torch.utils.checkpoint``), and ``torch.autograd.grad`` gives the gradients of its input
+  activation and of its weights, which stream out to MemoryX.
+
+The global RNG ends where a resident forward/backward would leave it, so dropout draws match
+the resident backends step for step. Nothing here knows which model it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from modelzoo.backends.base import autocast
+from modelzoo.models.base import StagedModel
+
+GradientSink = Callable[[int, dict[str, torch.Tensor | None]], None]
+
+
+class Wafer:
+    def __init__(self, model: StagedModel):
+        self.model = model
+        self.stages = model.stages()
+        names = {id(p): n for n, p in model.named_parameters()}
+        # stage -> [(name inside the stage, MemoryX name)]; a tied weight appears in several stages
+        self.bindings = [[(local, names[id(p)]) for local, p in stage.named_parameters()]
+                         for stage in self.stages]
+        self.shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def stage_names(self, i: int) -> list[str]:
+        return [name for _, name in self.bindings[i]]
+
+    def strip_weights(self) -> None:
+        """Replace every parameter by a meta tensor: the wafer holds no weights between stages."""
+        meta: dict[int, nn.Parameter] = {}
+        for module in self.model.modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    if id(p) not in meta:
+                        meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                    module._parameters[key] = meta[id(p)]
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def run(self, i: int, weights: dict[str, torch.Tensor], hidden, batch: dict):
+        bound = {local: weights[name] for local, name in self.bindings[i]}
+        with autocast("cpu", self.model.config):
+            return functional_call(self.stages[i], bound, (hidden, batch))
+
+    # ------------------------------------------------------------ execution
+
+    def forward(self, batch: dict, weights: Iterator[dict]) -> dict:
+        """Inference over all stages (weights in stage order)."""
+        hidden = None
+        with torch.no_grad():
+            for i in range(len(self.stages)):
+                hidden = self.run(i, next(weights), hidden, batch)
+        return hidden
+
+    @staticmethod
+    def train_order(n: int) -> list[int]:
+        """The order stages' weights stream in for one micro-batch."""
+        return list(range(n)) + list(range(n - 2, -1, -1))
+
+    def forward_backward(self, batch: dict, loss_weight: float, weights: Iterator[dict],
+                         gradients_out: GradientSink, loss_scale: float | None = None) -> float:
+        """Loss x loss_weight of one micro-batch; hands each stage's weight gradients to
+        ``gradients_out(stage, {name: grad or None})`` as the backward pass produces them
+        (gradients of the loss times loss_scale when an fp16 loss scale is given)."""
+        last = len(self.stages) - 1
+        boundary, rng_states = [], []
+        hidden = None
+        with torch.no_grad():
+            for i in range(last):
+                boundary.append(hidden)
+                rng_states.append(torch.get_rng_state())
+                hidden = self.run(i, next(weights), hidden, batch)
+
+        loss, grad_hidden = self._differentiate(last, next(weights), hidden, batch, None,
+                                                (loss_weight, loss_scale), gradients_out)
+        for i in range(last - 1, -1, -1):
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(rng_states[i])
+                _, grad_hidden = self._differentiate(i, next(weights), boundary[i], batch, grad_hidden,
+                                                     None, gradients_out)
+            boundary[i] = None  # the wafer frees each boundary activation once it is used
+        return loss
+
+    def _differentiate(self, i, weights, hidden, batch, grad_out, loss_scaling, gradients_out):
+        """(Re)compute stage i with autograd and differentiate it: returns (loss or None, the
+        gradient of its input activation)."""
+        names = self.stage_names(i)
+        leaves = {name: weights[name].detach().requires_grad_() for name in names}
+        hidden, inputs = _differentiable(hidden)
+        with torch.enable_grad():
+            out = self.run(i, leaves, hidden, batch)
+            if grad_out is None:  # the last stage: its output holds the loss
+                weight, scale = loss_scaling
+                scaled = out["loss"] * weight
+                loss = float(scaled.detach())
+                outputs, grad_outputs = [scaled if scale is None else scaled * scale], None
+            else:
+                outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
+                outputs, grad_outputs, loss = outs, grad_out, None
+            wrt = inputs + list(leaves.values())
+            grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True) if wrt and outputs \
+                else [None] * len(wrt)
+        grad_hidden = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
+        gradients_out(i, dict(zip(names, grads[len(inputs):])))
+        return loss, grad_hidden
+
+
+def _differentiable(hidden):
+    """A copy of the boundary activation whose floating tensors are fresh autograd leaves."""
+    leaves, spec = tree_flatten(hidden)
+    fresh = [t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t for t in leaves]
+    return tree_unflatten(fresh, spec), [t for t in fresh if torch.is_tensor(t) and t.requires_grad]

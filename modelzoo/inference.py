@@ -1,0 +1,402 @@
+"""Use a trained model: embed genomes, generate codon sequences, score log-likelihoods.
+
+    from modelzoo import GenomeLM
+    lm = GenomeLM.load("model_dir/quickstart")          # newest good checkpoint, or a checkpoint file
+    vectors = lm.embed([genome_a, genome_b])             # (2, hidden_size) numpy
+    sequences = lm.generate("ATG", max_codons=300, seed=0, stop_at_stop_codon=True)
+    nats = lm.log_likelihood([genome_a])                 # total log-probability per sequence
+
+Sequences are nucleotide strings (or ``Record``s from ``modelzoo.data.sequences.read_records``,
+whose ids then name the record in errors), read in frame from their first nucleotide with
+``CodonTokenizer``'s rules. Codons with N or another ambiguity code become [UNK]: the model sees
+them as input, but they are neither pooled into embeddings nor scored (no codon was observed).
+
+Genomes longer than the model's context are cut into windows the way training cut them:
+consecutive windows of ``max_position_embeddings`` codons for GPT-2/GPT-J, and of two codons
+fewer framed by [CLS] ... [SEP] for BERT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from modelzoo.config import ModelConfig
+from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.errors import CheckpointError, ConfigError, DataError
+from modelzoo.models import build_model
+from modelzoo.models.base import StagedModel
+from modelzoo.models.layers import KVCache
+from modelzoo.training import checkpoint as ckpt
+
+STOP_CODONS = ("TAA", "TAG", "TGA")
+POOLINGS = ("mean", "cls")
+
+
+class GenomeLM:
+    """A trained GPT-2, GPT-J or BERT with its codon tokenizer, in eval mode, gradients off."""
+
+    def __init__(self, model: StagedModel, config: ModelConfig, source: str = "<model>", step: int | None = None,
+                 device: str | torch.device = "cpu", tokenizer: CodonTokenizer | None = None):
+        self.model = model.to(device).eval()
+        self.config = config
+        self.source, self.step = source, step
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer or CodonTokenizer()
+        self._codon_ids = torch.as_tensor(self.tokenizer.codon_ids.astype(np.int64), device=self.device)
+        self._stop_ids = torch.as_tensor([int(self.tokenizer.encode(c)[0]) for c in STOP_CODONS], device=self.device)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model_dir_or_checkpoint, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "GenomeLM":
+        """The newest good checkpoint of a model_dir, or one ``checkpoint_{step}.mdl`` file."""
+        path = Path(model_dir_or_checkpoint)
+        if path.is_dir():
+            found = ckpt.newest_good_checkpoint(path)
+            if found is None:
+                raise CheckpointError(f"{path}: no good checkpoint_{{step}}.mdl in this model_dir (train first)")
+            path = found
+        elif not path.exists():
+            raise CheckpointError(f"{path}: no such model_dir or checkpoint file")
+        state = ckpt.load_checkpoint(path)
+        config = _model_config(state, path)
+        model = build_model(config)
+        with_shapes = {k: v.shape for k, v in model.state_dict().items()}
+        ckpt.check_model_state(path, state["model"], with_shapes)
+        model.load_state_dict(state["model"])
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return cls(model, config, source=str(path), step=state.get("step"), device=device)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.config.name != "bert"
+
+    @property
+    def context(self) -> int:
+        """Codons per window (BERT keeps two positions for [CLS] and [SEP])."""
+        n = self.config.max_position_embeddings
+        return n if self.is_causal else n - 2
+
+    # ------------------------------------------------------------------ embeddings
+
+    @torch.no_grad()
+    def embed(self, sequences: Sequence, layer: int = -1, pooling: str = "mean", batch_size: int = 8,
+              bf16: bool = False, progress: bool = False) -> np.ndarray:
+        """One vector per sequence: (n, hidden_size) float32.
+
+        layer: index into the boundary activations (0 = embeddings, k = after block k, -1 = last
+            block). pooling: "mean" averages that layer over every codon position of every window;
+            "cls" (BERT) averages the [CLS] position over the windows.
+        """
+        num_states = self.config.num_hidden_layers + 1
+        if not -num_states <= layer < num_states:
+            raise ConfigError(f"layer {layer}: this model has layers 0..{num_states - 1} (or -1..-{num_states})")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if pooling == "cls" and self.is_causal:
+            raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
+        encoded = self._encode_all(sequences)
+        n_stages = layer % num_states + 1
+        sums = torch.zeros(len(encoded), self.config.hidden_size, dtype=torch.float64)
+        counts = torch.zeros(len(encoded), dtype=torch.float64)
+        items = [(i, w) for i, ids in enumerate(encoded) for w in self._windows(ids)]
+        for rows, ids, keep in self._batches(items, batch_size, progress, "embed"):
+            with self._autocast(bf16):
+                hidden = self._run(ids, n_stages).float().cpu()
+            if pooling == "cls":
+                vectors, weights = hidden[:, 0], torch.ones(len(rows))
+            else:
+                vectors, weights = (hidden * keep[..., None]).sum(1), keep.sum(1)
+            sums.index_add_(0, rows, vectors.double())
+            counts.index_add_(0, rows, weights.double())
+        return (sums / counts[:, None]).float().numpy()
+
+    def _run(self, ids: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """The activation after the first ``n_stages`` stages (1 = token embeddings)."""
+        batch = {"input_ids": ids, "attention_mask": (ids != self.tokenizer.pad_id).long()}
+        hidden = None
+        for stage in self.model.stages()[:n_stages]:
+            hidden = stage(hidden, batch)
+        return hidden
+
+    # ------------------------------------------------------------------ log-likelihood
+
+    @torch.no_grad()
+    def log_likelihood(self, sequences: Sequence, per_codon_mean: bool = False, batch_size: int = 8,
+                       progress: bool = False, return_counts: bool = False):
+        """Log-probability in nats of each sequence's codons, summed (or averaged per scored codon).
+
+        Causal models score each codon given the ones before it in its window; windows overlap
+        by one codon so that every codon but the first is scored. BERT gives the
+        pseudo-log-likelihood: each codon is masked in turn and scored from both sides. [UNK]
+        codons are not scored; a sequence with nothing to score gets 0 (mean: nan).
+        return_counts: also return the number of scored codons per sequence.
+        """
+        self._need_token_head("log_likelihood")
+        encoded = self._encode_all(sequences)
+        totals = torch.zeros(len(encoded), dtype=torch.float64)
+        counts = torch.zeros(len(encoded), dtype=torch.float64)
+        score = self._causal_scores if self.is_causal else self._masked_scores
+        for rows, logp, scored in score(encoded, batch_size, progress):
+            totals.index_add_(0, rows, (logp * scored).sum(1).double())
+            counts.index_add_(0, rows, scored.sum(1).double())
+        values = totals / counts if per_codon_mean else totals  # mean of nothing scored: 0 / 0 = nan
+        return (values.numpy(), counts.numpy().astype(np.int64)) if return_counts else values.numpy()
+
+    def _causal_scores(self, encoded, batch_size, progress):
+        stride = max(1, self.context - 1)
+        items = [(i, ids[s: s + self.context]) for i, ids in enumerate(encoded)
+                 for s in range(0, max(len(ids) - 1, 1), stride)]
+        for rows, ids, keep in self._batches(items, batch_size, progress, "score"):
+            logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
+            targets = ids[:, 1:]
+            logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+            yield rows, logp.cpu(), keep[:, 1:]
+
+    def _masked_scores(self, encoded, batch_size, progress):
+        """One row per (window, codon position), that position replaced by [MASK]."""
+        windows = [(i, w) for i, ids in enumerate(encoded) for w in self._windows(ids)]
+        items = [(i, w, p) for i, w in windows for p in np.flatnonzero(np.isin(w, self.tokenizer.codon_ids))]
+        bar = tqdm(total=len(items), desc="score", unit=" codons", disable=None if progress else True)
+        with bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start: start + batch_size]
+                rows = torch.tensor([i for i, _, _ in chunk])
+                ids = torch.as_tensor(_pad([w for _, w, _ in chunk], self.tokenizer.pad_id), device=self.device)
+                at = torch.tensor([p for _, _, p in chunk], device=self.device)
+                line = torch.arange(len(chunk), device=self.device)
+                targets = ids[line, at]
+                masked = ids.clone()
+                masked[line, at] = self.tokenizer.mask_id
+                batch = {"input_ids": masked, "attention_mask": (ids != self.tokenizer.pad_id).long()}
+                logits = self.model(batch)["logits"][line, at].float()
+                logp = logits.log_softmax(-1).gather(-1, targets[:, None])
+                bar.update(len(chunk))
+                yield rows, logp.cpu(), torch.ones_like(logp.cpu())
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompt: str = "ATG", max_codons: int = 100, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, num_return_sequences: int = 1,
+                 seed: int | None = None, stop_at_stop_codon: bool = False, batch_size: int = 32,
+                 use_cache: bool = True, progress: bool = False) -> list[str]:
+        """Sample ``max_codons`` codons after ``prompt``; returns prompt + generated nucleotides.
+
+        Only codons are sampled (special tokens are masked out). temperature 0 is greedy. With a
+        seed the output is reproducible (for the same batch_size). stop_at_stop_codon ends a
+        sequence after its first in-frame TAA/TAG/TGA (kept). Past the model's context the
+        window slides: the newest half of the context is kept and decoding goes on from there.
+        use_cache=False recomputes the whole window for every codon (the reference the KV cache
+        is tested against).
+        """
+        self._need_token_head("generate")
+        if not self.is_causal:
+            raise ConfigError(f"{self.source}: generate needs a causal model (gpt2, gptj); this checkpoint is BERT")
+        prompt_ids = self._prompt_ids(prompt)
+        _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences, batch_size)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        out = []
+        bar = tqdm(total=num_return_sequences * max_codons, desc="generate", unit=" codons",
+                   disable=None if progress else True)
+        with bar:
+            for first in range(0, num_return_sequences, batch_size):
+                rows = min(batch_size, num_return_sequences - first)
+                tokens, lengths = self._sample_rows(prompt_ids, rows, max_codons, generator, use_cache,
+                                                    dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                                                    stop_at_stop_codon, bar)
+                out += [self.tokenizer.decode(t[:n]) for t, n in zip(tokens.cpu().numpy(), lengths)]
+        return out
+
+    def _sample_rows(self, prompt_ids, rows, max_codons, generator, use_cache, sampling, stop_at_stop, bar):
+        tokens = prompt_ids.repeat(rows, 1)
+        lengths = [len(prompt_ids) + max_codons] * rows
+        stopped = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        start, cache = 0, None
+        for step in range(max_codons):
+            window_start = _slide(start, tokens.shape[1], self.config.max_position_embeddings)
+            if not use_cache:
+                logits = self.model({"input_ids": tokens[:, window_start:]})["logits"]
+            else:
+                if cache is None or window_start != start:  # (re)fill the cache with the whole window
+                    cache, feed = KVCache(), tokens[:, window_start:]
+                else:
+                    feed = tokens[:, -1:]
+                logits = self.model({"input_ids": feed, "cache": cache})["logits"]
+            start = window_start
+            codon = self._sample(logits[:, -1].float(), generator, **sampling)
+            tokens = torch.cat((tokens, codon[:, None]), dim=1)
+            bar.update(rows)
+            if stop_at_stop:
+                ends = torch.isin(codon, self._stop_ids) & ~stopped
+                for r in ends.nonzero().flatten().tolist():
+                    lengths[r] = tokens.shape[1]
+                stopped |= ends
+                if stopped.all():
+                    bar.update(rows * (max_codons - step - 1))
+                    break
+        return tokens, lengths
+
+    def _sample(self, logits, generator, temperature, top_k, top_p) -> torch.Tensor:
+        """Next codon per row; every non-codon token gets probability zero."""
+        only_codons = torch.full_like(logits, -math.inf)
+        only_codons[:, self._codon_ids] = 0.0
+        logits = logits + only_codons
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if top_p is not None and top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the likelier codons
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+            logits = logits.masked_fill(drop, -math.inf)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        text = "".join(prompt.split())
+        ids = self.tokenizer.encode(text)
+        if not text or len(text) % 3 or not np.isin(ids, self.tokenizer.codon_ids).all():
+            raise ConfigError(f"prompt {prompt[:30]!r}: need one or more whole codons of A/C/G/T (e.g. 'ATG')")
+        return torch.as_tensor(ids.astype(np.int64), device=self.device)
+
+    # ------------------------------------------------------------------ shared plumbing
+
+    def _need_token_head(self, what: str) -> None:
+        if self.config.num_labels is not None:
+            raise ConfigError(f"{self.source}: {what} needs codon probabilities; this checkpoint is a "
+                              f"sequence classifier (model.num_labels {self.config.num_labels})")
+
+    def _encode_all(self, sequences: Sequence) -> list[np.ndarray]:
+        if isinstance(sequences, (str, bytes)):
+            raise ConfigError("sequences: pass a list of sequences, not one string")
+        encoded = []
+        for k, item in enumerate(sequences):
+            name, seq = (item.id, item.seq) if hasattr(item, "seq") else (f"#{k}", item)
+            ids = self.tokenizer.encode(seq).astype(np.int64)
+            if not np.isin(ids, self.tokenizer.codon_ids).any():
+                raise DataError(f"sequence {name}: no whole A/C/G/T codon to read")
+            encoded.append(ids)
+        return encoded
+
+    def _windows(self, ids: np.ndarray) -> Iterator[np.ndarray]:
+        """The model-sized windows of one sequence (framed [CLS] ... [SEP] for BERT)."""
+        for s in range(0, len(ids), self.context):
+            w = ids[s: s + self.context]
+            if self.is_causal:
+                yield w
+            else:
+                yield np.concatenate(([self.tokenizer.cls_id], w, [self.tokenizer.sep_id]))
+
+    def _batches(self, items: list, batch_size: int, progress: bool, desc: str):
+        """(sequence index per row, padded ids on the device, codon-position mask) per batch."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size}: must be >= 1")
+        for start in tqdm(range(0, len(items), batch_size), desc=desc, unit=" batches",
+                          disable=None if progress else True):
+            chunk = items[start: start + batch_size]
+            ids = _pad([w for _, w in chunk], self.tokenizer.pad_id)
+            keep = torch.from_numpy(np.isin(ids, self.tokenizer.codon_ids)).float()
+            yield torch.tensor([i for i, _ in chunk]), torch.as_tensor(ids, device=self.device), keep
+
+    def _autocast(self, bf16: bool):
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def _model_config(state: dict, path: Path) -> ModelConfig:
+    """The model section of the params saved in the checkpoint (the data paths may be gone)."""
+    try:
+        raw = yaml.safe_load(state["params"])
+        return ModelConfig.model_validate(raw["model"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise CheckpointError(f"{path}: checkpoint holds no params with a model section") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise CheckpointError(f"{path}: saved params model.{where}: {first['msg']}") from None
+
+
+def _pad(windows: Iterable[np.ndarray], pad_id: int) -> np.ndarray:
+    windows = list(windows)
+    out = np.full((len(windows), max(len(w) for w in windows)), pad_id, dtype=np.int64)
+    for row, w in zip(out, windows):
+        row[: len(w)] = w
+    return out
+
+
+def _slide(start: int, length: int, context: int) -> int:
+    """First token of the window the next codon is predicted from: unchanged while the tokens
+    fit the context, else jump so that the newest half of the context is kept."""
+    return start if length - start <= context else length - max(1, context // 2)
+
+
+def _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
+    problems = [(max_codons < 1, f"max_codons {max_codons}: must be >= 1"),
+                (temperature < 0, f"temperature {temperature}: must be >= 0 (0 = greedy)"),
+                (top_k is not None and top_k < 1, f"top_k {top_k}: must be >= 1"),
+                (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p}: must be in (0, 1]"),
+                (num_return_sequences < 1, f"num_return_sequences {num_return_sequences}: must be >= 1"),
+                (batch_size < 1, f"batch_size {batch_size}: must be >= 1")]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------- for the command-line tools
+# (python -m modelzoo.tools.embed / generate / score share their model flags and error handling)
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model_dir", help="model_dir of a training run (its newest good checkpoint is used)")
+    parser.add_argument("--checkpoint_path", help="use this checkpoint file instead of the newest in model_dir")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows (or sequences) per forward pass")
+
+
+def model_from_args(args) -> GenomeLM:
+    if not (args.checkpoint_path or args.model_dir):
+        raise ConfigError("--model_dir (or --checkpoint_path) is required")
+    return GenomeLM.load(args.checkpoint_path or args.model_dir, device=args.device)
+
+
+def run_tool(action, args) -> int:
+    """Run ``action(args)`` (returns a one-line summary): user errors become one line and exit 2."""
+    import sys
+    from modelzoo.errors import UserError
+    try:
+        print(action(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_atomically(path, data: str | bytes) -> None:
+    """The whole file or nothing: write beside it, then rename over it."""
+    import os
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None

@@ -1,0 +1,100 @@
+"""BERT for masked-codon modelling, and a sequence classifier on the pooled [CLS] codon.
+
+As the original BERT: learned positions plus a token-type embedding, LayerNorm after each
+residual sum (post-LN), exact-erf GELU, bidirectional attention that ignores [PAD] keys. The MLM
+head's decoder is the token embedding (one tied Parameter shared by the first and last stage).
+``model.num_labels`` turns the head into a classifier (tanh pooler on [CLS], then a linear layer);
+its backbone loads from an MLM checkpoint (``--load_checkpoint_states model``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from modelzoo.config import ModelConfig
+from modelzoo.models.base import StagedModel, init_weights, token_loss
+from modelzoo.models.layers import MLP, Attention
+
+TYPE_VOCAB_SIZE = 2  # BERT's sentence A / sentence B; a codon sequence is all type 0
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_types = nn.Embedding(TYPE_VOCAB_SIZE, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, hidden, batch):
+        ids = batch["input_ids"]
+        types = batch.get("token_type_ids")
+        positions = self.positions(torch.arange(ids.shape[1], device=ids.device))
+        kinds = self.token_types.weight[0] if types is None else self.token_types(types)
+        return self.dropout(self.norm(self.tokens(ids) + positions + kinds))
+
+
+class BertBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, bias=True, dropout=cfg.dropout_rate,
+                              attention_dropout=cfg.attention_dropout_rate, causal=False)
+        self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=False)
+        self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, hidden, batch):
+        hidden = self.ln_attn(hidden + self.attn(hidden, batch.get("attention_mask")))
+        return self.ln_mlp(hidden + self.mlp(hidden))
+
+
+class BertMLMHead(nn.Module):
+    """Transform (dense, GELU, LayerNorm), then logits through the tied token embedding."""
+
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding):
+        super().__init__()
+        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.tokens = tokens
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden, batch):
+        hidden = self.norm(F.gelu(self.transform(hidden)))
+        return token_loss(hidden @ self.tokens.weight.t() + self.bias, batch.get("labels"))
+
+
+class BertClassifierHead(nn.Module):
+    """tanh pooler on the [CLS] position, dropout, linear classifier; labels are one per sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, hidden, batch):
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        return token_loss(self.classifier(self.dropout(pooled)), batch.get("labels"))
+
+
+class BertModel(StagedModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.blocks = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        if cfg.num_labels is None:
+            self.head = BertMLMHead(cfg, self.embeddings.tokens)
+        else:
+            self.head = BertClassifierHead(cfg)
+        init_weights(self, cfg.initializer_range)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.config.num_labels is not None
+
+    def stages(self) -> list[nn.Module]:
+        return [self.embeddings, *self.blocks, self.head]

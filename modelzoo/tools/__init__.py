@@ -1,0 +1,1 @@
+"""Command-line tools that work on checkpoints (``python -m modelzoo.tools.<name>``)."""

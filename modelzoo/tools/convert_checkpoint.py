@@ -1,0 +1,127 @@
+"""Convert checkpoints to and from HuggingFace transformers.
+
+Export the newest checkpoint of a model_dir (or --checkpoint_path) to a transformers directory
+(GPT2LMHeadModel, GPTJForCausalLM, BertForMaskedLM or BertForSequenceClassification):
+
+    python -m modelzoo.tools.convert_checkpoint --to hf --model_dir MD [--checkpoint_path C] --output_dir OUT
+
+Import a transformers directory as checkpoint_0 of a new model_dir that training resumes from
+(the params' model section must describe the same network):
+
+    python -m modelzoo.tools.convert_checkpoint --from hf --input_dir IN --params P --model_dir MD
+
+OUT gets config.json, model.safetensors and tokenizer.json / tokenizer_config.json, which
+``AutoModelFor*.from_pretrained(OUT)`` and ``PreTrainedTokenizerFast.from_pretrained(OUT)`` load.
+Export then import gives back the same tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from modelzoo.config import ModelConfig, Params, load_params
+from modelzoo.errors import CheckpointError, ConfigError, UserError
+from modelzoo.models import build_model, hf
+from modelzoo.training import checkpoint as ckpt
+
+PROG = "python -m modelzoo.tools.convert_checkpoint"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n  " + "\n  ".join(_examples()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", choices=["hf"], help="export a checkpoint to a transformers directory")
+    way.add_argument("--from", dest="from_", choices=["hf"], help="import a transformers directory as a checkpoint")
+    p.add_argument("--model_dir", required=True, help="--to: read its newest checkpoint; --from: write checkpoint_0 "
+                                                      "here (must hold no checkpoint yet)")
+    p.add_argument("--checkpoint_path", help="--to: export this checkpoint instead of the newest in model_dir")
+    p.add_argument("--output_dir", help="--to: the transformers directory to write (must not exist or be empty)")
+    p.add_argument("--input_dir", help="--from: the transformers directory to read")
+    p.add_argument("--params", help="--from: params yaml whose model section matches the transformers config")
+    return p
+
+
+def _examples() -> list[str]:
+    return [f"{PROG} --to hf --model_dir model_dir/run1 --output_dir hf/run1",
+            f"{PROG} --from hf --input_dir hf/run1 --params configs/genslm/gptj_25M_msl2048.yaml "
+            "--model_dir model_dir/run2"]
+
+
+def export(model_dir: str, checkpoint_path: str | None, output_dir: str) -> str:
+    path = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
+    if path is None:
+        raise CheckpointError(f"{model_dir}: no checkpoint to export (train first or pass --checkpoint_path)")
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--output_dir {out}: exists and is not empty (refusing to overwrite)")
+    state = ckpt.load_checkpoint(path)
+    if "params" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a model checkpoint (no params or model state)")
+    raw = yaml.safe_load(state["params"])
+    cfg = ModelConfig.model_validate(raw["model"])
+    hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw))
+    return f"wrote {hf.architecture(cfg)} from {path} to {out}"
+
+
+def _label_names(raw_params: dict) -> list[str] | None:
+    """Class names of a classifier, read from its training labels file when it is still there."""
+    from modelzoo.data.datasets import read_label_table
+    section = raw_params.get("train_input") or {}
+    if not raw_params["model"].get("num_labels") or not section.get("labels_file"):
+        return None
+    try:
+        return read_label_table(section["labels_file"], section["label_column"], section.get("id_column"))[1]
+    except UserError:
+        return None  # the class names are a nicety of config.json; the weights do not need them
+
+
+def import_(input_dir: str, params_path: str, model_dir: str) -> str:
+    from modelzoo.training.trainer import rng_state
+
+    params: Params = load_params(params_path, {"model_dir": model_dir}, check_paths=False)
+    if ckpt.list_checkpoints(model_dir):
+        raise ConfigError(f"--model_dir {model_dir}: already holds checkpoints; import into an empty model_dir")
+    config, theirs = hf.read_hf(Path(input_dir))
+    source = str(Path(input_dir) / "config.json")
+    hf.check_matches(params.model, hf.model_fields_from_hf(config, source), source)
+    ours, unused = hf.from_hf_state(params.model, theirs, str(input_dir))
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in build_model(params.model).state_dict().items()}
+    ckpt.check_model_state(input_dir, ours, expected)
+    torch.manual_seed(params.runconfig.seed)
+    state = {"model": ours, "step": 0, "scheduler": {"step": 0}, "rng": rng_state(),
+             "model_name": params.model.name, "params": params.to_yaml()}
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    path = ckpt.save_checkpoint(model_dir, 0, state)
+    note = f" (ignored {len(unused)} tensors: {', '.join(unused[:5])})" if unused else ""
+    return f"wrote {path} from {input_dir}{note}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    needed = ["output_dir"] if args.to else ["input_dir", "params"]
+    missing = [f"--{k}" for k in needed if getattr(args, k) is None]
+    if missing:
+        parser.error(f"{'--to' if args.to else '--from'} hf needs {' and '.join(missing)}")
+    try:
+        if args.to:
+            message = export(args.model_dir, args.checkpoint_path, args.output_dir)
+        else:
+            message = import_(args.input_dir, args.params, args.model_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""python -m modelzoo.tools.convert_checkpoint: export to transformers, import back bit for bit,
+resume training from the import, fine-tune a classifier from an MLM checkpoint, clear errors."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from modelzoo import cli
+from modelzoo.tools import convert_checkpoint
+from modelzoo.training import checkpoint as ckpt
+from tests.conftest import tiny_params, write_params
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def params_for(name, shards, model_dir, tmp_path, **model):
+    raw = tiny_params(shards, model_dir, max_steps=2, checkpoint_steps=0)
+    raw["model"].update(name=name, **model)
+    return raw, write_params(tmp_path / f"{name}_{model_dir.name}.yaml", raw)
+
+
+def train(capsys, params_path, *flags) -> str:
+    capsys.readouterr()
+    assert cli.main(["CPU", "--params", str(params_path), *map(str, flags)]) == 0
+    return capsys.readouterr().out
+
+
+def convert(capsys, *argv) -> tuple[int, str]:
+    code = convert_checkpoint.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gptj", "bert"])
+def test_export_import_round_trip_is_bit_exact_and_training_resumes(name, shards_msl64, tmp_path, capsys):
+    _, params = params_for(name, shards_msl64, tmp_path / "trained", tmp_path)
+    train(capsys, params)
+    code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "hf")
+    assert code == 0, out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        {p.name for p in (tmp_path / "hf").iterdir()}
+    twin = transformers.AutoModel.from_pretrained(tmp_path / "hf")  # loads as a transformers model
+    assert twin.config.model_type == name
+
+    code, out = convert(capsys, "--from", "hf", "--input_dir", tmp_path / "hf", "--params", params,
+                        "--model_dir", tmp_path / "imported")
+    assert code == 0, out
+    original = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "trained", 2))["model"]
+    imported = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "imported", 0))["model"]
+    assert original.keys() == imported.keys()
+    for key in original:
+        assert original[key].dtype == imported[key].dtype and torch.equal(original[key], imported[key]), key
+
+    out = train(capsys, params, "--model_dir", tmp_path / "imported", "--num_steps", 1)
+    assert "checkpoint_0.mdl (states: dataloader,model,optimizer,rng,scheduler) at step 0" in out
+    assert ckpt.checkpoint_path(tmp_path / "imported", 1).is_file()
+
+
+def test_classifier_fine_tunes_from_mlm_and_exports_with_class_names(shards_msl64, tmp_path, capsys):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("strain\tclade\nWuhan/Hu-1/2019\t19A\nWuhan/WH01/2019\t19A\nAustralia/VIC05/2020\t19B\n")
+    _, mlm = params_for("bert", shards_msl64, tmp_path / "mlm", tmp_path)
+    train(capsys, mlm)
+    raw, classifier = params_for("bert", shards_msl64, tmp_path / "cls", tmp_path, num_labels=2)
+    for section in ("train_input", "eval_input"):
+        raw[section].update(labels_file=str(labels), id_column="strain", label_column="clade")
+    write_params(classifier, raw)
+    log = train(capsys, classifier, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "mlm", 2),
+                "--load_checkpoint_states", "model", "--num_steps", 1)
+    assert "new head tensors head.classifier.bias" in log and "not used: head.bias" in log
+
+    code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "cls", "--output_dir", tmp_path / "hf")
+    assert code == 0 and "BertForSequenceClassification" in out
+    twin = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert twin.config.id2label == {0: "19A", 1: "19B"}
+
+
+def test_refusals_are_one_line_with_exit_code_2(shards_msl64, tmp_path, capsys):
+    raw, params = params_for("gptj", shards_msl64, tmp_path / "trained", tmp_path)
+    code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "o")
+    assert code == 2 and "no checkpoint to export" in out and out.count("\n") == 1
+    train(capsys, params)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "full")
+    assert code == 2 and "exists and is not empty" in out and (tmp_path / "full" / "x").read_text() == "keep me"
+    assert convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "hf")[0] == 0
+
+    wider = copy.deepcopy(raw)
+    wider["model"]["hidden_size"] = 64
+    other = write_params(tmp_path / "wider.yaml", wider)
+    code, out = convert(capsys, "--from", "hf", "--input_dir", tmp_path / "hf", "--params", other,
+                        "--model_dir", tmp_path / "new")
+    assert code == 2 and "hidden_size is 32 but the params say model.hidden_size: 64" in out
+    assert not (tmp_path / "new").exists()  # nothing written
+    code, out = convert(capsys, "--from", "hf", "--input_dir", tmp_path / "hf", "--params", params,
+                        "--model_dir", tmp_path / "trained")
+    assert code == 2 and "already holds checkpoints" in out
+    code, out = convert(capsys, "--from", "hf", "--input_dir", tmp_path / "nowhere", "--params", params,
+                        "--model_dir", tmp_path / "new")
+    assert code == 2 and "no config.json" in out
+    with pytest.raises(SystemExit) as e:
+        convert_checkpoint.main(["--to", "hf", "--model_dir", str(tmp_path / "trained")])
+    assert e.value.code == 2 and "--to hf needs --output_dir" in capsys.readouterr().err
+
+
+def test_help_documents_both_directions(capsys):
+    with pytest.raises(SystemExit):
+        convert_checkpoint.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--to hf --model_dir" in text and "--from hf --input_dir" in text
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"activation_function": "relu"}, "activation_function 'relu' is not supported (need 'gelu_new')"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings False is not supported (need True)"),
+    ({"model_type": "llama"}, "model_type 'llama' is not supported; convertible: gpt2, gptj, bert"),
+])
+def test_import_refuses_transformers_variants_we_do_not_build(change, message):
+    from modelzoo.errors import ConfigError
+    from modelzoo.models.hf import model_fields_from_hf
+
+    config = {"model_type": "gpt2", "n_head": 2, "n_embd": 16, "n_layer": 1, "vocab_size": 69,
+              "n_positions": 8, "layer_norm_epsilon": 1e-5}
+    assert model_fields_from_hf(config, "c.json")["hidden_size"] == 16
+    with pytest.raises(ConfigError, match="^" + re.escape(f"c.json: {message}")):
+        model_fields_from_hf({**config, **change}, "c.json")
+    with pytest.raises(ConfigError, match="c.json: no 'n_head'"):
+        model_fields_from_hf({k: v for k, v in config.items() if k != "n_head"}, "c.json")
