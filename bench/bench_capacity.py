@@ -36,16 +36,29 @@ PHASE_LINE = re.compile(r"CSX step ([\d.]+) s: compute ([\d.]+) s, waiting for w
                         r"MemoryX ([\d.]+) s, optimizer ([\d.]+) s \(weights read from MemoryX ([\d.]+) s")
 
 
-def run_timed(cmd: list[str], log_path: Path) -> dict:
-    """Run cmd under /usr/bin/time -v; returns exit code, wall seconds and peak RSS."""
-    start = time.perf_counter()
+def run_timed(cmd: list[str], log_path: Path, once_loaded=None, run_log: Path | None = None) -> dict:
+    """Run cmd under /usr/bin/time -v; returns exit code, wall seconds and peak RSS.
+    ``once_loaded()`` runs when run_log says the starting checkpoint was loaded."""
     with open(log_path, "w") as log:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        while proc.poll() is None:
+            time.sleep(5)
+            if once_loaded and run_log.exists() and " loaded " in run_log.read_text(errors="replace"):
+                once_loaded()
+                once_loaded = None
+    return timed_result(log_path)
+
+
+def timed_result(log_path: Path) -> dict:
+    """What /usr/bin/time -v reported at the end of log_path."""
     text = log_path.read_text(errors="replace")
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"exit_code": proc.returncode, "wall_s": time.perf_counter() - start,
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
+    status = re.search(r"Exit status: (\d+)", text)
+    seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.group(1).split(":")))) if wall else None
+    return {"exit_code": int(status.group(1)) if status else None, "wall_s": seconds,
             "peak_rss_gib": int(peak.group(1)) * 1024 / GiB if peak else None,
-            "killed": "signal" in text.split("Command being timed")[0][-200:]}
+            "killed": "Command terminated by signal" in text}
 
 
 def write_params(preset: str, path: Path, model_dir: Path, memoryx_dir: Path, batch: int | None, lr: float,
@@ -91,8 +104,18 @@ def part_csx(args) -> None:
         cmd = [sys.executable, "run.py", "CSX", "--params", str(params), "--num_steps", str(steps)]
         if previous is not None:  # continue from the MSL 2048 run's streamed checkpoint
             cmd += ["--checkpoint_path", str(previous), "--load_checkpoint_states", "model,optimizer,scheduler"]
-        print("running:", " ".join(cmd), flush=True)
-        result = run_timed(cmd, work / f"msl{msl}.log")
+        log_path = work / f"msl{msl}.log"
+        cleanup = None
+        if previous is not None:
+            def cleanup(old=previous):  # the disk holds one 30 GB checkpoint and one MemoryX at a time
+                for f in (old, old.with_name(old.name + ".sha256")):
+                    f.unlink(missing_ok=True)
+        if log_path.exists() and "Exit status: 0" in log_path.read_text(errors="replace"):
+            print("reusing the finished run in", log_path, flush=True)  # e.g. after the driver was restarted
+            result = timed_result(log_path)
+        else:
+            print("running:", " ".join(cmd), flush=True)
+            result = run_timed(cmd, log_path, cleanup, model_dir / "run.log")
         result.update(parse_run_log(model_dir), msl=msl, batch=yaml.safe_load(params.read_text())["train_input"]
                       ["batch_size"], resumed_from=str(previous) if previous else None)
         runs.append(result)
@@ -115,7 +138,7 @@ def part_resident(args) -> None:
         depths.append(None)
     for layers in depths:
         if layers is None:
-            layers = _fit(rows)["largest_layers"]
+            layers = args.confirm_layers or _fit(rows, args.budget_gib)["largest_layers"]
         if any(r["layers"] == layers and r["exit_code"] == 0 for r in rows):
             continue
         name = f"cpu_gptj_2.5B_shape_{layers}_layers"
@@ -210,6 +233,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--budget_gib", type=float, default=18.0, help="RAM one training process may use here")
     p.add_argument("--confirm", action="store_true", help="resident: also train the predicted largest GPT-J")
+    p.add_argument("--confirm_layers", type=int, help="resident: confirm with this many blocks instead")
     args = p.parse_args()
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.part == "csx":

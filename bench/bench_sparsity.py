@@ -64,7 +64,7 @@ def raw_params(args, data: Path, model_dir: Path, variant: str) -> dict:
                                             "total_iters": args.steps - warmup}]},
            "runconfig": {"mode": "train_and_eval", "model_dir": str(model_dir), "max_steps": args.steps,
                          "log_steps": max(args.steps // 10, 1), "checkpoint_steps": 0, "max_checkpoints": 1,
-                         "seed": 1}}
+                         "eval_steps": args.eval_batches, "seed": 1}}
     section = sparsity_section(variant, args.steps)
     if section is not None:
         raw["sparsity"] = section
@@ -158,6 +158,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval_batches", type=int, default=40, help="validation batches per evaluation (the same ones "
+                                                                 "for every run)")
     p.add_argument("--variants", default="dense,static,rigl", help="comma list of dense, static, rigl, set, gmp")
     p.add_argument("--work_dir", help="where shards and model dirs go (default: a temporary directory)")
     args = p.parse_args()
@@ -185,7 +187,8 @@ def main() -> None:
     n_params = args.hidden * args.hidden * 4 * args.layers + 2 * args.hidden * args.ffn * args.layers
     setup = (f"GPT-J hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn} "
              f"(~{n_params / 1e6:.1f}M weights in blocks), MSL {args.seq}, batch {args.batch}, {args.steps} steps, "
-             f"fp32, AdamW lr {args.lr:g} warm-up + cosine, seed 1; trained on the resident CPU backend; "
+             f"fp32, AdamW lr {args.lr:g} warm-up + cosine, seed 1, eval loss on the first {args.eval_batches} "
+             f"validation batches; trained on the resident CPU backend; "
              f"density {DENSITY} on every weight matrix but the embedding. {platform.machine()}, "
              f"{os.cpu_count()} CPUs (shared).")
     genslm = "\n".join(["| GenSLM-25M (configs/genslm/gptj_25M_msl2048.yaml, bf16, batch 2) | CSX weights in / step "

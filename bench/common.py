@@ -39,24 +39,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_flops_per_s(dtype: torch.dtype, shape=(2048, 2048, 2048), repeats: int = 3) -> float:
-    """Best-of-``repeats`` throughput of one (m x k) @ (k x n) matmul in ``dtype``."""
+def matmul_flops_per_s(dtype: torch.dtype, shape=(2048, 2048, 2048), repeats: int = 3) -> tuple[float, float]:
+    """Best-of-``repeats`` FLOP/s of one (m x k) @ (k x n) matmul in ``dtype``: per wall second
+    and per CPU second (see ``timed``)."""
     m, k, n = shape
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     a @ b  # first call: kernel selection, buffers
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best
+    walls, cpus = zip(*(timed(lambda: a @ b) for _ in range(repeats)))
+    return 2 * m * k * n / min(walls), 2 * m * k * n / min(cpus)
 
 
-def matmul_peak(dtype: torch.dtype, hidden: int = 512, tokens: int = 4096) -> float:
-    """The best of a square matmul and the model's own projection shapes: the peak we measure
-    utilisation against."""
+def matmul_peak(dtype: torch.dtype, hidden: int = 512, tokens: int = 4096) -> tuple[float, float]:
+    """The best of a square matmul and the model's own projection shapes, per wall second and
+    per CPU second: the peaks we measure utilisation against."""
     shapes = [(2048, 2048, 2048), (tokens, hidden, 4 * hidden), (tokens, 4 * hidden, hidden)]
-    return max(matmul_flops_per_s(dtype, s) for s in shapes)
+    rates = [matmul_flops_per_s(dtype, s) for s in shapes]
+    return max(r[0] for r in rates), max(r[1] for r in rates)
 
 
 def train_flops(cfg, batch: int, seq: int) -> float:
@@ -72,17 +70,24 @@ def train_flops(cfg, batch: int, seq: int) -> float:
     return 3 * batch * (2 * matmul_params * seq + attention)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call.
+
+    On a machine shared with other jobs the wall time mostly measures the queue for the cores;
+    the process's CPU time measures the work (worker processes run with OMP_WAIT_POLICY=PASSIVE
+    so idle OpenMP threads sleep instead of spinning into it).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run_worker(script: Path, args: list[str], timeout: float | None = None) -> dict:
     """Run ``script --worker ...`` in its own process (so its peak RSS is its own); the worker
     prints one JSON object as its last stdout line."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT,
-                         timeout=timeout)
+                         timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

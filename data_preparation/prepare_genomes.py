@@ -27,6 +27,7 @@ from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import DataError, UserError
 
 SPLITS = ("train", "val", "test")
+ENCODE_BATCH_BYTES = 1 << 26  # sequence bytes tokenised per vectorised pass
 COMMAND = "python -m data_preparation.prepare_genomes"
 
 
@@ -77,26 +78,43 @@ def split_bounds(n: int, fracs) -> list[int]:
 
 
 def tokenize_inputs(args, tokenizer: CodonTokenizer):
-    """Read every record; return kept (id, codon ids) in input order and skip counts by reason."""
+    """Read every record; return kept (id, codon ids) in input order and skip counts by reason.
+
+    Records are read as raw bytes and tokenised in batches of about ENCODE_BATCH_BYTES, one
+    vectorised pass per batch instead of one per record.
+    """
     kept, skipped, seen = [], Counter(), {}
+    batch_ids, batch_seqs, batch_bytes = [], [], 0
+
+    def encode_batch():
+        for rec_id, ids in zip(batch_ids, tokenizer.encode_many(batch_seqs)):
+            if len(ids) == 0:
+                skipped["empty (no whole codon)"] += 1
+            elif len(ids) < args.min_codons:
+                skipped[f"too short (< {args.min_codons} codons)"] += 1
+            elif np.count_nonzero(ids == tokenizer.unk_id) / len(ids) > args.max_n_fraction:
+                skipped[f"too many [UNK] codons (> {args.max_n_fraction:g})"] += 1
+            else:
+                kept.append((rec_id, ids))
+        batch_ids.clear()
+        batch_seqs.clear()
+
     progress = tqdm(desc="reading", unit=" records", file=sys.stderr, disable=None, delay=2.0)
     try:
         for path in args.input:
             for rec in read_records(path, features=args.features, allow_empty=True,
-                                    rename_duplicates=args.rename_duplicate_ids):
+                                    rename_duplicates=args.rename_duplicate_ids, raw=True):
                 progress.update()
                 if rec.id in seen:
                     raise DataError(f"{path}: record id {rec.id!r} already used in {seen[rec.id]}")
                 seen[rec.id] = path
-                ids = tokenizer.encode(rec.seq)
-                if len(ids) == 0:
-                    skipped["empty (no whole codon)"] += 1
-                elif len(ids) < args.min_codons:
-                    skipped[f"too short (< {args.min_codons} codons)"] += 1
-                elif np.count_nonzero(ids == tokenizer.unk_id) / len(ids) > args.max_n_fraction:
-                    skipped[f"too many [UNK] codons (> {args.max_n_fraction:g})"] += 1
-                else:
-                    kept.append((rec.id, ids))
+                batch_ids.append(rec.id)
+                batch_seqs.append(rec.seq)
+                batch_bytes += len(rec.seq)
+                if batch_bytes >= ENCODE_BATCH_BYTES:
+                    encode_batch()
+                    batch_bytes = 0
+        encode_batch()
     finally:
         progress.close()
     return kept, skipped, len(seen)

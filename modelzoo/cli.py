@@ -87,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(params.runconfig.seed)
     from modelzoo.models import build_model
     only_plan = args.validate_only or args.compile_only
-    with torch.device("meta") if only_plan else contextlib.nullcontext():  # shapes only: 25B plans instantly
+    if only_plan:
+        with torch.device("meta"):  # shapes only: 25B plans instantly
+            model = build_model(params.model)
+    elif hasattr(backend, "build_model"):  # CSX: weights initialised straight into MemoryX, stage by stage
+        model = backend.build_model(build_model, params.model)
+    else:
         model = build_model(params.model)
     if only_plan:
         print(summary(params, model, backend, compile_only=args.compile_only))

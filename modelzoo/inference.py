@@ -91,44 +91,49 @@ class GenomeLM:
     # ------------------------------------------------------------------ embeddings
 
     @torch.no_grad()
-    def embed(self, sequences: Sequence, layer: int = -1, pooling: str = "mean", batch_size: int = 8,
-              bf16: bool = False, progress: bool = False) -> np.ndarray:
+    def embed(self, sequences: Sequence, layer: int | Sequence[int] = -1, pooling: str = "mean",
+              batch_size: int = 8, bf16: bool = False, progress: bool = False) -> np.ndarray:
         """One vector per sequence: (n, hidden_size) float32.
 
         layer: index into the boundary activations (0 = embeddings, k = after block k, -1 = last
-            block). pooling: "mean" averages that layer over every codon position of every window;
-            "cls" (BERT) averages the [CLS] position over the windows.
+            block); a list of layers gives (len(layers), n, hidden_size) from one pass.
+        pooling: "mean" averages the layer over every codon position of every window; "cls"
+            (BERT) averages the [CLS] position over the windows.
         """
         num_states = self.config.num_hidden_layers + 1
-        if not -num_states <= layer < num_states:
-            raise ConfigError(f"layer {layer}: this model has layers 0..{num_states - 1} (or -1..-{num_states})")
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        for k in layers:
+            if not -num_states <= k < num_states:
+                raise ConfigError(f"layer {k}: this model has layers 0..{num_states - 1} (or -1..-{num_states})")
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         if pooling == "cls" and self.is_causal:
             raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
         encoded = self._encode_all(sequences)
-        n_stages = layer % num_states + 1
-        sums = torch.zeros(len(encoded), self.config.hidden_size, dtype=torch.float64)
+        wanted = [k % num_states for k in layers]
+        sums = torch.zeros(len(layers), len(encoded), self.config.hidden_size, dtype=torch.float64)
         counts = torch.zeros(len(encoded), dtype=torch.float64)
         items = [(i, w) for i, ids in enumerate(encoded) for w in self._windows(ids)]
         for rows, ids, keep in self._batches(items, batch_size, progress, "embed"):
             with self._autocast(bf16):
-                hidden = self._run(ids, n_stages).float().cpu()
-            if pooling == "cls":
-                vectors, weights = hidden[:, 0], torch.ones(len(rows))
-            else:
-                vectors, weights = (hidden * keep[..., None]).sum(1), keep.sum(1)
-            sums.index_add_(0, rows, vectors.double())
+                states = self._states(ids, max(wanted) + 1)
+            for slot, k in enumerate(wanted):
+                hidden = states[k].float().cpu()
+                pooled = hidden[:, 0] if pooling == "cls" else (hidden * keep[..., None]).sum(1)
+                sums[slot].index_add_(0, rows, pooled.double())
+            weights = torch.ones(len(rows)) if pooling == "cls" else keep.sum(1)
             counts.index_add_(0, rows, weights.double())
-        return (sums / counts[:, None]).float().numpy()
+        out = (sums / counts[:, None]).float().numpy()
+        return out[0] if isinstance(layer, int) else out
 
-    def _run(self, ids: torch.Tensor, n_stages: int) -> torch.Tensor:
-        """The activation after the first ``n_stages`` stages (1 = token embeddings)."""
+    def _states(self, ids: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
+        """The activations after each of the first ``n_stages`` stages (the first: token embeddings)."""
         batch = {"input_ids": ids, "attention_mask": (ids != self.tokenizer.pad_id).long()}
-        hidden = None
+        hidden, states = None, []
         for stage in self.model.stages()[:n_stages]:
             hidden = stage(hidden, batch)
-        return hidden
+            states.append(hidden)
+        return states
 
     # ------------------------------------------------------------------ log-likelihood
 

@@ -40,6 +40,9 @@ def test_config_validates_builds_and_matches_its_size(path, monkeypatch):
     size = claimed_size(path)
     if size is not None:
         assert abs(count - size) / size <= 0.03, f"{path.name}: {count:,} parameters"
+    for section in (params.train_input, params.eval_input):
+        if section is not None and section.labels_file is not None:
+            assert Path(section.labels_file).is_file(), section.labels_file
     if params.model.name == "gptj" and "genslm" in path.parts:
         assert params.model.rotary_dim == params.model.head_dim // 4 // 2 * 2  # GenSLM: a quarter of each head
 

@@ -1,15 +1,18 @@
 """Disk MemoryX larger than RAM: checkpoints stream tensor by tensor from MemoryX snapshots into
 torch.save's own format (sealed like any checkpoint, loadable by every backend), snapshots do
-not change under later updates, and a memory-mapped checkpoint loads back exactly."""
+not change under later updates, a memory-mapped checkpoint loads back exactly, and a model built
+on the meta device is initialised tensor by tensor to the values building it in RAM gives."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
+from modelzoo.backends.csx.deferred_init import build_deferred
 from modelzoo.backends.csx.streamed_state import StreamedState
-from modelzoo.models import build_model
+from modelzoo.models import MODELS, build_model
 from modelzoo.training import checkpoint as ckpt
 from test_csx import assert_close_curves, data_dir, make_backend, make_params, train  # noqa: F401  (fixture)
 
@@ -86,4 +89,37 @@ def test_loading_leaves_the_callers_state_intact(data_dir, tmp_path):
     for k, v in kept["model"].items():
         assert torch.equal(state["model"][k], v), k
         assert torch.equal(backend.state_dict()["model"][k], v), k
+    backend.close()
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_deferred_init_equals_building_in_ram(data_dir, model_name):
+    """Built on meta and replayed tensor by tensor: the same values and the same RNG state after
+    as building in RAM, with at most a stage's parameters in RAM at once for stage-ordered inits."""
+    cfg = make_params(data_dir, model_name).model
+    torch.manual_seed(3)
+    eager = build_model(cfg)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(3)
+    model, deferred = build_deferred(build_model, cfg)
+    assert deferred is not None and all(p.is_meta for p in model.parameters())
+    values = dict(deferred.replay())
+    assert torch.equal(torch.get_rng_state(), rng_after)
+    assert values.keys() == dict(eager.named_parameters()).keys()
+    for name, p in eager.named_parameters():
+        assert torch.equal(values[name], p), name
+    if model_name == "gptj":  # initialised in stage order: one stage's tensors at a time
+        assert deferred.peak_live <= max(len(list(s.parameters())) for s in eager.stages())
+
+
+def test_deferred_build_trains_like_the_eager_one(data_dir, tmp_path):
+    params = disk_params(data_dir, tmp_path, model_name="gptj")
+    eager, _ = train("csx", params, steps=3)
+    torch.manual_seed(params.runconfig.seed)
+    backend = make_backend("csx", params)
+    model = backend.build_model(build_model, params.model)
+    assert all(p.is_meta for p in model.parameters())
+    backend.setup(model, params.optimizer)
+    deferred, _ = train("csx", params, steps=3, backend=backend)
+    assert deferred == eager
     backend.close()

@@ -1,5 +1,9 @@
 """GenomeLM: embeddings over windows, KV-cached generation, log-likelihood and BERT PLL."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +92,9 @@ def test_bert_windows_are_framed_and_cls_pooling_averages_windows():
 
 def test_embed_rejects_bad_layer_and_pooling():
     lm = make_lm("gpt2")
-    assert not np.allclose(lm.embed(["ATGAAACCC"], layer=0), lm.embed(["ATGAAACCC"], layer=-1))
+    both = lm.embed(["ATGAAACCC", "CCCGGG"], layer=[0, -1])
+    assert both.shape == (2, 2, 32) and not np.allclose(both[0], both[1])
+    np.testing.assert_allclose(both[1], lm.embed(["ATGAAACCC", "CCCGGG"], layer=2), rtol=1e-6)
     with pytest.raises(ConfigError, match="layers 0..2"):
         lm.embed(["ATG"], layer=3)
     with pytest.raises(ConfigError, match="needs a BERT"):
@@ -216,3 +222,10 @@ def test_load_restores_the_checkpoint_and_reports_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no good checkpoint"):
         GenomeLM.load(tmp_path / "empty")
+
+
+def test_import_stays_light():
+    code = ("import sys; from modelzoo import GenomeLM; "
+            "heavy = [m for m in ('transformers', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -23,21 +23,26 @@ from modelzoo.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _SNIFF_BYTES = 4096
+_FASTA_BLOCK = 1 << 26  # bytes of decompressed FASTA read at a time (whole records are cut from it)
+_WHITESPACE = b" \t\n\r\v\f"
 
 
 @dataclass(frozen=True)
 class Record:
     id: str
-    seq: str
+    seq: str | bytes  # bytes only from read_records(..., raw=True)
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    raw = gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
     # latin-1 never fails to decode, so odd bytes become odd letters ([UNK] codons) instead of
     # a UnicodeDecodeError; newline=None turns Windows CRLF into '\n'.
-    return io.TextIOWrapper(raw, encoding="latin-1", newline=None)
+    return io.TextIOWrapper(_open_binary(path), encoding="latin-1", newline=None)
 
 
 def _sniff_format(path: Path, head: str) -> str:
@@ -69,8 +74,8 @@ def _cds_id(record, feature) -> str:
     return "|".join(parts)
 
 
-def _records(path: Path, fmt: str, handle, features: str | None) -> Iterator[Record]:
-    for number, rec in enumerate(SeqIO.parse(handle, fmt), start=1):
+def _genbank_records(path: Path, handle, features: str | None) -> Iterator[Record]:
+    for number, rec in enumerate(SeqIO.parse(handle, "genbank"), start=1):
         where = f"{path}: record #{number} ({rec.id!r})"
         if not rec.id:
             raise DataError(f"{path}: record #{number} has an empty id")
@@ -90,8 +95,74 @@ def _records(path: Path, fmt: str, handle, features: str | None) -> Iterator[Rec
                 yield Record(_cds_id(rec, feature), seq)
 
 
+def _fasta_blocks(stream) -> Iterator[tuple[bytes, int]]:
+    """Decompressed FASTA text in large blocks: (data, end) where data[:end] holds whole records,
+    the first starting at data[0] with its '>'. Line endings become '\n' as in Python's universal
+    newlines; a CR LF pair cut by a read boundary is held back for the next read. Slicing is
+    avoided where possible: copies of whole genomes are most of the cost here."""
+    carry, started = b"", False
+    while True:
+        block = stream.read(_FASTA_BLOCK)
+        data, held = carry + block, b""
+        if block and data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not started:
+            data = data.lstrip()
+            if not data.startswith(b">"):
+                raise ValueError("text before the first '>' record header")
+            started = True
+        if not block:
+            yield data, len(data)  # the last record (possibly with an empty sequence)
+            return
+        cut = data.rfind(b"\n>")
+        if cut < 0:
+            carry = data + held
+            continue
+        yield data, cut + 1
+        carry = data[cut + 1:] + held
+
+
+def _fasta_records(path: Path, stream, raw: bool) -> Iterator[Record]:
+    """FASTA records as Biopython's parser reads them (id = first word of the header line,
+    sequence = the following lines without whitespace), but cut from large decompressed blocks
+    with bytes operations instead of a Python loop over lines: about 10x faster on genomes."""
+    number = 0
+    for data, end in _fasta_blocks(stream):
+        start = 0
+        while start < end:
+            number += 1
+            header_end = data.find(b"\n", start, end)
+            if header_end < 0:
+                header_end = end
+            # the next record starts at a '>' opening a line; '>' is rare, so find it directly
+            # (searching b"\n>" would stop at every line break)
+            next_start = data.find(b">", header_end, end)
+            while next_start > 0 and data[next_start - 1] != 10:  # 10 = '\n'
+                next_start = data.find(b">", next_start + 1, end)
+            if next_start < 0:
+                next_start = end
+            words = data[start + 1:header_end].decode("latin-1").split(None, 1)
+            if not words:
+                raise DataError(f"{path}: record #{number} has an empty id")
+            body = data[header_end + 1:next_start]
+            yield Record(words[0], body if raw else body.translate(None, _WHITESPACE).decode("latin-1"))
+            start = next_start
+
+
+def _records(path: Path, fmt: str, features: str | None, raw: bool) -> Iterator[Record]:
+    if fmt == "fasta":
+        with _open_binary(path) as stream:
+            yield from _fasta_records(path, stream, raw)
+        return
+    with _open_text(path) as handle:
+        for rec in _genbank_records(path, handle, features):
+            yield Record(rec.id, rec.seq.encode("latin-1", errors="replace")) if raw else rec
+
+
 def read_records(path, features: str | None = None, allow_empty: bool = False,
-                 rename_duplicates: bool = False) -> Iterator[Record]:
+                 rename_duplicates: bool = False, raw: bool = False) -> Iterator[Record]:
     """Yield ``Record``s from a FASTA/GenBank file, plain or gzipped.
 
     The file is opened and its format checked right away (so a bad path fails at the call);
@@ -103,6 +174,8 @@ def read_records(path, features: str | None = None, allow_empty: bool = False,
     allow_empty: yield records with no sequence instead of raising (the prepare CLI counts them).
     rename_duplicates: a repeated id gets a suffix "#2", "#3"... instead of raising (real files
         have them, e.g. NCBI CDS FASTA lists alternative start sites under one locus tag).
+    raw: ``Record.seq`` is bytes that may still hold whitespace (line breaks) for the tokenizer
+        to drop: the fast path for tokenising whole files without building strings.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,21 +184,21 @@ def read_records(path, features: str | None = None, allow_empty: bool = False,
         fmt = _sniff_format(path, handle.read(_SNIFF_BYTES))
     if features is not None and fmt != "genbank":
         raise DataError(f"{path}: features={features!r} needs a GenBank file, this is FASTA")
-    return _checked_records(path, fmt, features, allow_empty, rename_duplicates)
+    return _checked_records(path, fmt, features, allow_empty, rename_duplicates, raw)
 
 
 def _checked_records(path: Path, fmt: str, features, allow_empty: bool,
-                     rename_duplicates: bool) -> Iterator[Record]:
+                     rename_duplicates: bool, raw: bool) -> Iterator[Record]:
     seen: Counter[str] = Counter()
-    with _guard(path, fmt), _open_text(path) as handle:
-        for rec in _records(path, fmt, handle, features):
+    with _guard(path, fmt):
+        for rec in _records(path, fmt, features, raw):
             seen[rec.id] += 1
             if seen[rec.id] > 1:
                 if not rename_duplicates:
                     raise DataError(f"{path}: duplicate record id {rec.id!r} "
                                     f"(rename_duplicates / --rename_duplicate_ids adds #2, #3...)")
                 rec = Record(f"{rec.id}#{seen[rec.id]}", rec.seq)
-            if not rec.seq.strip() and not allow_empty:
+            if (not rec.seq or rec.seq.isspace()) and not allow_empty:  # isspace: no copy of a genome
                 raise DataError(f"{path}: record {rec.id!r} has no sequence")
             yield rec
 

@@ -254,6 +254,7 @@ def save_hf(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
     try:
         config.save_pretrained(tmp)
         save_file(to_hf_state(cfg, state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only
         write_tokenizer(tmp, cfg.max_position_embeddings)
         tmp.chmod(0o755)
         replace_dir(tmp, out_dir)

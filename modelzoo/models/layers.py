@@ -86,9 +86,10 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, bias: bool, dropout: float,
                  attention_dropout: float, causal: bool,
                  rotary: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
-                 out_bias: Optional[bool] = None):
+                 out_bias: Optional[bool] = None, in_fp32: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.in_fp32 = in_fp32  # attention math in fp32 even under low-precision autocast
         self.causal = causal
         self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
@@ -116,8 +117,13 @@ class Attention(nn.Module):
             if self.causal:
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         is_causal = self.causal and mask is None and not past
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if self.in_fp32 and q.dtype != torch.float32:
+            with torch.autocast(q.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=is_causal, dropout_p=dropout_p).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, c)))
 
 

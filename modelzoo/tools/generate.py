@@ -1,7 +1,7 @@
 """Generate codon sequences with a trained GPT-2 or GPT-J and write them as FASTA.
 
     python -m modelzoo.tools.generate --model_dir MD --num_sequences 10 --max_codons 500 \\
-        --output generated.fasta [--prompt ATG --seed 0 --temperature 1.0 --top_k 0 --top_p 1.0]
+        --output generated.fasta [--prompt ATG --seed 0 --temperature 1.0 --top_k 20 --top_p 0.95]
 
 Each record is the prompt followed by the sampled codons (only codons: special tokens are never
 sampled). A KV cache makes each new codon one single-token forward pass.

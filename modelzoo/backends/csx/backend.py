@@ -13,9 +13,13 @@ import math
 import time
 from pathlib import Path
 
+import datetime
+
 import torch
+import torch.distributed as dist
 
 from modelzoo.backends.base import Backend, loss_weights, token_metrics
+from modelzoo.backends.csx.deferred_init import build_deferred
 from modelzoo.backends.csx.memoryx import MemoryX
 from modelzoo.backends.csx.plan import check_fits, format_plan, make_plan
 from modelzoo.backends.csx.prefetch import Prefetcher
@@ -31,6 +35,9 @@ from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier, merge_states
 
 log = logging.getLogger("modelzoo")
+# After a checkpoint the other systems wait this long for the writer (rank 0) before their next
+# collective: writing a large MemoryX state outlasts the ordinary collective timeout.
+CHECKPOINT_WAIT = datetime.timedelta(hours=2)
 PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read")
 
 
@@ -50,6 +57,14 @@ class CSXBackend(Backend):
         self.optimizer_cfg = params.optimizer
         self.sparsity_cfg = params.sparsity if self.training else None
         self.sparsity = self.sparse_stream = None
+        self._deferred = None
+
+    def build_model(self, build, model_cfg):
+        """The model to hand to setup(): built on the meta device, its weights initialised there
+        straight into MemoryX one tensor at a time (deferred_init.py), with the values building it
+        in RAM would give; in RAM when its construction cannot be replayed."""
+        model, self._deferred = build_deferred(build, model_cfg)
+        return model
 
     def describe(self) -> str:
         where = "RAM" if self.cfg.memoryx == "ram" else f"disk ({self.memoryx_dir})"
@@ -70,7 +85,9 @@ class CSXBackend(Backend):
     # ------------------------------------------------------------ setup
 
     def setup(self, model, optimizer_cfg, sparsity=None):
-        self.model = model.to("cpu")
+        deferred = self._deferred if self._deferred is not None and self._deferred.model is model else None
+        self._deferred = None
+        self.model = model if deferred is not None else model.to("cpu")
         self.optimizer_cfg = optimizer_cfg
         self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
         self.plan(model, optimizer_cfg)  # refuse a model that cannot fit before touching anything
@@ -85,8 +102,16 @@ class CSXBackend(Backend):
         self.expected = {k: v.shape for k, v in live.items()}
         store = RamStore() if self.cfg.memoryx == "ram" else \
             DiskStore(self.memoryx_dir, prefix=f"rank{self.swarm.rank}-")
-        owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
-        self._setup_sparsity(model, owned)
+        if deferred is not None and self.sparsity_cfg is None:
+            # every system replays the whole initialisation (the RNG must advance as in the eager
+            # build) and keeps what it owns
+            owned = ((name, t) for name, t in deferred.replay() if self.swarm.owns(name))
+            self.sparsity = None
+        else:
+            if deferred is not None:
+                deferred.materialize()
+            owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
+            self._setup_sparsity(model, owned)
         self.memoryx = MemoryX(owned, store, optimizer_cfg)
         self.memoryx.sparsity = self.sparsity
         del owned, live
@@ -138,7 +163,13 @@ class CSXBackend(Backend):
 
     # ------------------------------------------------------------ steps
 
+    def _wait_for_checkpoint_writer(self) -> None:
+        if getattr(self, "_checkpointed", False) and self.swarm.world > 1:
+            dist.monitored_barrier(timeout=CHECKPOINT_WAIT)
+        self._checkpointed = False
+
     def train_step(self, micro_batches, lr):
+        self._wait_for_checkpoint_writer()
         self.wafer.train()
         n = len(self.wafer.stages)
         weights = loss_weights(micro_batches)
@@ -211,6 +242,7 @@ class CSXBackend(Backend):
 
     @torch.no_grad()
     def eval_step(self, batch):
+        self._wait_for_checkpoint_writer()
         self.wafer.train(False)
         stream = self.prefetcher.stream(range(len(self.wafer.stages)))
         out = self.wafer.forward(batch, stream)
@@ -220,6 +252,7 @@ class CSXBackend(Backend):
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self):
+        self._checkpointed = True  # every system joins a save; rank 0 then writes it
         gathered = self.swarm.gather(self.memoryx.state_dict())
         masters, optimizer = {}, None
         for part in gathered:

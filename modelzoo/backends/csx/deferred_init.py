@@ -24,6 +24,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
+# in-place initialisations that set every element whatever the tensor held before
+_OVERWRITING = {"normal_", "uniform_", "fill_", "zero_", "ones_", "zeros_", "constant_", "kaiming_uniform_",
+                "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "trunc_normal_", "orthogonal_", "eye_",
+                "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_"}
+
+
 class InitRecorder(TorchFunctionMode):
     """Records in-place calls (name ending in ``_``) whose target is a meta tensor."""
 
@@ -77,29 +83,45 @@ class DeferredInit:
         """(name, initialised tensor) for every parameter of the model, each as soon as it is
         final. Leaves the global RNG where the eager build would have left it."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        last_call = {}
-        for i, (_, args, kwargs, where) in enumerate(self.calls):
+        # A parameter's values are made by its calls from its last overwriting one on (modules
+        # initialise in their constructors, the model often again after): earlier calls only
+        # need to consume the RNG, on scratch tensors, so a parameter is in RAM briefly.
+        first_call, last_call = {}, {}
+        for i, (func, args, kwargs, where) in enumerate(self.calls):
             target = args[0] if where == 0 else kwargs[where]
             if id(target) in names:
-                last_call[names[id(target)]] = i
+                name = names[id(target)]
+                last_call[name] = i
+                if name not in first_call or func.__name__ in _OVERWRITING:
+                    first_call[name] = i
         shapes = {n: p for n, p in self.model.named_parameters()}
         for name, p in shapes.items():  # never initialised: zeros rather than garbage
             if name not in last_call:
                 yield name, torch.zeros(p.shape, dtype=p.dtype)
         torch.set_rng_state(self.rng_state)
         live: dict[int, torch.Tensor] = {}
+        self.peak_live = 0  # most parameters in RAM at once (a stage's worth for stage-ordered inits)
         for i, (func, args, kwargs, where) in enumerate(self.calls):
             target = args[0] if where == 0 else kwargs[where]
+            name = names.get(id(target))
             real = live.get(id(target))
             if real is None:
                 real = torch.empty(target.shape, dtype=target.dtype)
-                if id(target) in names:
+                if name is not None and first_call[name] <= i:
                     live[id(target)] = real
+                    self.peak_live = max(self.peak_live, len(live))
             with torch.no_grad():
                 if where == 0:
                     func(real, *args[1:], **kwargs)
                 else:
                     func(*args, **{**kwargs, where: real})
-            name = names.get(id(target))
             if name is not None and last_call[name] == i:
                 yield name, live.pop(id(target))
+
+    def materialize(self) -> None:
+        """Give the model real, initialised weights in RAM (for what needs them all at once)."""
+        values = dict(self.replay())
+        self.model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(values.pop(name))

@@ -25,17 +25,26 @@ from modelzoo.backends.csx.store import release_pages
 from modelzoo.config import OptimizerConfig
 from modelzoo.training import optim
 
-_RELEASED = torch.empty(0)  # data of a disk-backed handle between updates
+_ZERO = torch.zeros(())
+
+
+def _released(shape: torch.Size) -> torch.Tensor:
+    """Data of a disk-backed handle between updates: its shape (the optimizer groups parameters
+    by it) without its memory (a broadcast scalar)."""
+    return _ZERO.expand(shape)
 
 
 class MemoryX:
-    def __init__(self, masters: dict[str, torch.Tensor], store, optimizer_cfg: OptimizerConfig | None):
+    def __init__(self, masters, store, optimizer_cfg: OptimizerConfig | None):
+        """``masters``: name -> weight, as a dict or as (name, weight) pairs, which a disk store
+        writes out one by one as they come (e.g. from deferred_init's replay)."""
         self.store = store
         self.handles: dict[str, nn.Parameter] = {}
-        for name, tensor in masters.items():
+        for name, tensor in (masters.items() if isinstance(masters, dict) else masters):
             master = tensor.detach().float()  # in RAM this aliases the model's tensor: no copy
             self.store.put(f"w/{name}", master)
-            self.handles[name] = nn.Parameter(master)
+            self.handles[name] = nn.Parameter(master if self.store.resident else _released(master.shape))
+            del master, tensor
         self.optimizer_cfg = optimizer_cfg
         self.optimizer = None
         if optimizer_cfg is not None and self.handles:
@@ -44,9 +53,6 @@ class MemoryX:
         self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
         self.norms: dict[str, torch.Tensor] = {}  # per-tensor gradient norms of this step
         self.sparsity = None  # training.sparsity.Sparsifier: masks gradients, then weights after updates
-        if not self.store.resident:
-            for handle in self.handles.values():
-                handle.data = _RELEASED
 
     def owns(self, name: str) -> bool:
         return name in self.handles
@@ -110,7 +116,7 @@ class MemoryX:
             self.store.put(f"w/{name}", handle.data)
             self._unload_state(name, handle)
             if not self.store.resident:
-                handle.data = _RELEASED
+                handle.data = _released(handle.shape)
 
     def end_step(self) -> None:
         self.norms.clear()

@@ -1,0 +1,318 @@
+"""Do a codon GPT's genome embeddings separate SARS-CoV-2 variants it never saw?
+
+    python examples/variant_embeddings.py [--model_dir model_dir/variant_embeddings] [--quick]
+
+1. Trains examples/variant_embeddings.yaml (a small codon GPT-2, 400 steps on the 376 training
+   genomes of 2020 shipped in data/sars_cov_2/) unless --model_dir already holds a checkpoint.
+2. Embeds the 93 held-out genomes of 2020-2023 (data/sars_cov_2/genbank_multiclade_*; none is
+   in the training data) and reports leave-one-out k-nearest-neighbour accuracy (cosine, k = 1
+   and 5) of their variant group, "unassigned" skipped, next to two baselines computed here:
+   codon-frequency vectors and the same architecture with random weights.
+3. Per-codon perplexity on the same held-out genomes: the model against codon unigram and
+   trigram count models fitted on the training genomes (add-k smoothing, k chosen on the
+   validation genomes).
+4. Stop codons (TAA/TAG/TGA) per codon in CDS-length windows of generated sequences against
+   windows of the training genomes (both read in frame from the first nucleotide, as trained).
+
+Writes bench/results/variant_embeddings.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
+
+from modelzoo import GenomeLM  # noqa: E402
+from modelzoo.data.datasets import read_label_table  # noqa: E402
+from modelzoo.data.sequences import read_records  # noqa: E402
+from modelzoo.data.shards import ShardSet  # noqa: E402
+from modelzoo.data.tokenizer import CodonTokenizer  # noqa: E402
+from modelzoo.inference import STOP_CODONS  # noqa: E402
+from modelzoo.models import build_model  # noqa: E402
+from modelzoo.training.checkpoint import newest_good_checkpoint  # noqa: E402
+
+PARAMS = ROOT / "examples" / "variant_embeddings.yaml"
+HELD_OUT = ROOT / "data" / "sars_cov_2" / "genbank_multiclade_sequences.fasta.gz"
+LABELS = ROOT / "data" / "sars_cov_2" / "genbank_multiclade_labels_derived.tsv"
+SHARDS = ROOT / "data" / "sars_cov_2" / "shards_msl512"
+LABEL_COLUMN = "variant_group_derived"
+SKIP_LABEL = "unassigned"
+RESULTS = ROOT / "bench" / "results" / "variant_embeddings.md"
+CDS_CODONS = 400  # about the N gene (419 codons), and within the model's 512-codon context
+TOK = CodonTokenizer()
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_dir", default=str(ROOT / "model_dir" / "variant_embeddings"),
+                   help="reuse this model_dir's newest checkpoint, or train --params into it")
+    p.add_argument("--params", default=str(PARAMS), help="params yaml to train when model_dir has no checkpoint")
+    p.add_argument("--num_generated", type=int, default=32, help="sequences generated for the stop-codon check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=str(RESULTS))
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------- data
+
+def shard_genomes(split: str) -> list[np.ndarray]:
+    """Each record's codon ids, reassembled from its shard rows (what the model trained on)."""
+    shards = ShardSet(SHARDS / split)
+    genomes, row = [], 0
+    for rec in shards.manifest["records"]:
+        rows = [shards[row + k] for k in range(int(rec["num_windows"]))]
+        genomes.append(np.concatenate(rows)[: int(rec["num_tokens"])].astype(np.int64))
+        row += int(rec["num_windows"])
+    return genomes
+
+
+def held_out() -> tuple[list, list[str]]:
+    table, _ = read_label_table(LABELS, LABEL_COLUMN)
+    records = [r for r in read_records(HELD_OUT) if table.get(r.id, SKIP_LABEL) != SKIP_LABEL]
+    return records, [table[r.id] for r in records]
+
+
+def ensure_trained(model_dir: Path, params: str) -> str:
+    if newest_good_checkpoint(model_dir) is not None:
+        return f"reused {model_dir}"
+    start = time.time()
+    subprocess.run([sys.executable, str(ROOT / "run.py"), "CPU", "--params", params, "--model_dir",
+                    str(model_dir)], cwd=ROOT, check=True)
+    return f"trained into {model_dir} in {(time.time() - start) / 60:.1f} min"
+
+
+# ---------------------------------------------------------------------- embeddings
+
+def codon_frequencies(records) -> np.ndarray:
+    out = np.zeros((len(records), TOK.vocab_size))
+    for row, rec in zip(out, records):
+        np.add.at(row, TOK.encode(rec.seq).astype(np.int64), 1.0)
+    out = out[:, TOK.codon_ids]  # [UNK] (runs of N) is missing data, not a codon
+    return out / out.sum(1, keepdims=True)
+
+
+def knn_accuracy(vectors: np.ndarray, labels: list[str], k: int, center: bool = False) -> float:
+    """Leave-one-out k-NN with cosine similarity; majority vote, ties to the larger summed similarity."""
+    x = vectors - vectors.mean(0) if center else vectors
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    correct = 0
+    for i in range(len(x)):
+        nearest = np.argsort(-sim[i])[:k]
+        votes = Counter()
+        for j in nearest:
+            votes[labels[j]] += 1 + 1e-6 * sim[i, j]  # count first, similarity breaks ties
+        correct += votes.most_common(1)[0][0] == labels[i]
+    return correct / len(x)
+
+
+def random_twin(lm: GenomeLM, seed: int) -> GenomeLM:
+    torch.manual_seed(seed)
+    return GenomeLM(build_model(lm.config), lm.config, source="random weights")
+
+
+# ---------------------------------------------------------------------- count models
+
+class CodonNGram:
+    """Codon n-gram counts with add-k smoothing over the 64 codons. A context that starts before
+    the genome is padded with a start symbol; [UNK] targets are neither counted nor scored."""
+
+    BASE = TOK.vocab_size + 1  # token ids plus the start symbol
+
+    def __init__(self, n: int, genomes: list[np.ndarray], k: float = 0.01):
+        self.n, self.k = n, k
+        grams = [self._grams(ids) for ids in genomes]
+        grams = np.concatenate([g[np.isin(t, TOK.codon_ids)] for g, t in grams])
+        # sparse counts (sorted keys + counts): a dense table of 70^n entries is too big past n = 3
+        self.grams, self.gram_counts = np.unique(grams, return_counts=True)
+        self.contexts, self.context_totals = np.unique(grams // self.BASE, return_counts=True)
+
+    @staticmethod
+    def _lookup(keys: np.ndarray, counts: np.ndarray, query: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+        return np.where(keys[at] == query, counts[at], 0)
+
+    def count(self, index: np.ndarray) -> np.ndarray:
+        return self._lookup(self.grams, self.gram_counts, index)
+
+    def _grams(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(gram index, target) for every codon but the first (which the model does not score either)."""
+        padded = np.concatenate([np.full(self.n - 1, TOK.vocab_size), ids])
+        index = np.zeros(len(ids), dtype=np.int64)
+        for j in range(self.n):  # oldest context codon first: index = sum ids[t - n + 1 + j] * BASE^(n-1-j)
+            index = index * self.BASE + padded[j: j + len(ids)]
+        return index[1:], ids[1:]
+
+    def log_likelihood(self, ids: np.ndarray) -> tuple[float, int]:
+        index, targets = self._grams(ids)
+        index = index[np.isin(targets, TOK.codon_ids)]
+        context = self._lookup(self.contexts, self.context_totals, index // self.BASE)
+        p = (self.count(index) + self.k) / (context + 64 * self.k)
+        return float(np.log(p).sum()), len(index)
+
+
+def perplexity(model, genomes) -> float:
+    total, scored = map(sum, zip(*(model.log_likelihood(g) for g in genomes)))
+    return float(np.exp(-total / scored))
+
+
+def fit_ngram(n: int, train, val) -> CodonNGram:
+    """Add-k chosen on the validation genomes (2020, not in training), never on the held-out set."""
+    model = CodonNGram(n, train)
+    scores = {}
+    for k in (1.0, 0.1, 0.01, 0.001, 1e-4):
+        model.k = k
+        scores[k] = perplexity(model, val)
+    model.k = min(scores, key=scores.get)
+    return model
+
+
+# ---------------------------------------------------------------------- stop codons
+
+def stop_fraction(ids_list) -> tuple[float, float]:
+    """Mean and standard deviation over windows of the fraction of codons that are stops."""
+    stops = np.array([int(TOK.encode(c)[0]) for c in STOP_CODONS])
+    fractions = [np.isin(ids, stops).mean() for ids in ids_list]
+    return float(np.mean(fractions)), float(np.std(fractions))
+
+
+def cds_windows(genomes, length: int) -> list[np.ndarray]:
+    return [g[s: s + length] for g in genomes for s in range(0, len(g) - length + 1, length)]
+
+
+# ---------------------------------------------------------------------- report
+
+def main() -> int:
+    args = parse_args()
+    model_dir = Path(args.model_dir)
+    provenance = ensure_trained(model_dir, args.params)
+    lm = GenomeLM.load(model_dir)
+    records, labels = held_out()
+    train, val = shard_genomes("train"), shard_genomes("val")
+    timings = {}
+
+    start = time.time()
+    layers = range(lm.config.num_hidden_layers + 1)
+    trained = lm.embed(records, layer=list(layers), batch_size=16)
+    twin = random_twin(lm, args.seed)
+    random_weights = twin.embed(records, layer=list(layers), batch_size=16)
+    freqs = codon_frequencies(records)
+    timings["embed"] = time.time() - start
+    last = lm.config.num_hidden_layers
+
+    knn_rows = []
+    for name, vectors in [("codon-frequency vectors (64-d)", freqs),
+                          (f"random-weight {lm.config.name}, last layer", random_weights[last]),
+                          (f"trained {lm.config.name}, last layer", trained[last])]:
+        knn_rows.append((name, *[knn_accuracy(vectors, labels, k, center) for center in (False, True)
+                                 for k in (1, 5)]))
+    layer_rows = [(layer, *[knn_accuracy(v[layer], labels, k) for v in (random_weights, trained) for k in (1, 5)])
+                  for layer in layers]
+    majority = Counter(labels).most_common(1)[0]
+
+    start = time.time()
+    held_ids = [TOK.encode(r.seq).astype(np.int64) for r in records]
+    model_ll, model_n = lm.log_likelihood(records, batch_size=16, return_counts=True)
+    twin_ll, twin_n = twin.log_likelihood(records, batch_size=16, return_counts=True)
+    ppl_rows = [("uniform over 64 codons", 64.0, "-")]
+    for n, name in ((1, "codon unigram"), (3, "codon trigram"), (5, "codon 5-gram")):
+        counts = fit_ngram(n, train, val)
+        ppl_rows.append((f"{name} (add-k, k={counts.k:g})", perplexity(counts, held_ids), "-"))
+    ppl_rows.append((f"random-weight {lm.config.name}", float(np.exp(-twin_ll.sum() / twin_n.sum())), "-"))
+    ppl_rows.append((f"trained {lm.config.name}", float(np.exp(-model_ll.sum() / model_n.sum())),
+                     f"{np.exp(-model_ll / model_n).min():.3f} - {np.exp(-model_ll / model_n).max():.3f}"))
+    timings["perplexity"] = time.time() - start
+
+    start = time.time()
+    generated = lm.generate("ATG", max_codons=CDS_CODONS - 1, num_return_sequences=args.num_generated,
+                            seed=args.seed)
+    timings["generate"] = time.time() - start
+    for use_cache in (True, False):  # the KV cache: one single-codon forward pass per new codon
+        start = time.time()
+        lm.generate("ATG", max_codons=CDS_CODONS - 1, num_return_sequences=4, seed=args.seed, use_cache=use_cache)
+        timings[f"generate 4, cache={use_cache}"] = time.time() - start
+    gen_ids = [TOK.encode(s).astype(np.int64) for s in generated]
+    stop_rows = [("generated by the trained model (prompt ATG, T=1)", len(gen_ids), *stop_fraction(gen_ids)),
+                 ("training genomes, frame as tokenized", len(cds_windows(train, CDS_CODONS)),
+                  *stop_fraction(cds_windows(train, CDS_CODONS))),
+                 ("uniform random codons (3/64)", "-", 3 / 64, 0.0)]
+    unigram = CodonNGram(1, train)
+    rng = np.random.default_rng(args.seed)
+    probs = unigram.count(TOK.codon_ids).astype(float)
+    uni_ids = [rng.choice(TOK.codon_ids, size=CDS_CODONS, p=probs / probs.sum()) for _ in range(args.num_generated)]
+    stop_rows.insert(2, ("sampled from the codon unigram", len(uni_ids), *stop_fraction(uni_ids)))
+
+    report = render(args, lm, provenance, labels, majority, knn_rows, layer_rows, ppl_rows, stop_rows, timings)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(report)
+    print(report)
+    return 0
+
+
+def render(args, lm, provenance, labels, majority, knn_rows, layer_rows, ppl_rows, stop_rows, timings) -> str:
+    counts = ", ".join(f"{name} {n}" for name, n in Counter(labels).most_common())
+    lines = [
+        "# Variant embeddings, perplexity and generation on held-out SARS-CoV-2 genomes",
+        "",
+        f"Command: `python examples/variant_embeddings.py --model_dir {args.model_dir}` ({provenance}).",
+        f"Model: {lm.source}, step {lm.step}; {lm.config.name}, hidden {lm.config.hidden_size}, "
+        f"{lm.config.num_hidden_layers} layers, context {lm.config.max_position_embeddings} codons; trained on the "
+        "376 training genomes of data/sars_cov_2/nextstrain_2020_example_sequences.fasta.gz (2020, clades 19A-20D).",
+        f"Held out: {len(labels)} genomes of data/sars_cov_2/genbank_multiclade_sequences.fasta.gz with a variant "
+        f"group ({counts}); 'unassigned' skipped. Embeddings are mean-pooled over every codon (not [UNK]) of every "
+        "512-codon window.",
+        "",
+        "## Leave-one-out k-NN accuracy of the variant group (cosine)",
+        "",
+        f"Always answering the largest group ({majority[0]}) scores {majority[1] / len(labels):.3f}. "
+        "'centered' subtracts the mean embedding of the held-out set first (no labels used).",
+        "",
+        "| embedding | k=1 | k=5 | k=1 centered | k=5 centered |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} |" for name, a, b, c, d in knn_rows],
+        "",
+        "By layer (0 = token embeddings; not centered). Picking the best layer here would be tuning on the "
+        "evaluation set; the headline row above uses the last layer, fixed in advance.",
+        "",
+        "| layer | random k=1 | random k=5 | trained k=1 | trained k=5 |",
+        "|---|---|---|---|---|",
+        *[f"| {layer} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} |" for layer, a, b, c, d in layer_rows],
+        "",
+        "## Per-codon perplexity on the held-out genomes",
+        "",
+        "Every codon but the first of each genome, [UNK] targets skipped; count models fitted on the training "
+        "genomes, add-k chosen on the 21 validation genomes of 2020.",
+        "",
+        "| model | perplexity | per-genome range |",
+        "|---|---|---|",
+        *[f"| {name} | {ppl:.3f} | {spread} |" for name, ppl, spread in ppl_rows],
+        "",
+        f"## Stop codons in {CDS_CODONS}-codon windows",
+        "",
+        "| sequences | windows | stop codons per codon (mean) | sd over windows |",
+        "|---|---|---|---|",
+        *[f"| {name} | {n} | {mean:.4f} | {sd:.4f} |" for name, n, mean, sd in stop_rows],
+        "",
+        f"Wall time on this machine: embeddings {timings['embed']:.0f} s (all layers, trained and random), "
+        f"scoring {timings['perplexity']:.0f} s, generating {args.num_generated} x {CDS_CODONS} codons "
+        f"{timings['generate']:.0f} s. KV cache: 4 x {CDS_CODONS} codons in "
+        f"{timings['generate 4, cache=True']:.1f} s with it, {timings['generate 4, cache=False']:.1f} s recomputing "
+        f"the window for every codon ({timings['generate 4, cache=False'] / timings['generate 4, cache=True']:.1f}x).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
