@@ -110,6 +110,9 @@ def part_csx(args) -> None:
             def cleanup(old=previous):  # the disk holds one 30 GB checkpoint and one MemoryX at a time
                 for f in (old, old.with_name(old.name + ".sha256")):
                     f.unlink(missing_ok=True)
+        while log_path.exists() and "Exit status" not in log_path.read_text(errors="replace") \
+                and _running_pid(msl) is not None:  # a run a previous driver started: wait for it
+            time.sleep(30)
         if log_path.exists() and "Exit status: 0" in log_path.read_text(errors="replace"):
             print("reusing the finished run in", log_path, flush=True)  # e.g. after the driver was restarted
             result = timed_result(log_path)
@@ -164,14 +167,47 @@ def _parameters(params_path: Path) -> int:
 
 
 def _fit(rows: list[dict], budget_gib: float = 18.0) -> dict:
-    by_depth = {r["layers"]: r for r in rows if r["exit_code"] == 0}
-    one, two = by_depth[1], by_depth[2]
-    per_layer = (two["peak_rss_gib"] - one["peak_rss_gib"]) * GiB
-    params_per_layer = two["parameters"] - one["parameters"]
-    fixed = one["peak_rss_gib"] * GiB - per_layer
+    """Least-squares line peak RSS = fixed + per_layer x blocks over the finished runs."""
+    done = sorted((r["layers"], r["peak_rss_gib"] * GiB, r["parameters"]) for r in rows if r["exit_code"] == 0)
+    n = len(done)
+    mean_l = sum(d[0] for d in done) / n
+    mean_r = sum(d[1] for d in done) / n
+    per_layer = (sum((d[0] - mean_l) * (d[1] - mean_r) for d in done) /
+                 sum((d[0] - mean_l) ** 2 for d in done))
+    fixed = mean_r - per_layer * mean_l
+    params_per_layer = (done[-1][2] - done[0][2]) / (done[-1][0] - done[0][0])
     layers = int((budget_gib * GiB - fixed) // per_layer)
     return {"per_layer": per_layer, "per_param": per_layer / params_per_layer, "fixed": fixed,
-            "largest_layers": layers, "largest_params": one["parameters"] + (layers - 1) * params_per_layer}
+            "largest_layers": layers, "largest_params": done[0][2] + (layers - done[0][0]) * params_per_layer,
+            "predicted": lambda blocks: fixed + per_layer * blocks}
+
+
+def _running_pid(msl: int) -> int | None:
+    """The live run.py training the MSL ``msl`` capacity run, if any."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"gptj_2.5B_msl{msl}.yaml" in cmd and "run.py" in cmd and "/usr/bin/time" not in cmd:
+            return int(proc.name)
+    return None
+
+
+def csx_run(work: Path, msl: int) -> dict:
+    """What the logs of the MSL ``msl`` run say, finished or still running."""
+    params = yaml.safe_load((work / f"gptj_2.5B_msl{msl}.yaml").read_text())
+    result = timed_result(work / f"msl{msl}.log")
+    result.update(parse_run_log(Path(params["runconfig"]["model_dir"])), msl=msl,
+                  batch=params["train_input"]["batch_size"])
+    pid = _running_pid(msl)
+    if result["exit_code"] is None and pid is not None:  # still running: its peak so far, from /proc
+        result["status"] = f"running at {time.strftime('%H:%M')}, {len(result['steps'])} step(s) done"
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        result["peak_rss_gib"] = int(hwm.group(1)) * 1024 / GiB
+    else:
+        result["status"] = "killed" if result["killed"] else f"exit code {result['exit_code']}"
+    return result
 
 
 def report(args) -> None:
@@ -180,38 +216,38 @@ def report(args) -> None:
              "`python bench/bench_capacity.py csx`, then `python bench/bench_capacity.py resident --confirm` "
              "(2 shared CPU cores, 24 GB RAM, no swap; other engineers' jobs ran alongside, so times are upper "
              "bounds)", ""]
-    if (work / "csx.json").exists():
-        runs = json.loads((work / "csx.json").read_text())
+    runs = [csx_run(work, msl) for msl in (2048, 10240) if (work / f"msl{msl}.log").exists()]
+    if runs:
         lines += ["## GenSLM-2.5B (GPT-J, hidden 3840, 28 layers, 32 heads, FFN 4096), CSX, disk MemoryX", "",
+                  "Seconds per step and per phase, from the CSX backend's per-step log line:", "",
                   "| MSL x batch | step | loss | grad norm | s/step | compute | waiting for weights | "
                   "gradients to MemoryX | optimizer (MemoryX) | weights read (overlapped) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
-            for s in r["steps"]:
-                lines.append(f"| {r['msl']} x {r['batch']} | {s['step']} | {s['loss']:.4f} | {s['grad_norm']:.3f} | "
-                             + " | ".join(f"{s.get(k, float('nan')):.0f}" for k in
+            for st in r["steps"]:
+                lines.append(f"| {r['msl']} x {r['batch']} | {st['step']} | {st['loss']:.4f} | {st['grad_norm']:.3f} | "
+                             + " | ".join(f"{st.get(k, float('nan')):.0f}" for k in
                                           ("total", "compute", "weights_wait", "gradients_out", "optimizer",
                                            "weights_read")) + " |")
-        lines += ["", "| run | exit code | peak RSS (GiB) | wall (s) | final checkpoint save (s) |", "|---|---|---|---|---|"]
+        lines += ["", "| run | status | peak RSS (GiB) | wall (s) |", "|---|---|---|---|"]
         for r in runs:
-            stamps = r.get("log_stamps", {})
-            save = ""
-            if "saved" in stamps and r["steps"]:
-                save = "see log"
-            lines.append(f"| MSL {r['msl']}{' (resumed)' if r.get('resumed_from') else ''} | {r['exit_code']} | "
-                         f"{r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | {save} |")
+            rss = f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "?"
+            wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
+            lines.append(f"| MSL {r['msl']} | {r['status']} | {rss} | {wall} |")
         lines.append("")
     if (work / "resident.json").exists():
         rows = json.loads((work / "resident.json").read_text())
+        fit = _fit(rows, args.budget_gib) if sum(1 for r in rows if r["exit_code"] == 0) >= 2 else None
         lines += ["## Resident CPU backend: GenSLM-2.5B-shaped GPT-J (hidden 3840, FFN 4096) with fewer blocks, "
                   f"MSL 2048 x {args.batch_2048}, bf16 autocast, AdamW, one training step", "",
-                  "| blocks | parameters | peak RSS (GiB) | s/step | exit code |", "|---|---|---|---|---|"]
+                  "| blocks | parameters | peak RSS (GiB) | fit (GiB) | wall, whole run (s) | exit code |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['layers']} | {r['parameters']:,} | {r['peak_rss_gib']:.2f} | "
-                         f"{r['wall_s']:.0f} (whole run) | {r['exit_code']} |")
-        if sum(1 for r in rows if r["layers"] in (1, 2) and r["exit_code"] == 0) >= 2:
-            fit = _fit(rows, args.budget_gib)
-            lines += ["", f"Fit from the 1- and 2-block runs: {fit['per_layer'] / GiB:.2f} GiB per block "
+            predicted = f"{fit['predicted'](r['layers']) / GiB:.2f}" if fit else ""
+            lines.append(f"| {r['layers']} | {r['parameters']:,} | {r['peak_rss_gib']:.2f} | {predicted} | "
+                         f"{r['wall_s']:.0f} | {r['exit_code']} |")
+        if fit:
+            lines += ["", f"Least-squares fit over these runs: {fit['per_layer'] / GiB:.2f} GiB per block "
                           f"({fit['per_param']:.1f} bytes per parameter: fp32 weights, gradients and Adam state, "
                           f"bf16 autocast copies, saved activations) + {fit['fixed'] / GiB:.2f} GiB fixed. Under a "
                           f"{args.budget_gib:g} GiB budget the largest resident GPT-J of this shape has "

@@ -74,8 +74,12 @@ class GenomeLM:
         with_shapes = {k: v.shape for k, v in model.state_dict().items()}
         ckpt.check_model_state(path, state["model"], with_shapes)
         model.load_state_dict(state["model"])
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ConfigError(f"dtype {dtype!r}: not a torch dtype (e.g. 'bfloat16', 'float32')")
+            dtype = getattr(torch, dtype)
         if dtype is not None:
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+            model = model.to(dtype)
         return cls(model, config, source=str(path), step=state.get("step"), device=device)
 
     @property

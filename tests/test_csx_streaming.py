@@ -6,6 +6,7 @@ on the meta device is initialised tensor by tensor to the values building it in 
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -58,6 +59,10 @@ def test_snapshot_is_unchanged_by_later_updates(data_dir, tmp_path):
     loaded = ckpt.load_checkpoint(save(tmp_path / "ck", 2, state))
     for k in before:
         assert torch.equal(loaded["model"][k], before[k]), k
+    assert list((tmp_path / "mx").rglob("*.snapshot*"))
+    del state, after
+    gc.collect()
+    assert not list((tmp_path / "mx").rglob("*.snapshot*"))  # old versions go with the state
     backend.close()
 
 

@@ -95,14 +95,42 @@ def _genbank_records(path: Path, handle, features: str | None) -> Iterator[Recor
                 yield Record(_cds_id(rec, feature), seq)
 
 
-def _fasta_blocks(stream) -> Iterator[tuple[bytes, int]]:
+def _decompressed_chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, gunzipped when it is gzip (every member of a multi-member file), in
+    chunks of at most _FASTA_BLOCK. zlib checks each member's CRC and length itself; calling it
+    directly on large reads saves GzipFile's small-buffer copies (a third of the time here)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != _GZIP_MAGIC:
+            fh.seek(0)
+            yield from iter(lambda: fh.read(_FASTA_BLOCK), b"")
+            return
+        fh.seek(0)
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pending = fh.read(_FASTA_BLOCK)
+        while pending:
+            out = member.decompress(pending, _FASTA_BLOCK)
+            if out:
+                yield out
+            pending = member.unconsumed_tail
+            if member.eof:
+                pending = (member.unused_data + pending).lstrip(b"\x00")  # gzip allows zero padding
+                if not pending:
+                    pending = fh.read(_FASTA_BLOCK).lstrip(b"\x00")
+                member = zlib.decompressobj(16 + zlib.MAX_WBITS) if pending else None
+            elif not pending:
+                pending = fh.read(_FASTA_BLOCK)
+        if member is not None and not member.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+
+def _fasta_blocks(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
     """Decompressed FASTA text in large blocks: (data, end) where data[:end] holds whole records,
     the first starting at data[0] with its '>'. Line endings become '\n' as in Python's universal
     newlines; a CR LF pair cut by a read boundary is held back for the next read. Slicing is
     avoided where possible: copies of whole genomes are most of the cost here."""
     carry, started = b"", False
     while True:
-        block = stream.read(_FASTA_BLOCK)
+        block = next(chunks, b"")
         data, held = carry + block, b""
         if block and data.endswith(b"\r"):
             data, held = data[:-1], b"\r"
@@ -124,12 +152,12 @@ def _fasta_blocks(stream) -> Iterator[tuple[bytes, int]]:
         carry = data[cut + 1:] + held
 
 
-def _fasta_records(path: Path, stream, raw: bool) -> Iterator[Record]:
+def _fasta_records(path: Path, chunks: Iterator[bytes], raw: bool) -> Iterator[Record]:
     """FASTA records as Biopython's parser reads them (id = first word of the header line,
     sequence = the following lines without whitespace), but cut from large decompressed blocks
     with bytes operations instead of a Python loop over lines: about 10x faster on genomes."""
     number = 0
-    for data, end in _fasta_blocks(stream):
+    for data, end in _fasta_blocks(chunks):
         start = 0
         while start < end:
             number += 1
@@ -153,8 +181,7 @@ def _fasta_records(path: Path, stream, raw: bool) -> Iterator[Record]:
 
 def _records(path: Path, fmt: str, features: str | None, raw: bool) -> Iterator[Record]:
     if fmt == "fasta":
-        with _open_binary(path) as stream:
-            yield from _fasta_records(path, stream, raw)
+        yield from _fasta_records(path, _decompressed_chunks(path), raw)
         return
     with _open_text(path) as handle:
         for rec in _genbank_records(path, handle, features):

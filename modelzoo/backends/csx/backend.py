@@ -269,10 +269,11 @@ class CSXBackend(Backend):
             state["loss_scale"] = self.loss_scaler.state_dict()
         if self.sparsity is not None:
             state["sparsity"] = merge_states(self.swarm.gather(self.sparsity.state_dict()))
+        snapshots = self.memoryx.snapshots()
         if not self.memoryx.store.resident and self.systems == 1:
             # disk MemoryX may be larger than RAM: the tensors are lazily mapped snapshots and the
             # checkpoint streams them to its file one at a time (see streamed_state.py)
-            return StreamedState(state, self.memoryx.snapshots())
+            return StreamedState(state, snapshots)
         return state
 
     def load_state_dict(self, state, states):

@@ -165,8 +165,10 @@ class MemoryX:
         return snap.tensor
 
     def snapshots(self) -> list:
-        """The disk snapshots behind the tensors of the last state_dict()."""
-        return list(getattr(self, "_taken", []))
+        """The disk snapshots behind the tensors of the last state_dict(), handed over: they (and
+        the old file versions they keep) go when the caller drops them."""
+        taken, self._taken = getattr(self, "_taken", []), []
+        return taken
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         for name, value in weights.items():

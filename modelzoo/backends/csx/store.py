@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import itertools
 import os
+import weakref
 import shutil
 import tempfile
 from pathlib import Path
@@ -115,26 +117,34 @@ class DiskStore:
 
 
 class Snapshot:
-    """A stored tensor as it was when taken: ``tensor`` maps the file lazily (copy-on-write, so
-    nothing is read until touched), ``file`` stays open on the same inode for explicit reads."""
+    """A stored tensor as it was when taken: a hard link to its current file (which ``put`` then
+    replaces rather than rewrites) that lives as long as this object. ``tensor`` maps it lazily
+    (copy-on-write: nothing is read until touched); ``read_into`` reads it with explicit I/O."""
+
+    _taken = itertools.count()
 
     def __init__(self, path: Path, shape: torch.Size, dtype: torch.dtype):
-        self.file = open(path, "rb", buffering=0)
+        self.path = path.with_name(f"{path.name}.snapshot{next(self._taken)}")
+        os.link(path, self.path)
+        weakref.finalize(self, _unlink, self.path)
         self.nbytes = shape.numel() * dtype.itemsize
         if shape.numel():
-            self.tensor = torch.from_file(str(path), shared=False, size=shape.numel(), dtype=dtype).view(shape)
+            self.tensor = torch.from_file(str(self.path), shared=False, size=shape.numel(), dtype=dtype).view(shape)
         else:
             self.tensor = torch.empty(shape, dtype=dtype)
 
-    def read_into(self, buffer: memoryview, offset: int = 0) -> None:
-        """Bytes [offset, offset + len(buffer)) of the tensor, without touching the mapping."""
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(self.file.fileno(), [buffer[done:done + _CHUNK]], offset + done)
-            if not n:
-                raise OSError(f"{self.file.name}: MemoryX file is shorter than its tensor (truncated?)")
-            done += n
-        _drop_cache(self.file)
+    def read_into(self, buffer: memoryview) -> None:
+        """The tensor's bytes into buffer, without touching the mapping."""
+        with open(self.path, "rb", buffering=0) as f:
+            read_exactly(f, buffer, self.path)
+            _drop_cache(f)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_exactly(f, buffer: memoryview, path) -> None:
