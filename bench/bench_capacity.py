@@ -2,6 +2,7 @@
 and the largest GPT-J the resident CPU backend can train here, for contrast.
 
     python bench/bench_capacity.py csx [--work_dir /work/capacity] [--steps_2048 3] [--steps_10240 1]
+    python bench/bench_capacity.py setup [--work_dir ...]
     python bench/bench_capacity.py resident [--work_dir ...] [--confirm]
     python bench/bench_capacity.py report [--work_dir ...]
 
@@ -130,6 +131,27 @@ def part_csx(args) -> None:
         previous = ckpts[-1]
 
 
+def part_setup(args) -> None:
+    """Only the CSX setup of GenSLM-2.5B with disk MemoryX: built on meta, initialised tensor by
+    tensor into MemoryX; peak RSS and time (in a subprocess, so the peak is its own)."""
+    work = Path(args.work_dir)
+    params = work / "setup_2.5B.yaml"
+    write_params(PRESETS[2048], params, work / "setup_model", work / "memoryx", 1, args.lr)
+    code = ("import resource, sys, time, torch; sys.path.insert(0, '.');"
+            "from modelzoo.backends.csx import CSXBackend; from modelzoo.config import load_params;"
+            "from modelzoo.models import build_model;"
+            f"p = load_params({str(params)!r}, {{}}); torch.manual_seed(p.runconfig.seed); t = time.perf_counter();"
+            "b = CSXBackend(p); m = b.build_model(build_model, p.model); b.setup(m, p.optimizer);"
+            "print('SETUP', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,"
+            " sum(x.numel() for x in m.parameters()), flush=True); b.close()")
+    result = run_timed([sys.executable, "-c", code], work / "setup.log")
+    line = next(l for l in (work / "setup.log").read_text().splitlines() if l.startswith("SETUP"))
+    _, seconds, peak, n = line.split()
+    result.update(setup_s=float(seconds), setup_peak_gib=float(peak), parameters=int(n))
+    (work / "setup.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def part_resident(args) -> None:
     """Peak RSS of one CPU training step of GenSLM-2.5B-shaped GPT-Js with 1 and 2 blocks gives the
     bytes per block (weights, gradients, Adam state, autocast copies, saved activations) and the
@@ -235,6 +257,11 @@ def report(args) -> None:
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
             lines.append(f"| MSL {r['msl']} | {r['status']} | {rss} | {wall} |")
         lines.append("")
+    if (work / "setup.json").exists():
+        r = json.loads((work / "setup.json").read_text())
+        lines += [f"CSX setup alone (`python bench/bench_capacity.py setup`): GenSLM-2.5B, {r['parameters']:,} "
+                  f"parameters, built on the meta device and initialised tensor by tensor into disk MemoryX in "
+                  f"{r['setup_s']:.0f} s with a peak RSS of {r['peak_rss_gib']:.2f} GiB.", ""]
     if (work / "resident.json").exists():
         rows = json.loads((work / "resident.json").read_text())
         fit = _fit(rows, args.budget_gib) if sum(1 for r in rows if r["exit_code"] == 0) >= 2 else None
@@ -261,7 +288,7 @@ def report(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=("csx", "resident", "report"))
+    p.add_argument("part", choices=("csx", "setup", "resident", "report"))
     p.add_argument("--work_dir", default="/work/capacity")
     p.add_argument("--steps_2048", type=int, default=3)
     p.add_argument("--steps_10240", type=int, default=1)
@@ -274,6 +301,8 @@ def main() -> None:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.part == "csx":
         part_csx(args)
+    elif args.part == "setup":
+        part_setup(args)
     elif args.part == "resident":
         part_resident(args)
     report(args)

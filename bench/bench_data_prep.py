@@ -1,6 +1,6 @@
 """Genomes -> token shards: this project's prepare_genomes vs GenSLM's own tokenisation path.
 
-    python bench/bench_data_prep.py [--repeats 3]
+    python bench/bench_data_prep.py [--repeats 5]
 
 GenSLM's path (genslm/dataset.py): Biopython SeqIO reads each record, the sequence is cut into
 codons joined by spaces, and a transformers PreTrainedTokenizerFast with GenSLM's 69-token file
@@ -79,7 +79,7 @@ def best_times(fns, path, repeats) -> list[tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     rows = [("data set", "nucleotides", "GenSLM path Mnt/s", "ours Mnt/s", "ours / GenSLM (CPU time)", "target",
              "ours / GenSLM (wall)")]

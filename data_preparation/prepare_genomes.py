@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from modelzoo.errors import DataError, UserError
 
 SPLITS = ("train", "val", "test")
 ENCODE_BATCH_BYTES = 1 << 26  # sequence bytes tokenised per vectorised pass
+WINDOW_GROUP_CODONS = 1 << 24  # codons cut into windows per allocation
 COMMAND = "python -m data_preparation.prepare_genomes"
 
 
@@ -62,14 +64,28 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 def windows_of(ids: np.ndarray, max_seq_length: int, min_codons: int, pad_id: int) -> np.ndarray:
     """Cut codon ids into non-overlapping [PAD]-padded rows; drop a short trailing window."""
-    n_windows = -(-len(ids) // max_seq_length)
-    tail = len(ids) - (n_windows - 1) * max_seq_length
-    if n_windows > 1 and tail < min_codons:
-        n_windows -= 1
-        ids = ids[: n_windows * max_seq_length]
-    out = np.full((n_windows, max_seq_length), pad_id, dtype=np.uint8)
-    out.reshape(-1)[: len(ids)] = ids
-    return out
+    return windows_of_many([ids], max_seq_length, min_codons, pad_id)[0]
+
+
+def windows_of_many(id_lists: list[np.ndarray], max_seq_length: int, min_codons: int,
+                    pad_id: int) -> list[np.ndarray]:
+    """``windows_of`` of each sequence, as views into one [PAD]-filled array (one allocation
+    for all records instead of one each: most bacterial genes fit in a single window)."""
+    counts, used = [], []
+    for ids in id_lists:
+        n_windows = -(-len(ids) // max_seq_length)
+        tail = len(ids) - (n_windows - 1) * max_seq_length
+        if n_windows > 1 and tail < min_codons:
+            n_windows -= 1
+        counts.append(n_windows)
+        used.append(min(len(ids), n_windows * max_seq_length))
+    out = np.full((sum(counts), max_seq_length), pad_id, dtype=np.uint8)
+    flat, views, row = out.reshape(-1), [], 0
+    for ids, n_windows, n_used in zip(id_lists, counts, used):
+        flat[row * max_seq_length: row * max_seq_length + n_used] = ids[:n_used]
+        views.append(out[row: row + n_windows])
+        row += n_windows
+    return views
 
 
 def split_bounds(n: int, fracs) -> list[int]:
@@ -87,12 +103,15 @@ def tokenize_inputs(args, tokenizer: CodonTokenizer):
     batch_ids, batch_seqs, batch_bytes = [], [], 0
 
     def encode_batch():
-        for rec_id, ids in zip(batch_ids, tokenizer.encode_many(batch_seqs)):
-            if len(ids) == 0:
+        encoded = tokenizer.encode_many(batch_seqs)
+        lengths = [len(ids) for ids in encoded]
+        unknown = _unk_counts(encoded, lengths, tokenizer.unk_id)
+        for rec_id, ids, n, n_unk in zip(batch_ids, encoded, lengths, unknown):
+            if n == 0:
                 skipped["empty (no whole codon)"] += 1
-            elif len(ids) < args.min_codons:
+            elif n < args.min_codons:
                 skipped[f"too short (< {args.min_codons} codons)"] += 1
-            elif np.count_nonzero(ids == tokenizer.unk_id) / len(ids) > args.max_n_fraction:
+            elif n_unk / n > args.max_n_fraction:
                 skipped[f"too many [UNK] codons (> {args.max_n_fraction:g})"] += 1
             else:
                 kept.append((rec_id, ids))
@@ -118,6 +137,29 @@ def tokenize_inputs(args, tokenizer: CodonTokenizer):
     finally:
         progress.close()
     return kept, skipped, len(seen)
+
+
+def _groups_of_codons(members, kept) -> Iterator[list[int]]:
+    """Consecutive runs of record indices holding about WINDOW_GROUP_CODONS codons: windows are
+    cut a run at a time, so memory stays bounded however large the input."""
+    group, codons = [], 0
+    for k in members:
+        group.append(k)
+        codons += len(kept[k][1])
+        if codons >= WINDOW_GROUP_CODONS:
+            yield group
+            group, codons = [], 0
+    if group:
+        yield group
+
+
+def _unk_counts(encoded: list[np.ndarray], lengths: list[int], unk_id: int) -> list[int]:
+    """[UNK] codons of each sequence, from one pass over all of them."""
+    if not encoded:
+        return []
+    running = np.concatenate(([0], np.cumsum(np.concatenate(encoded) == unk_id)))
+    ends = np.cumsum(lengths)
+    return (running[ends] - running[ends - lengths]).tolist()
 
 
 def prepare(args) -> dict:
@@ -154,10 +196,11 @@ def prepare(args) -> dict:
             with ShardWriter(tmp_root / name, args.max_seq_length, tokenizer,
                              windows_per_file=args.windows_per_file, command=COMMAND,
                              options=dict(options, split_name=name)) as writer:
-                for k in members:
-                    rec_id, ids = kept[k]
-                    writer.add(rec_id, windows_of(ids, args.max_seq_length, args.min_codons,
-                                                  tokenizer.pad_id))
+                for group in _groups_of_codons(members, kept):
+                    windows = windows_of_many([kept[k][1] for k in group], args.max_seq_length,
+                                              args.min_codons, tokenizer.pad_id)
+                    for k, rows in zip(group, windows):
+                        writer.add(kept[k][0], rows)
             m = writer.manifest
             report["splits"][name] = {"records": len(members), "windows": m["num_windows"],
                                       "tokens": m["num_tokens"]}

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from modelzoo.backends.csx.deferred_init import build_deferred
 from modelzoo.backends.csx.streamed_state import StreamedState
@@ -128,3 +131,19 @@ def test_deferred_build_trains_like_the_eager_one(data_dir, tmp_path):
     deferred, _ = train("csx", params, steps=3, backend=backend)
     assert deferred == eager
     backend.close()
+
+
+def test_two_systems_with_disk_memoryx_checkpoint_mid_run(data_dir, tmp_path):
+    """A save in the middle of a 2-system run: the systems that do not write wait for the writer
+    (a long barrier, not the collective timeout) and the run goes on; both checkpoints load."""
+    params = make_params(data_dir, dropout=0.0, batch=4, accum=2, tmp=tmp_path / "model", log_steps=1,
+                         max_steps=4, checkpoint_steps=2,
+                         csx={"memoryx": "disk", "memoryx_dir": str(tmp_path / "mx")})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(params.to_yaml())))
+    proc = subprocess.run([sys.executable, "run.py", "CSX", "--params", str(path), "--num_csx", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for step in (2, 4):
+        state = ckpt.load_checkpoint(tmp_path / "model" / f"checkpoint_{step}.mdl")
+        assert state["step"] == step and state["optimizer"]["state"]
