@@ -59,14 +59,38 @@ def worker(ours_name: str, theirs_name: str, precision: str, steps: int, batch: 
             "attention": attention_kind(twin)}
 
 
+def profile(steps: int, batch: int, seq: int) -> None:
+    """torch.profiler over our bf16 GPT-J step (after a warm-up): where the time goes, by op."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cfg = our_config("gptj", seq, True)
+    step = our_train_step(cfg, codon_batch(cfg, batch, seq))[0]
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    rows = [("op", "share of the step (self time)", "calls")]
+    rows += [(e.key, f"{e.self_cpu_time_total / total:.1%}", e.count) for e in ops[:15]]
+    text = (f"torch.profiler, our GenSLM-25M GPT-J, bf16 autocast, MSL {seq}, batch {batch}, {steps} step(s) "
+            f"after a warm-up; {machine()}.\n\n{markdown_table(rows)}")
+    print(text)
+    write_result("throughput_profile.md", "Where our bf16 training step spends its time",
+                 "python bench/bench_throughput.py --profile", text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2, help="timed steps per side (after one warm-up)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--only", action="append", help="ours:theirs:precision, e.g. gptj:GPTNeoXForCausalLM:bf16")
+    p.add_argument("--profile", action="store_true", help="profile our bf16 GPT-J step instead of comparing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.profile:
+        profile(1, args.batch, args.seq)
+        return
     if args.worker:
         ours, theirs, precision = args.worker.split(":")
         print(json.dumps(worker(ours, theirs, precision, args.steps, args.batch, args.seq)))

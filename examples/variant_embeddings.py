@@ -1,6 +1,6 @@
 """Do a codon GPT's genome embeddings separate SARS-CoV-2 variants it never saw?
 
-    python examples/variant_embeddings.py [--model_dir model_dir/variant_embeddings] [--quick]
+    python examples/variant_embeddings.py [--model_dir model_dir/variant_embeddings] [--params P.yaml]
 
 1. Trains examples/variant_embeddings.yaml (a small codon GPT-2, 400 steps on the 376 training
    genomes of 2020 shipped in data/sars_cov_2/) unless --model_dir already holds a checkpoint.
