@@ -256,6 +256,10 @@ def report(args) -> None:
             rss = f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "?"
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
             lines.append(f"| MSL {r['msl']} | {r['status']} | {rss} | {wall} |")
+        if any((r["peak_rss_gib"] or 0) > 5 for r in runs):
+            lines += ["", "A peak near 10 GiB is the in-RAM build of the model by a run started before the CSX "
+                          "backend initialised weights tensor by tensor (see the setup line below); training itself "
+                          "held about 1.4 GiB."]
         lines.append("")
     if (work / "setup.json").exists():
         r = json.loads((work / "setup.json").read_text())

@@ -91,6 +91,8 @@ def main() -> None:
             if kind not in best or r["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = r
         round_ratios.append(this["csx"]["tokens_per_s"] / this["cpu"]["tokens_per_s"])
+        print(f"round: CPU {this['cpu']['tokens_per_s']:.1f} tokens/s, CSX {this['csx']['tokens_per_s']:.1f} "
+              f"tokens/s, ratio {round_ratios[-1]:.3f}", flush=True)
     cpu, csx = best["cpu"], best["csx"]
     ratio = csx["tokens_per_s"] / cpu["tokens_per_s"]
     rows = [("backend", "tokens/s", "steps/s", "peak RSS (MiB)"),
