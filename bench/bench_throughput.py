@@ -9,8 +9,8 @@ GPT2LMHeadModel, our BERT vs BertForMaskedLM. Each pair and precision runs in it
 both models are built there and their steps alternate (one warm-up each, then --steps timed
 steps each); the best step of each side is kept, since load from other processes only ever slows
 a step down. The bf16 and fp32 matmul peaks are measured in the same processes, between steps.
-Model FLOPs utilisation (MFU) = model FLOPs per step / step time / the matmul peak of the
-step's precision. In bf16 our model also runs with model.attention_in_fp32 (bf16 weight matmuls,
+Model FLOPs utilisation (MFU) = model FLOPs per step / CPU seconds of the step / the matmul
+peak (per CPU second) of the step's precision. In bf16 our model also runs with model.attention_in_fp32 (bf16 weight matmuls,
 fp32 attention), a third side in the same alternation. Writes bench/results/throughput.md.
 """
 
