@@ -40,9 +40,7 @@ class BertEmbeddings(nn.Module):
 class BertBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, bias=True, dropout=cfg.dropout_rate,
-                              attention_dropout=cfg.attention_dropout_rate, causal=False,
-                              in_fp32=cfg.attention_in_fp32)
+        self.attn = Attention.from_config(cfg, bias=True, causal=False)
         self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=False)
         self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)

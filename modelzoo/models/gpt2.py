@@ -30,9 +30,7 @@ class GPT2Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, bias=True, dropout=cfg.dropout_rate,
-                              attention_dropout=cfg.attention_dropout_rate, causal=True,
-                              in_fp32=cfg.attention_in_fp32)
+        self.attn = Attention.from_config(cfg, bias=True, causal=True)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=True)
 

@@ -33,10 +33,7 @@ class GPTJBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, bias=False, dropout=cfg.dropout_rate,
-                              attention_dropout=cfg.attention_dropout_rate, causal=True,
-                              rotary=Rotary(rotary_dim_of(cfg)),
-                              in_fp32=cfg.attention_in_fp32)
+        self.attn = Attention.from_config(cfg, bias=False, causal=True, rotary=Rotary(rotary_dim_of(cfg)))
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=True)
 
     def forward(self, hidden, batch):

@@ -97,6 +97,13 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rotary = rotary
 
+    @classmethod
+    def from_config(cls, cfg, *, bias: bool, causal: bool, rotary=None) -> "Attention":
+        """The attention block of a model config: sizes, dropout and precision come from cfg."""
+        return cls(cfg.hidden_size, cfg.num_heads, bias=bias, dropout=cfg.dropout_rate,
+                   attention_dropout=cfg.attention_dropout_rate, causal=causal, rotary=rotary,
+                   in_fp32=cfg.attention_in_fp32)
+
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         b, t, c = x.shape
