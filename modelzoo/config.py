@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from modelzoo.errors import ConfigError
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
+# What a checkpoint holds, each loadable on its own (runconfig.load_checkpoint_states).
+CHECKPOINT_STATES = frozenset({"model", "optimizer", "scheduler", "dataloader", "rng"})
 
 
 class Section(BaseModel):
@@ -276,7 +278,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_states(self):
-        allowed = {"all", "model", "optimizer", "scheduler", "dataloader", "rng"}
+        allowed = {"all", *CHECKPOINT_STATES}
         bad = set(self.checkpoint_states) - allowed
         if bad:
             raise ValueError(f"load_checkpoint_states: unknown state {sorted(bad)[0]!r}; choose from {sorted(allowed)}")
@@ -285,7 +287,7 @@ class RunConfig(Section):
     @property
     def checkpoint_states(self) -> set[str]:
         states = {s.strip() for s in self.load_checkpoint_states.split(",") if s.strip()}
-        return {"model", "optimizer", "scheduler", "dataloader", "rng"} if "all" in states else states
+        return set(CHECKPOINT_STATES) if "all" in states else states
 
 
 class Params(Section):

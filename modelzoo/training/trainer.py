@@ -5,6 +5,7 @@ It knows nothing of how a step executes (that is the backend's) nor of the model
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modelzoo.backends.base import Backend, rank_and_world
-from modelzoo.config import DataInput, Params
+from modelzoo.config import CHECKPOINT_STATES, DataInput, Params
 from modelzoo.data.datasets import build_dataloader, dataset_for
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
 from modelzoo.models import transfer_backbone
@@ -110,7 +111,7 @@ class Trainer:
         if start is not None and (own is None or start.resolve().parent == self.model_dir.resolve()):
             path, states = start, run.checkpoint_states
         elif own is not None:
-            path, states = own, ckpt_all_states()
+            path, states = own, set(CHECKPOINT_STATES)
         else:
             return
         # fine-tuning may swap the task head (BERT MLM -> classifier)
@@ -248,7 +249,7 @@ class Trainer:
             torch.distributed.all_reduce(totals)
         loss = float(totals[0] / max(totals[1], 1))
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": float(totals[2] / max(totals[1], 1))}
-        baseline = self._unigram_baseline()
+        baseline = self._unigram_baseline
         if baseline is not None:
             metrics["unigram_perplexity"] = baseline
         log.info("eval at step %d | loss %.4f | perplexity %.3f | accuracy %.4f%s", self.step, loss,
@@ -257,7 +258,9 @@ class Trainer:
         self.writers.write("eval", self.step, metrics)
         return metrics
 
+    @functools.cached_property
     def _unigram_baseline(self) -> float | None:
+        """Computed once per run: it reads the whole train split, and every evaluation reports it."""
         if self.params.model.name == "bert" or self.params.train_input is None:
             return None  # masked-codon loss is not comparable with a left-to-right unigram score
         from modelzoo.data.shards import ShardSet
@@ -291,6 +294,3 @@ class Trainer:
     def close(self) -> None:
         self.writers.close()
 
-
-def ckpt_all_states() -> set[str]:
-    return {"model", "optimizer", "scheduler", "dataloader", "rng"}
