@@ -19,7 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modelzoo.backends.base import Backend, rank_and_world
 from modelzoo.config import CHECKPOINT_STATES, DataInput, Params
-from modelzoo.data.datasets import build_dataloader, dataset_for
+from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
 from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
@@ -261,8 +261,9 @@ class Trainer:
     @functools.cached_property
     def _unigram_baseline(self) -> float | None:
         """Computed once per run: it reads the whole train split, and every evaluation reports it."""
-        if self.params.model.name == "bert" or self.params.train_input is None:
-            return None  # masked-codon loss is not comparable with a left-to-right unigram score
+        dataset_cls, _ = dataset_for(self.params.model, self.params.eval_input, self.params.runconfig.seed)
+        if dataset_cls is not CausalLMDataset or self.params.train_input is None:
+            return None  # only next-codon loss is comparable with a left-to-right unigram score
         from modelzoo.data.shards import ShardSet
         from modelzoo.data.tokenizer import CodonTokenizer
         tok = CodonTokenizer()
