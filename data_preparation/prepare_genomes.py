@@ -22,13 +22,12 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from modelzoo.data.sequences import read_records
+from modelzoo.data.sequences import read_record_batches
 from modelzoo.data.shards import ShardWriter, file_sha256, replace_dir
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import DataError, UserError
 
 SPLITS = ("train", "val", "test")
-ENCODE_BATCH_BYTES = 1 << 26  # sequence bytes tokenised per vectorised pass
 WINDOW_GROUP_CODONS = 1 << 24  # codons cut into windows per allocation
 COMMAND = "python -m data_preparation.prepare_genomes"
 
@@ -68,24 +67,20 @@ def windows_of(ids: np.ndarray, max_seq_length: int, min_codons: int, pad_id: in
 
 
 def windows_of_many(id_lists: list[np.ndarray], max_seq_length: int, min_codons: int,
-                    pad_id: int) -> list[np.ndarray]:
-    """``windows_of`` of each sequence, as views into one [PAD]-filled array (one allocation
-    for all records instead of one each: most bacterial genes fit in a single window)."""
-    counts, used = [], []
-    for ids in id_lists:
-        n_windows = -(-len(ids) // max_seq_length)
-        tail = len(ids) - (n_windows - 1) * max_seq_length
-        if n_windows > 1 and tail < min_codons:
-            n_windows -= 1
-        counts.append(n_windows)
-        used.append(min(len(ids), n_windows * max_seq_length))
-    out = np.full((sum(counts), max_seq_length), pad_id, dtype=np.uint8)
-    flat, views, row = out.reshape(-1), [], 0
-    for ids, n_windows, n_used in zip(id_lists, counts, used):
-        flat[row * max_seq_length: row * max_seq_length + n_used] = ids[:n_used]
-        views.append(out[row: row + n_windows])
-        row += n_windows
-    return views
+                    pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``windows_of`` of each sequence, back to back in one [PAD]-filled array, and the number of
+    windows of each (one allocation for all records: most bacterial genes fit in one window)."""
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    counts = -(-lengths // max_seq_length)
+    tail = lengths - (counts - 1) * max_seq_length
+    counts -= (counts > 1) & (tail < min_codons)
+    used = np.minimum(lengths, counts * max_seq_length)
+    out = np.full((int(counts.sum()), max_seq_length), pad_id, dtype=np.uint8)
+    flat = out.reshape(-1)
+    starts = (np.cumsum(counts) - counts) * max_seq_length
+    for ids, start, n_used in zip(id_lists, starts.tolist(), used.tolist()):
+        flat[start:start + n_used] = ids[:n_used]
+    return out, counts
 
 
 def split_bounds(n: int, fracs) -> list[int]:
@@ -96,70 +91,60 @@ def split_bounds(n: int, fracs) -> list[int]:
 def tokenize_inputs(args, tokenizer: CodonTokenizer):
     """Read every record; return kept (id, codon ids) in input order and skip counts by reason.
 
-    Records are read as raw bytes and tokenised in batches of about ENCODE_BATCH_BYTES, one
-    vectorised pass per batch instead of one per record.
+    Records come in batches of consecutive records (``read_record_batches``) and are tokenised
+    and filtered a batch at a time in vectorised passes: per-record Python work would cost more
+    than the tokenising itself on sets of many short genes.
     """
     kept, skipped, seen = [], Counter(), {}
-    batch_ids, batch_seqs, batch_bytes = [], [], 0
-
-    def encode_batch():
-        encoded = tokenizer.encode_many(batch_seqs)
-        lengths = [len(ids) for ids in encoded]
-        unknown = _unk_counts(encoded, lengths, tokenizer.unk_id)
-        for rec_id, ids, n, n_unk in zip(batch_ids, encoded, lengths, unknown):
-            if n == 0:
-                skipped["empty (no whole codon)"] += 1
-            elif n < args.min_codons:
-                skipped[f"too short (< {args.min_codons} codons)"] += 1
-            elif n_unk / n > args.max_n_fraction:
-                skipped[f"too many [UNK] codons (> {args.max_n_fraction:g})"] += 1
-            else:
-                kept.append((rec_id, ids))
-        batch_ids.clear()
-        batch_seqs.clear()
-
     progress = tqdm(desc="reading", unit=" records", file=sys.stderr, disable=None, delay=2.0)
     try:
         for path in args.input:
-            for rec in read_records(path, features=args.features, allow_empty=True,
-                                    rename_duplicates=args.rename_duplicate_ids, raw=True):
-                progress.update()
-                if rec.id in seen:
-                    raise DataError(f"{path}: record id {rec.id!r} already used in {seen[rec.id]}")
-                seen[rec.id] = path
-                batch_ids.append(rec.id)
-                batch_seqs.append(rec.seq)
-                batch_bytes += len(rec.seq)
-                if batch_bytes >= ENCODE_BATCH_BYTES:
-                    encode_batch()
-                    batch_bytes = 0
-        encode_batch()
+            for batch in read_record_batches(path, features=args.features, allow_empty=True,
+                                             rename_duplicates=args.rename_duplicate_ids):
+                clash = seen.keys() & batch.ids
+                if clash:
+                    rec_id = next(i for i in batch.ids if i in clash)
+                    raise DataError(f"{path}: record id {rec_id!r} already used in {seen[rec_id]}")
+                seen.update(dict.fromkeys(batch.ids, path))
+                ids, starts, counts = tokenizer.encode_flat(batch.seqs)
+                unknown = _unk_counts(ids, starts, counts, tokenizer.unk_id)
+                reasons = {
+                    "empty (no whole codon)": counts == 0,
+                    f"too short (< {args.min_codons} codons)": (counts > 0) & (counts < args.min_codons),
+                    f"too many [UNK] codons (> {args.max_n_fraction:g})":
+                        (counts >= args.min_codons) & (unknown / np.maximum(counts, 1) > args.max_n_fraction),
+                }
+                rejected = np.zeros(len(counts), dtype=bool)
+                for reason, mask in reasons.items():
+                    if mask.any():
+                        skipped[reason] += int(mask.sum())
+                        rejected |= mask
+                good = np.flatnonzero(~rejected).tolist()
+                kept.extend((batch.ids[i], ids[a:a + n])
+                            for i, a, n in zip(good, starts[good].tolist(), counts[good].tolist()))
+                progress.update(len(batch.ids))
     finally:
         progress.close()
     return kept, skipped, len(seen)
 
 
-def _groups_of_codons(members, kept) -> Iterator[list[int]]:
-    """Consecutive runs of record indices holding about WINDOW_GROUP_CODONS codons: windows are
-    cut a run at a time, so memory stays bounded however large the input."""
-    group, codons = [], 0
-    for k in members:
-        group.append(k)
-        codons += len(kept[k][1])
-        if codons >= WINDOW_GROUP_CODONS:
-            yield group
-            group, codons = [], 0
-    if group:
-        yield group
+def _groups_of_codons(members: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    """``members`` (record indices) cut into consecutive runs of about WINDOW_GROUP_CODONS codons
+    (``lengths[k]`` is record k's): windows are cut a run at a time, so memory stays bounded
+    however large the input."""
+    run = np.cumsum(lengths[members]) // WINDOW_GROUP_CODONS
+    cuts = np.flatnonzero(np.diff(run)) + 1
+    return [group.tolist() for group in np.split(members, cuts)] if len(members) else []
 
 
-def _unk_counts(encoded: list[np.ndarray], lengths: list[int], unk_id: int) -> list[int]:
-    """[UNK] codons of each sequence, from one pass over all of them."""
-    if not encoded:
-        return []
-    running = np.concatenate(([0], np.cumsum(np.concatenate(encoded) == unk_id)))
-    ends = np.cumsum(lengths)
-    return (running[ends] - running[ends - lengths]).tolist()
+def _unk_counts(ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, unk_id: int) -> np.ndarray:
+    """[UNK] codons of each sequence ``ids[starts[i]:starts[i] + counts[i]]``: [UNK]s are rare,
+    so find where they are and count them per sequence (a running sum over every codon costs 10x
+    more). An [UNK] between sequences (a completed partial codon) counts for none."""
+    where = np.flatnonzero(ids == unk_id)
+    owner = np.searchsorted(starts, where, side="right") - 1
+    inside = where < (starts + counts)[owner]
+    return np.bincount(owner[inside], minlength=len(counts))
 
 
 def prepare(args) -> dict:
@@ -176,6 +161,7 @@ def prepare(args) -> dict:
         raise DataError(f"{', '.join(map(str, args.input))}: no usable record among {n_read} read ({why})")
 
     order = np.random.default_rng(args.seed).permutation(len(kept))
+    lengths = np.fromiter((len(ids) for _, ids in kept), dtype=np.int64, count=len(kept))
     bounds = split_bounds(len(kept), fracs)
     options = {  # no output_dir or absolute paths: the manifest must not depend on where it ran
         "inputs": [{"name": Path(p).name, "sha256": file_sha256(Path(p))} for p in args.input],
@@ -192,15 +178,14 @@ def prepare(args) -> dict:
             if frac == 0:
                 continue
             # Sorted: within a split, shard order follows input order (the sampler shuffles).
-            members = sorted(order[lo:hi])
+            members = np.sort(order[lo:hi])
             with ShardWriter(tmp_root / name, args.max_seq_length, tokenizer,
                              windows_per_file=args.windows_per_file, command=COMMAND,
                              options=dict(options, split_name=name)) as writer:
-                for group in _groups_of_codons(members, kept):
-                    windows = windows_of_many([kept[k][1] for k in group], args.max_seq_length,
-                                              args.min_codons, tokenizer.pad_id)
-                    for k, rows in zip(group, windows):
-                        writer.add(kept[k][0], rows)
+                for group in _groups_of_codons(members, lengths):
+                    rows, counts = windows_of_many([kept[k][1] for k in group], args.max_seq_length,
+                                                   args.min_codons, tokenizer.pad_id)
+                    writer.add_many([kept[k][0] for k in group], counts, rows)
             m = writer.manifest
             report["splits"][name] = {"records": len(members), "windows": m["num_windows"],
                                       "tokens": m["num_tokens"]}

@@ -90,3 +90,41 @@ def test_attention_in_fp32_under_bf16_autocast(monkeypatch):
         assert attn_out.dtype == torch.bfloat16
         loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_unk_counts_ignore_the_filler_between_sequences():
+    from data_preparation.prepare_genomes import _unk_counts
+    tok = CodonTokenizer()
+    # "AC" leaves a completed partial codon ([UNK]) that belongs to no sequence; so does "ACGN"
+    ids, starts, counts = tok.encode_flat([b"AC", b"NNNACG", b"ACGN", b"TTT"])
+    assert counts.tolist() == [0, 2, 1, 1]
+    assert (ids == tok.unk_id).sum() == 3
+    assert _unk_counts(ids, starts, counts, tok.unk_id).tolist() == [0, 1, 0, 0]
+
+
+def test_duplicate_ids_across_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequences, "_FASTA_BLOCK", 4)  # every record in a batch of its own
+    path = tmp_path / "dup.fa"
+    path.write_bytes(b">a\nACG\n>b\nTTT\n>a\nGGG\n>a\nCCC\n")
+    with pytest.raises(DataError, match="duplicate record id 'a'"):
+        list(read_records(path))
+    assert [r.id for r in read_records(path, rename_duplicates=True)] == ["a", "b", "a#2", "a#3"]
+
+
+def test_shard_writer_add_many_equals_add(tmp_path):
+    tok = CodonTokenizer()
+    rows = np.full((5, 8), tok.pad_id, dtype=np.uint8)
+    for i, n in enumerate([8, 3, 8, 1, 5]):
+        rows[i, :n] = 7 + i
+    ids, counts = ["a", "empty", "b", "c"], [2, 0, 1, 2]
+    from modelzoo.data.shards import ShardWriter
+    with ShardWriter(tmp_path / "one", 8, tok, windows_per_file=3) as one:
+        for rec_id, lo, hi in zip(ids, np.cumsum([0] + counts[:-1]), np.cumsum(counts)):
+            one.add(rec_id, rows[lo:hi])
+    with ShardWriter(tmp_path / "many", 8, tok, windows_per_file=3) as many:
+        many.add_many(ids[:2], counts[:2], rows[:2])
+        many.add_many(ids[2:], counts[2:], rows[2:])
+    assert one.manifest == many.manifest
+    assert [r["num_tokens"] for r in many.manifest["records"]] == [11, 0, 8, 6]
+    with pytest.raises(ValueError, match="does not cut"):
+        many.add_many(["x"], [2], rows[:1])

@@ -74,12 +74,28 @@ class ShardWriter:
     def add(self, record_id: str, windows: np.ndarray) -> None:
         """Append one record's windows: uint8 array (k, max_seq_length), already [PAD]-padded."""
         windows = np.asarray(windows)
+        self.add_many([record_id], [len(windows)] if windows.ndim else [0], windows)
+
+    def add_many(self, record_ids: list[str], windows_per_record, windows: np.ndarray) -> None:
+        """Append several records at once: ``windows`` holds their rows back to back, the first
+        ``windows_per_record[0]`` rows being the first record's, and so on. One call per batch of
+        records keeps per-record Python work out of preparing sets of many short genes."""
+        windows = np.asarray(windows)
+        counts = np.asarray(windows_per_record, dtype=np.int64)
+        name = record_ids[0] if len(record_ids) == 1 else f"{len(record_ids)} records"
         if windows.ndim != 2 or windows.shape[1] != self.max_seq_length or windows.dtype != np.uint8:
-            raise ValueError(f"record {record_id!r}: windows must be uint8 (k, {self.max_seq_length}), "
+            raise ValueError(f"record {name!r}: windows must be uint8 (k, {self.max_seq_length}), "
                              f"got {windows.dtype} {windows.shape}")
-        tokens = int(np.count_nonzero(windows != self.tokenizer.pad_id))
-        self._records.append({"id": record_id, "num_windows": len(windows), "num_tokens": tokens})
-        self._num_tokens += tokens
+        if len(counts) != len(record_ids) or counts.sum() != len(windows) or (counts < 0).any():
+            raise ValueError(f"{name}: windows_per_record {counts.tolist()[:5]}… does not cut "
+                             f"{len(windows)} rows into {len(record_ids)} records")
+        row_tokens = np.count_nonzero(windows != self.tokenizer.pad_id, axis=1)
+        starts = np.concatenate(([0], np.cumsum(counts)))[:-1]
+        # reduceat over an empty run (a record with no window) gives the next row: masked to 0
+        tokens = np.add.reduceat(np.append(row_tokens, 0), starts) * (counts > 0)
+        self._records.extend({"id": rid, "num_windows": int(k), "num_tokens": int(t)}
+                             for rid, k, t in zip(record_ids, counts.tolist(), tokens.tolist()))
+        self._num_tokens += int(tokens.sum())
         self._pending.append(windows)
         self._pending_rows += len(windows)
         while self._pending_rows >= self.windows_per_file:
@@ -140,12 +156,24 @@ def _dumps(manifest: dict) -> str:
     """JSON with one line per record/file entry: readable, diffable, and not 5 lines a record."""
     lines = []
     for key, value in manifest.items():
-        if isinstance(value, list) and value:
-            body = "[\n" + ",\n".join("  " + json.dumps(v) for v in value) + "\n ]"
+        if key == "records" and value:
+            entries = map(_record_json, value)
+        elif isinstance(value, list) and value:
+            entries = map(json.dumps, value)
         else:
-            body = json.dumps(value)
-        lines.append(f" {json.dumps(key)}: {body}")
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+            continue
+        lines.append(f" {json.dumps(key)}: [\n  " + ",\n  ".join(entries) + "\n ]")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _record_json(record: dict) -> str:
+    """json.dumps(record) for a manifest record, several times faster: a gene set has thousands."""
+    return (f'{{"id": {_json_string(record["id"])}, "num_windows": {record["num_windows"]:d}, '
+            f'"num_tokens": {record["num_tokens"]:d}}}')
+
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

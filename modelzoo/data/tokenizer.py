@@ -34,7 +34,7 @@ _BASES = "ACGT"
 _INVALID = 4  # base code for anything that is not A/C/G/T/U
 _CODES = _INVALID + 1  # a codon of base codes c0 c1 c2 has index (c0 * 5 + c1) * 5 + c2 < 125
 _WHITESPACE = b" \t\n\r\v\f"
-_FILLERS = {1: bytes([_INVALID]) * 2, 2: bytes([_INVALID])}  # completes a codon left with 1 or 2 bases
+_FILLERS = {0: b"", 1: bytes([_INVALID]) * 2, 2: bytes([_INVALID])}  # completes a codon left with 1 or 2 bases
 _WHITESPACE_RE = re.compile(r"[ \t\n\r\v\f]+")
 _NON_NUCLEOTIDE_RE = re.compile(r"[^ACGTUacgtu]")
 
@@ -99,17 +99,20 @@ class CodonTokenizer:
     def encode_many(self, seqs) -> list[np.ndarray]:
         """``encode`` of each sequence, in one vectorised pass over all of them (much faster than
         one call per sequence for many short ones, e.g. the genes of a bacterial genome)."""
-        pieces, spans, start = [], [], 0
-        for seq in seqs:
-            codes = self._codes(seq)
-            pieces.append(codes)
-            partial = len(codes) % 3
-            if partial:  # complete the partial codon with invalid bases rather than copying the sequence
-                pieces.append(_FILLERS[partial])
-            spans.append((start, start + len(codes) // 3))
-            start += -(-len(codes) // 3)
+        ids, starts, counts = self.encode_flat(seqs)
+        return [ids[a:a + n] for a, n in zip(starts.tolist(), counts.tolist())]  # views
+
+    def encode_flat(self, seqs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``encode`` of each sequence as one array: sequence i is ``ids[starts[i]:starts[i] +
+        counts[i]]`` (between sequences may lie an [UNK] left from a partial codon: skip it)."""
+        table, codes = self._base_codes, self._codes
+        pieces = [seq.translate(table, _WHITESPACE) if type(seq) is bytes else codes(seq) for seq in seqs]
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        whole = -(-lengths // 3)  # codons including a completed partial one
+        if (lengths % 3).any():  # complete partial codons with invalid bases rather than copying sequences
+            pieces = [part for piece, n in zip(pieces, (lengths % 3).tolist()) for part in (piece, _FILLERS[n])]
         ids = self._codon_ids(b"".join(pieces))
-        return [ids[a:b] for a, b in spans]  # views; a completed partial codon is left out
+        return ids, np.cumsum(whole) - whole, lengths // 3
 
     def _codes(self, seq: str | bytes) -> bytes:
         """One byte per nucleotide: base code 0-3 or _INVALID; whitespace removed."""
