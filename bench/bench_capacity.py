@@ -101,7 +101,7 @@ def part_csx(args) -> None:
             continue
         model_dir, params = work / f"gptj_2.5B_msl{msl}", work / f"gptj_2.5B_msl{msl}.yaml"
         write_params(PRESETS[msl], params, model_dir, work / "memoryx", args.batch_2048 if msl == 2048 else None,
-                     args.lr)
+                     args.lr, model={"mixed_precision": args.precision == "bf16"})
         cmd = [sys.executable, "run.py", "CSX", "--params", str(params), "--num_steps", str(steps)]
         if previous is not None:  # continue from the MSL 2048 run's streamed checkpoint
             cmd += ["--checkpoint_path", str(previous), "--load_checkpoint_states", "model,optimizer,scheduler"]
@@ -298,6 +298,8 @@ def main() -> None:
     p.add_argument("--steps_10240", type=int, default=1)
     p.add_argument("--batch_2048", type=int, default=1, help="MSL 2048 batch (the preset's is 2)")
     p.add_argument("--lr", type=float, default=1e-4)
+    # Without AMX (as on this machine's CPU) fp32 matmuls outrun bf16 ones: see bench_throughput's peak rows.
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CSX runs: compute precision")
     p.add_argument("--budget_gib", type=float, default=18.0, help="RAM one training process may use here")
     p.add_argument("--confirm", action="store_true", help="resident: also train the predicted largest GPT-J")
     p.add_argument("--confirm_layers", type=int, help="resident: confirm with this many blocks instead")

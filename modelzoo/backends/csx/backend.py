@@ -196,8 +196,8 @@ class CSXBackend(Backend):
         apply = self.loss_scaler.update(grad_norm) if self.loss_scaler else math.isfinite(grad_norm)
         if apply:
             clip = self.optimizer_cfg.max_gradient_norm
-            for i in range(n - 1, -1, -1):
-                self.memoryx.update(self._owned(self.wafer.stage_names(i)), lr, clip, total_norm)
+            self.memoryx.update([self._owned(self.wafer.stage_names(i)) for i in range(n - 1, -1, -1)], lr, clip,
+                                total_norm)
         self.memoryx.end_step()
         self._account(step_start, optimizer_start, read_before)
         sparsity = self.sparsity.end_step() if apply and self.sparsity is not None else {}

@@ -18,6 +18,9 @@ norm, clip coefficient and optimizer arithmetic as one resident step.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -26,6 +29,13 @@ from modelzoo.config import OptimizerConfig
 from modelzoo.training import optim
 
 _ZERO = torch.zeros(())
+
+
+def _run_now(fn, *args) -> Future:
+    """``fn(*args)`` done on the spot, as a finished Future (RAM needs no background I/O)."""
+    done = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def _released(shape: torch.Size) -> torch.Tensor:
@@ -88,56 +98,93 @@ class MemoryX:
 
     # ------------------------------------------------------------ the update
 
-    def update(self, names: list[str], lr: float, max_norm: float | None = None,
+    def update(self, stages: list[list[str]], lr: float, max_norm: float | None = None,
                total_norm: torch.Tensor | None = None) -> None:
-        """One optimizer step over ``names`` (those with a gradient); gradients are then dropped."""
-        params = []
+        """One optimizer step over the parameters of each stage in turn (those with a gradient,
+        each once however many stages list it); gradients are then dropped.
+
+        On disk the update is a pipeline: while one stage steps, the next stage's weights,
+        gradients and state are read and the previous stage's are written back, each in a
+        background thread (file I/O and torch's foreach kernels release the GIL), so the
+        optimizer costs about max(read, step, write) per stage rather than their sum."""
+        seen: set[str] = set()
+        stages = [[n for n in names if not (n in seen or seen.add(n))] for names in stages]
+        background = not self.store.resident
+        with ThreadPoolExecutor(2, thread_name_prefix="memoryx-update") if background else nullcontext() as pool:
+            submit = pool.submit if background else _run_now
+            reading = submit(self._read_stage, stages[0]) if stages else None
+            writing = None
+            for k in range(len(stages)):
+                loaded = reading.result()
+                if k + 1 < len(stages):
+                    reading = submit(self._read_stage, stages[k + 1])
+                updated = self._step_stage(loaded, lr, max_norm, total_norm)
+                if writing is not None:
+                    writing.result()  # at most one stage waits to be written: RAM stays bounded
+                writing = submit(self._write_stage, updated)
+            if writing is not None:
+                writing.result()
+
+    def _read_stage(self, names: list[str]) -> list[tuple]:
+        """(name, master or None in RAM, gradient, optimizer state tensors) of each parameter
+        of the stage with a gradient (an unused parameter has none: the optimizer skips it)."""
+        loaded = []
         for name in names:
-            key = f"g/{name}"
-            if key not in self.store:
-                continue  # no gradient (unused parameter): the optimizer skips it too
+            if f"g/{name}" not in self.store:
+                continue
+            master = None if self.store.resident else self.store.get(f"w/{name}")
+            state = {k: self.store.get(f"s/{name}/{k}") for k in self._state_keys.get(name, ())}
+            loaded.append((name, master, self.store.get(f"g/{name}"), state))
+        return loaded
+
+    def _step_stage(self, loaded: list[tuple], lr: float, max_norm, total_norm) -> list[tuple]:
+        """The optimizer step on loaded tensors; returns (name, master, state tensors) to store."""
+        params = []
+        for name, master, grad, state in loaded:
             handle = self.handles[name]
-            if not self.store.resident:
-                handle.data = self.store.get(f"w/{name}")
-            handle.grad = self.store.get(key)
-            self._load_state(name, handle)
+            if master is not None:
+                handle.data = master
+            handle.grad = grad
+            state = {**self._scalars.get(name, {}), **state}
+            if state:
+                self.optimizer.state[handle] = state
             params.append((name, handle))
         if not params:
-            return
+            return []
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, total_norm, foreach=True)
         optim.set_learning_rate(self.optimizer, lr)
         self.optimizer.step()
+        updated = []
         for name, handle in params:
             if self.sparsity is not None:
                 self.sparsity.update(name, handle.data, self.optimizer.state.get(handle, {}))
             handle.grad = None
-            self.store.pop(f"g/{name}")
-            self.store.put(f"w/{name}", handle.data)
-            self._unload_state(name, handle)
+            updated.append((name, handle.data, self._unload_state(name, handle)))
             if not self.store.resident:
                 handle.data = _released(handle.shape)
+        return updated
+
+    def _write_stage(self, updated: list[tuple]) -> None:
+        for name, master, tensors in updated:
+            self.store.pop(f"g/{name}")
+            self.store.put(f"w/{name}", master)
+            for k, v in tensors.items():
+                self.store.put(f"s/{name}/{k}", v)
 
     def end_step(self) -> None:
         self.norms.clear()
         for name in self.handles:  # a gradient left over (should not happen) must not leak into the next step
             self.store.pop(f"g/{name}")
 
-    def _load_state(self, name: str, handle: nn.Parameter) -> None:
-        state = dict(self._scalars.get(name, {}))
-        state.update({k: self.store.get(f"s/{name}/{k}") for k in self._state_keys.get(name, ())})
-        if state:
-            self.optimizer.state[handle] = state
-
-    def _unload_state(self, name: str, handle: nn.Parameter) -> None:
+    def _unload_state(self, name: str, handle: nn.Parameter) -> dict[str, torch.Tensor]:
+        """Take the parameter's optimizer state out of the optimizer: small values stay in RAM,
+        the tensors it returns belong in the store (under s/name/key)."""
         state = self.optimizer.state.pop(handle, {})
-        self._scalars[name], self._state_keys[name] = {}, []
-        for k, v in state.items():
-            if torch.is_tensor(v) and v.ndim > 0:
-                self.store.put(f"s/{name}/{k}", v)
-                self._state_keys[name].append(k)
-            else:
-                self._scalars[name][k] = v
+        tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and v.ndim > 0}
+        self._scalars[name] = {k: v for k, v in state.items() if k not in tensors}
+        self._state_keys[name] = list(tensors)
+        return tensors
 
     # ------------------------------------------------------------ checkpoints
 
@@ -194,7 +241,8 @@ class MemoryX:
             optim.load_optimizer_state_by_name(self.optimizer, {**saved, "state": {name: values}}, self.handles)
             self.optimizer.state[handle] = {k: (v.clone() if torch.is_tensor(v) else v)
                                             for k, v in self.optimizer.state[handle].items()}
-            self._unload_state(name, handle)
+            for k, v in self._unload_state(name, handle).items():
+                self.store.put(f"s/{name}/{k}", v)
             for v in values.values():
                 if torch.is_tensor(v):
                     release_pages(v)

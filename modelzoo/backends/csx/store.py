@@ -23,6 +23,7 @@ import os
 import weakref
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -70,13 +71,15 @@ class DiskStore:
         self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         self._files: dict[str, tuple[Path, torch.Size, torch.dtype]] = {}
         self._next_file = 0
+        self._lock = threading.Lock()
         atexit.register(self.close)  # the files are a working copy: checkpoints hold the state
 
     def _path(self, key: str) -> Path:
-        if key in self._files:
-            return self._files[key][0]
-        self._next_file += 1
-        return self.directory / f"{self._next_file:06d}.bin"
+        with self._lock:  # MemoryX's update reads and writes in background threads
+            if key in self._files:
+                return self._files[key][0]
+            self._next_file += 1
+            return self.directory / f"{self._next_file:06d}.bin"
 
     def get(self, key: str) -> torch.Tensor:
         path, shape, dtype = self._files[key]
