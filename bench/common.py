@@ -167,7 +167,7 @@ def hf_train_step(model, batch: dict, bf16: bool) -> tuple[Callable[[], float], 
         optim.clip_gradients(params, OPTIMIZER["max_gradient_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
     return step, sum(p.numel() for p in params)
 
 
@@ -176,9 +176,11 @@ def hf_twin(kind: str, cfg):
     BertForMaskedLM with our weights (via modelzoo.models.hf); GPTNeoXForCausalLM (GenSLM's own
     architecture: parallel attention/MLP, rotary on 25% of each head) with its own random
     initialisation. Attention is transformers' default for the class on CPU ('sdpa' where the
-    class supports it; GPT-J supports only 'eager' there)."""
+    class supports it; GPT-J supports only 'eager' there) unless ``kind`` names one after a
+    slash, e.g. 'GPT2LMHeadModel/eager' (transformers' classic quadratic-memory attention)."""
     import transformers
     from modelzoo.models import build_model, hf
+    kind, _, implementation = kind.partition("/")
     if kind == "GPTNeoXForCausalLM":
         config = transformers.GPTNeoXConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -186,11 +188,16 @@ def hf_twin(kind: str, cfg):
             max_position_embeddings=cfg.max_position_embeddings, hidden_dropout=cfg.dropout_rate,
             attention_dropout=cfg.attention_dropout_rate, layer_norm_eps=cfg.layer_norm_epsilon,
             use_parallel_residual=True, bos_token_id=None, eos_token_id=None, pad_token_id=3)
+        if implementation:
+            config._attn_implementation = implementation
         torch.manual_seed(0)
         return transformers.GPTNeoXForCausalLM(config)
     torch.manual_seed(0)
     ours = build_model(cfg)
-    twin = getattr(transformers, kind)(hf.hf_config(cfg))
+    config = hf.hf_config(cfg)
+    if implementation:
+        config._attn_implementation = implementation
+    twin = getattr(transformers, kind)(config)
     missing, unexpected = twin.load_state_dict(hf.to_hf_state(cfg, ours.state_dict()), strict=False)
     if [k for k in missing if not k.endswith(hf.IGNORED_SUFFIXES)] or unexpected:
         raise RuntimeError(f"{kind}: weights did not map: missing {missing}, unexpected {unexpected}")
@@ -199,3 +206,31 @@ def hf_twin(kind: str, cfg):
 
 def attention_kind(model) -> str:
     return model.config._attn_implementation
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class _AttentionDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtype attention scores are computed in: the output of every
+    scaled_dot_product_attention call, and of every matmul whose result is a 4-D (seq x seq)
+    score matrix (eager attention). Output dtypes, because autocast may recast the inputs."""
+
+    def __init__(self, seq: int):
+        super().__init__()
+        self.seq, self.dtypes = seq, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        scores = (func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+                  and isinstance(out, torch.Tensor) and out.dim() == 4 and tuple(out.shape[-2:]) == (self.seq,) * 2)
+        if func is torch.nn.functional.scaled_dot_product_attention or scores:
+            self.dtypes.add(_DTYPE_NAMES.get(out.dtype, str(out.dtype)))
+        return out
+
+
+def attention_precision(step: Callable[[], object], seq: int) -> str:
+    """Run ``step`` once and say which precision its attention computed in (e.g. 'bf16')."""
+    with _AttentionDtypes(seq) as mode:
+        step()
+    return "+".join(sorted(mode.dtypes)) or "none seen"

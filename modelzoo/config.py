@@ -77,10 +77,11 @@ class ModelConfig(Section):
     mixed_precision: bool = Field(False, description="Compute in fp16_type (autocast) with fp32 master weights.")
     fp16_type: Literal["bfloat16", "float16"] = Field("bfloat16", description="Low-precision dtype used "
                                                                                "when mixed_precision is on.")
-    attention_in_fp32: bool = Field(False, description="With mixed_precision: compute attention (scores, softmax, "
-                                                       "weighted values) in fp32 rather than fp16_type. More "
-                                                       "accurate; faster on CPUs without AMX, whose bf16 matmuls "
-                                                       "run at about half their fp32 rate.")
+    attention_in_fp32: Literal[True, False, "auto"] = Field(
+        "auto", description="With mixed_precision: compute attention (scores, softmax, weighted values) in fp32 "
+                            "(true) or in fp16_type (false). auto: fp32 on CPUs without AMX tiles, whose "
+                            "bf16/fp16 matmul and attention kernels run at about half their fp32 rate; "
+                            "fp16_type on AMX CPUs and GPUs. fp32 is also the more accurate.")
     rotary_dim: Optional[int] = Field(None, gt=0, description="GPT-J only: dimensions of each head that get "
                                                               "rotary embeddings (default head_dim / 4, as GenSLM).")
     num_labels: Optional[int] = Field(None, gt=1, description="BERT only: number of classes; when set, the model "

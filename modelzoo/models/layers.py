@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import functools
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -79,6 +81,27 @@ def position_offset(batch: dict) -> int:
     return 0 if cache is None else cache.offset
 
 
+@functools.cache
+def _cpu_has_amx(dtype: torch.dtype) -> bool:
+    """Whether this CPU has AMX tiles for ``dtype`` (torch's private probes; unknown = no)."""
+    probe = "_is_amx_fp16_supported" if dtype == torch.float16 else "_is_amx_tile_supported"
+    return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
+def attention_in_fp32(setting: Union[bool, Literal["auto"]], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention on q/k/v of ``dtype`` on ``device`` computes in fp32 (model.attention_in_fp32).
+
+    "auto" picks fp32 on CPUs without AMX tiles: there bf16/fp16 matmuls (and the flash-attention
+    kernel built on them) run at about half the fp32 rate, so fp32 attention is both faster and
+    more accurate. Elsewhere (AMX CPUs, GPUs) it keeps the low-precision dtype.
+    """
+    if dtype == torch.float32 or setting is False:
+        return False
+    if setting is True:
+        return True
+    return device.type == "cpu" and not _cpu_has_amx(dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention (flash / memory-efficient
     kernels, so memory grows linearly with sequence length)."""
@@ -86,10 +109,10 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, bias: bool, dropout: float,
                  attention_dropout: float, causal: bool,
                  rotary: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
-                 out_bias: Optional[bool] = None, in_fp32: bool = False):
+                 out_bias: Optional[bool] = None, in_fp32: Union[bool, Literal["auto"]] = False):
         super().__init__()
         self.num_heads = num_heads
-        self.in_fp32 = in_fp32  # attention math in fp32 even under low-precision autocast
+        self.in_fp32 = in_fp32  # True, False or "auto": see attention_in_fp32()
         self.causal = causal
         self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
@@ -107,7 +130,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).unbind(2)
+        qkv = self.qkv(x)
+        dtype = qkv.dtype  # the projections' (autocast) dtype, which the output returns to
+        in_fp32 = attention_in_fp32(self.in_fp32, qkv.device, dtype)
+        if in_fp32:  # one cast of q, k and v together, before rotary, so positions rotate in fp32 too
+            qkv = qkv.float()
+        q, k, v = qkv.view(b, t, 3, self.num_heads, c // self.num_heads).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, head_dim)
         past = 0 if cache is None else cache.length(self)
         if self.rotary is not None:
@@ -125,13 +153,13 @@ class Attention(nn.Module):
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         is_causal = self.causal and mask is None and not past
         dropout_p = self.attention_dropout if self.training else 0.0
-        if self.in_fp32 and q.dtype != torch.float32:
-            with torch.autocast(q.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                   is_causal=is_causal, dropout_p=dropout_p).to(q.dtype)
-        else:
+        # autocast would cast fp32 q/k/v back down to the low-precision dtype
+        with torch.autocast(x.device.type, enabled=False) if in_fp32 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, c)))
+        # heads back next to each other, in the projections' dtype: one copy for both (a cast
+        # lays the copy out contiguously, so the reshape is then a view)
+        y = y.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).reshape(b, t, c)
+        return self.dropout(self.out(y))
 
 
 class MLP(nn.Module):
