@@ -240,3 +240,26 @@ def test_unwritable_model_dir(tmp_path, shards, capsys, monkeypatch):
     assert "Read-only file system" in line
     after = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.name.startswith("checkpoint")}
     assert after == before
+
+
+def test_checkpoint_larger_than_ram_plus_swap_loads_through_a_shared_map(tmp_path, monkeypatch):
+    """The kernel refuses a private map of a file larger than RAM + swap (a 30 GB GenSLM-2.5B
+    checkpoint on a 24 GB machine): loading falls back to a shared map of the same file."""
+    import mmap
+    path = ckpt.save_checkpoint(tmp_path, 3, small_state(3))
+    real_load, modes = torch.load, []
+
+    def load(*args, **kwargs):
+        modes.append(torch.serialization.get_default_mmap_options())
+        if modes[-1] != mmap.MAP_SHARED:
+            raise RuntimeError(f"unable to mmap 30399717937 bytes from file <{path}>: Cannot allocate memory (12)")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    state = ckpt.load_checkpoint(path)
+    assert modes == [mmap.MAP_PRIVATE, mmap.MAP_SHARED] and state["step"] == 3
+    assert torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE  # restored afterwards
+    # any other failure is still one line naming the file
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad zip")))
+    with pytest.raises(CheckpointError, match="cannot be read as a checkpoint .*bad zip"):
+        ckpt.load_checkpoint(path)

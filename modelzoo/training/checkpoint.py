@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import mmap
 import os
 import re
 from pathlib import Path
@@ -154,6 +155,21 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def _load_mapped(path: Path) -> dict:
+    """torch.load through a memory map: pages come in as tensors are read, so a state larger
+    than RAM loads too. The map is private (copy-on-write) unless the kernel refuses one that
+    large: it charges a private map against RAM + swap (heuristic overcommit), a shared one not.
+    A checkpoint that large only fits a consumer that copies each tensor out (CSX MemoryX,
+    inference) and never writes to them, which could otherwise reach the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "Cannot allocate memory" not in str(e):
+            raise
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -162,10 +178,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     try:
-        # mmap: pages come in as tensors are read, so a state larger than RAM loads too
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = _load_mapped(path)
     except Exception as e:  # sealed yet unreadable: written by something else, or another torch
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__})") from None
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path}: not a Model Zoo checkpoint (no model state and step)")
     return state
