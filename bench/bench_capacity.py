@@ -37,14 +37,14 @@ PHASE_LINE = re.compile(r"CSX step ([\d.]+) s: compute ([\d.]+) s, waiting for w
                         r"MemoryX ([\d.]+) s, optimizer ([\d.]+) s \(weights read from MemoryX ([\d.]+) s")
 
 
-def run_timed(cmd: list[str], log_path: Path, once_loaded=None, run_log: Path | None = None) -> dict:
+def run_timed(cmd: list[str], log_path: Path, once_loaded=None) -> dict:
     """Run cmd under /usr/bin/time -v; returns exit code, wall seconds and peak RSS.
-    ``once_loaded()`` runs when run_log says the starting checkpoint was loaded."""
+    ``once_loaded()`` runs when the run's output says the starting checkpoint was loaded."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         while proc.poll() is None:
             time.sleep(5)
-            if once_loaded and run_log.exists() and " loaded " in run_log.read_text(errors="replace"):
+            if once_loaded and " loaded " in log_path.read_text(errors="replace"):
                 once_loaded()
                 once_loaded = None
     return timed_result(log_path)
@@ -119,7 +119,7 @@ def part_csx(args) -> None:
             result = timed_result(log_path)
         else:
             print("running:", " ".join(cmd), flush=True)
-            result = run_timed(cmd, log_path, cleanup, model_dir / "run.log")
+            result = run_timed(cmd, log_path, cleanup)
         result.update(parse_run_log(model_dir), msl=msl, batch=yaml.safe_load(params.read_text())["train_input"]
                       ["batch_size"], resumed_from=str(previous) if previous else None)
         runs.append(result)
@@ -232,16 +232,26 @@ def csx_run(work: Path, msl: int) -> dict:
     return result
 
 
+def _precision_note(work: Path) -> str:
+    """How the CSX runs computed and what learning rate they used, from their params."""
+    params = yaml.safe_load((work / "gptj_2.5B_msl2048.yaml").read_text())
+    precision = "bf16 autocast" if params["model"].get("mixed_precision") else "fp32"
+    return (f"Batch 1, {precision} compute on the wafer, fp32 master weights and AdamW state in MemoryX, "
+            f"constant learning rate {params['optimizer']['learning_rate']:g} (the first steps of a warm-up: "
+            f"Adam's first steps move every weight by about the learning rate, which at 1e-5 and 1e-4 sent the "
+            f"loss up).")
+
+
 def report(args) -> None:
     work = Path(args.work_dir)
     lines = ["# Capacity: GenSLM-2.5B on CSX (disk MemoryX) vs the resident CPU backend", "",
-             "`python bench/bench_capacity.py csx`, then `python bench/bench_capacity.py resident --confirm` "
-             "(2 shared CPU cores, 24 GB RAM, no swap; other engineers' jobs ran alongside, so times are upper "
-             "bounds)", ""]
+             "`python bench/bench_capacity.py csx`, then `python bench/bench_capacity.py resident "
+             "--confirm` (2 CPU cores, 24 GB RAM, no swap)", ""]
     runs = [csx_run(work, msl) for msl in (2048, 10240) if (work / f"msl{msl}.log").exists()]
     if runs:
         lines += ["## GenSLM-2.5B (GPT-J, hidden 3840, 28 layers, 32 heads, FFN 4096), CSX, disk MemoryX", "",
-                  "Seconds per step and per phase, from the CSX backend's per-step log line:", "",
+                  f"{_precision_note(work)} Seconds per step and per phase, from the CSX backend's per-step "
+                  "log line:", "",
                   "| MSL x batch | step | loss | grad norm | s/step | compute | waiting for weights | "
                   "gradients to MemoryX | optimizer (MemoryX) | weights read (overlapped) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -256,10 +266,6 @@ def report(args) -> None:
             rss = f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "?"
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
             lines.append(f"| MSL {r['msl']} | {r['status']} | {rss} | {wall} |")
-        if any((r["peak_rss_gib"] or 0) > 5 for r in runs):
-            lines += ["", "A peak near 10 GiB is the in-RAM build of the model by a run started before the CSX "
-                          "backend initialised weights tensor by tensor (see the setup line below); training itself "
-                          "held about 1.4 GiB."]
         lines.append("")
     if (work / "setup.json").exists():
         r = json.loads((work / "setup.json").read_text())
@@ -297,7 +303,9 @@ def main() -> None:
     p.add_argument("--steps_2048", type=int, default=3)
     p.add_argument("--steps_10240", type=int, default=1)
     p.add_argument("--batch_2048", type=int, default=1, help="MSL 2048 batch (the preset's is 2)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    # Adam's first steps move every weight by about the learning rate: at 1e-4 and 1e-5 the 2.5B
+    # model's loss went up (4.88 -> 12.66 and -> 6.74 at step 2); 1e-6 is where a warm-up starts
+    p.add_argument("--lr", type=float, default=1e-6)
     # Without AMX (as on this machine's CPU) fp32 matmuls outrun bf16 ones: see bench_throughput's peak rows.
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CSX runs: compute precision")
     p.add_argument("--budget_gib", type=float, default=18.0, help="RAM one training process may use here")

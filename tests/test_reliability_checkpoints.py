@@ -259,6 +259,10 @@ def test_checkpoint_larger_than_ram_plus_swap_loads_through_a_shared_map(tmp_pat
     state = ckpt.load_checkpoint(path)
     assert modes == [mmap.MAP_PRIVATE, mmap.MAP_SHARED] and state["step"] == 3
     assert torch.serialization.get_default_mmap_options() == mmap.MAP_PRIVATE  # restored afterwards
+    # a file as large as RAM goes straight to the shared map (torch leaks the fd of a refused one)
+    modes.clear()
+    monkeypatch.setattr(ckpt, "_ram_bytes", lambda: path.stat().st_size)
+    assert ckpt.load_checkpoint(path)["step"] == 3 and modes == [mmap.MAP_SHARED]
     # any other failure is still one line naming the file
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad zip")))
     with pytest.raises(CheckpointError, match="cannot be read as a checkpoint .*bad zip"):

@@ -157,17 +157,28 @@ def verify(path: Path) -> str | None:
 
 def _load_mapped(path: Path) -> dict:
     """torch.load through a memory map: pages come in as tensors are read, so a state larger
-    than RAM loads too. The map is private (copy-on-write) unless the kernel refuses one that
-    large: it charges a private map against RAM + swap (heuristic overcommit), a shared one not.
-    A checkpoint that large only fits a consumer that copies each tensor out (CSX MemoryX,
-    inference) and never writes to them, which could otherwise reach the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError as e:
-        if "Cannot allocate memory" not in str(e):
-            raise
+    than RAM loads too. The map is private (copy-on-write) unless the file is as large as RAM:
+    the kernel charges a private map against RAM + swap and refuses one that large (heuristic
+    overcommit), a shared one not. Such a checkpoint only fits a consumer that copies each
+    tensor out (CSX MemoryX, inference) and never writes to them, which could reach the file.
+    Deciding up front matters: torch leaks the file descriptor of a refused map, which keeps a
+    deleted checkpoint's disk space until the process ends."""
+    shared = path.stat().st_size >= _ram_bytes()
+    if not shared:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "Cannot allocate memory" not in str(e):
+                raise
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): torch maps privately there
+        return 1 << 62
 
 
 def load_checkpoint(path: str | Path) -> dict:
