@@ -71,6 +71,8 @@ def test_classifier_fine_tunes_from_mlm_and_exports_with_class_names(shards_msl6
     log = train(capsys, classifier, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "mlm", 2),
                 "--load_checkpoint_states", "model", "--num_steps", 1)
     assert "new head tensors head.classifier.bias" in log and "not used: head.bias" in log
+    # the new model_dir's run.log says where the run started, though it was created after that
+    assert f"loaded {ckpt.checkpoint_path(tmp_path / 'mlm', 2)}" in (tmp_path / "cls" / "run.log").read_text()
 
     code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "cls", "--output_dir", tmp_path / "hf")
     assert code == 0 and "BertForSequenceClassification" in out

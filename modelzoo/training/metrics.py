@@ -12,8 +12,25 @@ import numpy as np
 log = logging.getLogger("modelzoo")
 
 
+class _EarlyRecords(logging.Handler):
+    """What rank 0 logged before model_dir existed (a run creates it only once its inputs and
+    starting checkpoint have been read): run.log gets these first, e.g. which checkpoint a
+    fine-tuning run loaded."""
+
+    LIMIT = 1000  # a process that never gets a model_dir (a tool) must not grow without bound
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(record)
+
+
 def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
     """Console on rank 0 (others only warn), plus model_dir/run.log appended across resumes."""
+    early = [r for h in log.handlers if isinstance(h, _EarlyRecords) for r in h.records]
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -25,7 +42,11 @@ def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
     if model_dir is not None and rank == 0:
         file = logging.FileHandler(model_dir / "run.log")
         file.setFormatter(fmt)
+        for record in early:
+            file.handle(record)
         log.addHandler(file)
+    elif rank == 0:
+        log.addHandler(_EarlyRecords())
 
 
 class ScalarWriters:
