@@ -88,6 +88,21 @@ def test_csx_loss_curve_equals_cpu(data_dir, model_name):
     assert_close_curves(cpu, csx)
 
 
+@pytest.mark.parametrize("model_name", ["gpt2", "bert"])
+def test_kept_activations_equal_cpu_and_leave_no_weights_on_the_wafer(data_dir, model_name, monkeypatch):
+    """keep_activations: no recompute, weights still stream in twice and are released between the
+    passes; the loss curve is the resident one (tied weights, dropout, disk MemoryX included)."""
+    params = make_params(data_dir, model_name, csx={"keep_activations": True, "memoryx": "disk"})
+    released = []
+    real_resize = torch.UntypedStorage.resize_
+    monkeypatch.setattr(torch.UntypedStorage, "resize_",
+                        lambda self, n: released.append(n) or real_resize(self, n))
+    csx, _ = train("csx", params, steps=8)
+    cpu, _ = train("cpu", params, steps=8)
+    assert_close_curves(cpu, csx)
+    assert released.count(0) == sum(n > 0 for n in released) > 0  # every release refilled once
+
+
 def test_disk_memoryx_equals_ram_bit_for_bit(data_dir, tmp_path):
     ram, ram_backend = train("csx", make_params(data_dir, csx={"memoryx": "ram"}), steps=6)
     disk_params = make_params(data_dir, csx={"memoryx": "disk", "memoryx_dir": str(tmp_path / "mx"),

@@ -91,7 +91,7 @@ class CSXBackend(Backend):
         self.optimizer_cfg = optimizer_cfg
         self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
         self.plan(model, optimizer_cfg)  # refuse a model that cannot fit before touching anything
-        self.wafer = Wafer(model)
+        self.wafer = Wafer(model, keep_activations=self.cfg.keep_activations)
         n = len(self.wafer.stages)
         stage_names = [self.wafer.stage_names(i) for i in range(n)]
         self.swarm = SwarmX(stage_names)

@@ -12,6 +12,12 @@ Training one micro-batch:
   in ``torch.utils.checkpoint``), and ``torch.autograd.grad`` gives the gradients of its input
   activation and of its weights, which stream out to MemoryX.
 
+With ``keep_activations`` the stages 0..n-2 instead run forward with autograd and keep their
+graphs (the activations autograd saved), as the real wafer keeps activations: no recompute.
+Their weights still leave the wafer after the forward pass (the storage of each bound weight
+is released, as FSDP does) and stream in again for backward, refilled in place before the
+stage's graph is differentiated.
+
 The global RNG ends where a resident forward/backward would leave it, so dropout draws match
 the resident backends step for step. Nothing here knows which model it runs.
 """
@@ -32,8 +38,9 @@ GradientSink = Callable[[int, dict[str, torch.Tensor | None]], None]
 
 
 class Wafer:
-    def __init__(self, model: StagedModel):
+    def __init__(self, model: StagedModel, keep_activations: bool = False):
         self.model = model
+        self.keep_activations = keep_activations
         self.stages = model.stages()
         names = {id(p): n for n, p in model.named_parameters()}
         # stage -> [(name inside the stage, MemoryX name)]; a tied weight appears in several stages
@@ -82,6 +89,8 @@ class Wafer:
         """Loss x loss_weight of one micro-batch; hands each stage's weight gradients to
         ``gradients_out(stage, {name: grad or None})`` as the backward pass produces them
         (gradients of the loss times loss_scale when an fp16 loss scale is given)."""
+        if self.keep_activations:
+            return self._forward_backward_kept(batch, loss_weight, weights, gradients_out, loss_scale)
         last = len(self.stages) - 1
         boundary, rng_states = [], []
         hidden = None
@@ -99,6 +108,36 @@ class Wafer:
                 _, grad_hidden = self._differentiate(i, next(weights), boundary[i], batch, grad_hidden,
                                                      None, gradients_out)
             boundary[i] = None  # the wafer frees each boundary activation once it is used
+        return loss
+
+    def _forward_backward_kept(self, batch, loss_weight, weights, gradients_out, loss_scale) -> float:
+        last = len(self.stages) - 1
+        graphs, hidden = [], None
+        for i in range(last):
+            # own copies: in RAM MemoryX streams fp32 masters themselves, whose storage must live on
+            streamed = next(weights)
+            leaves = {name: streamed[name].detach().clone().requires_grad_() for name in self.stage_names(i)}
+            hidden, inputs = _differentiable(hidden)
+            with torch.enable_grad():
+                hidden = self.run(i, leaves, hidden, batch)
+            outputs = [t for t in tree_flatten(hidden)[0] if torch.is_tensor(t) and t.requires_grad]
+            for leaf in leaves.values():
+                leaf.untyped_storage().resize_(0)  # the weights leave the wafer; the graph stays
+            graphs.append((inputs, outputs, leaves))
+        loss, grad_hidden = self._differentiate(last, next(weights), hidden, batch, None,
+                                                (loss_weight, loss_scale), gradients_out)
+        for i in range(last - 1, -1, -1):
+            inputs, outputs, leaves = graphs[i]
+            graphs[i] = None  # the wafer frees each stage's activations once they are used
+            streamed = next(weights)
+            for name, leaf in leaves.items():  # back in place: autograd's saved views of it see them
+                leaf.untyped_storage().resize_(leaf.numel() * leaf.element_size())
+                leaf.data.copy_(streamed[name])  # through .data: not an in-place change autograd checks
+            wrt = inputs + list(leaves.values())
+            grads = torch.autograd.grad(outputs, wrt, grad_hidden, allow_unused=True) if wrt and outputs \
+                else [None] * len(wrt)
+            grad_hidden = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
+            gradients_out(i, dict(zip(leaves, grads[len(inputs):])))
         return loss
 
     def _differentiate(self, i, weights, hidden, batch, grad_out, loss_scaling, gradients_out):
