@@ -183,3 +183,17 @@ def test_compile_only_prints_plan_and_refuses_oversize_stage(data_dir, tmp_path,
     err = capsys.readouterr().err
     assert "runconfig.csx.wafer_memory_gb: stage" in err and "GiB" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_plan_counts_kept_activations(data_dir):
+    from modelzoo.backends.csx.plan import make_plan
+    params = make_params(data_dir)
+    model = build_model(params.model)
+    plans = {keep: make_plan(model, (4, SEQ), 2, 1, 1, params.optimizer, keep_activations=keep)
+             for keep in (False, True)}
+    kept = sum(c.saved_bytes for c in plans[True].stages[:-1])
+    assert kept > 0
+    # the first stage's peak now holds every earlier-kept graph: all stages' but the last
+    first = [p.stages[0] for p in (plans[False], plans[True])]
+    assert first[1].peak_bytes == first[0].peak_bytes - first[0].saved_bytes + kept
+    assert plans[True].peak.peak_bytes > plans[False].peak.peak_bytes

@@ -74,7 +74,8 @@ class CSXBackend(Backend):
     def plan(self, model: StagedModel, optimizer_cfg=None) -> str:
         """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
         plan = make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
-                         optimizer_cfg or self.optimizer_cfg, training=self.training)
+                         optimizer_cfg or self.optimizer_cfg, training=self.training,
+                         keep_activations=self.cfg.keep_activations)
         text = format_plan(plan, self.cfg.wafer_memory_gb, self.cfg.memoryx)
         if self.sparsity_cfg is not None:
             text += "\n" + plan_lines(plan, model, build_sparsifier(self.sparsity_cfg, model.named_parameters()),

@@ -63,16 +63,20 @@ def optimizer_state_tensors(cfg: OptimizerConfig | None) -> int:
 
 
 def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: int, prefetch_depth: int,
-              systems: int, optimizer_cfg: OptimizerConfig | None, training: bool = True) -> Plan:
+              systems: int, optimizer_cfg: OptimizerConfig | None, training: bool = True,
+              keep_activations: bool = False) -> Plan:
     dtype = model.config.compute_dtype
     costs = _stage_costs(model, micro_batch, dtype, training)
     n = len(costs)
     boundary = sum(c.output_bytes for c in costs[:-1])
+    # keep_activations: every stage but the last holds what autograd saved until its backward
+    kept = sum(c.saved_bytes for c in costs[:-1]) if (keep_activations and training) else 0
     for i, c in enumerate(costs):
         ahead = sum(costs[j % n].weight_bytes for j in range(i + 1, i + 1 + prefetch_depth))
         grads = c.weight_bytes if training else 0
         grad_in = costs[i - 1].output_bytes if (training and i > 0) else 0
-        c.peak_bytes = boundary + c.weight_bytes + ahead + grads + c.saved_bytes + c.output_bytes + grad_in
+        own_saved = c.saved_bytes if (not kept or i == n - 1) else 0  # else already counted in kept
+        c.peak_bytes = boundary + kept + c.weight_bytes + ahead + grads + own_saved + c.output_bytes + grad_in
     unique = sum(p.numel() for p in model.parameters())
     states = optimizer_state_tensors(optimizer_cfg) if training else 0
     memoryx = unique * 4 * (1 + (1 + states if training else 0))
