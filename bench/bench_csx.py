@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import OPTIMIZER, ROOT, machine, markdown_table, peak_rss_mib, run_worker, write_result  # noqa: E402
 
 
 KINDS = ("cpu", "csx", "csx_keep")  # csx_keep: runconfig.csx.keep_activations (no recompute in backward)
@@ -34,8 +32,7 @@ def raw_params(seq: int, batch: int, memoryx_dir: str) -> dict:
     model = yaml.safe_load((ROOT / "configs" / "genslm" / "gptj_25M_msl2048.yaml").read_text())["model"]
     model["max_position_embeddings"] = seq
     return {"model": model,
-            "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-4, "weight_decay": 0.01,
-                          "max_gradient_norm": 1.0},
+            "optimizer": dict(OPTIMIZER),
             "runconfig": {"mode": "eval", "model_dir": memoryx_dir, "csx": {"memoryx": "ram", "prefetch_depth": 1}}}
 
 
@@ -61,21 +58,13 @@ def worker(kind: str, steps: int, batch: int, seq: int) -> dict:
     start = time.perf_counter()
     losses = [backend.train_step([mb], 1e-4)["loss"] for _ in range(steps)]
     elapsed = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     phases = {}
     if kind != "cpu":  # where the timed steps went (the warm-up step excluded)
         total = dict(backend.phase_seconds)
         phases = {k: (total[k] - warm.get(k, 0.0)) / steps for k in total}
     return {"kind": kind, "phases": phases, "model": params.model.name, "steps_per_s": steps / elapsed,
-            "tokens_per_s": steps * batch * seq / elapsed, "peak_rss_mib": peak_kib / 1024,
+            "tokens_per_s": steps * batch * seq / elapsed, "peak_rss_mib": peak_rss_mib(),
             "parameters": sum(p.numel() for p in build_model(params.model).parameters()), "loss": losses[-1]}
-
-
-def run_worker(kind: str, args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
-                          "--batch", str(args.batch), "--seq", str(args.seq)],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -94,7 +83,8 @@ def main() -> None:
     for _ in range(args.rounds):
         this = {}
         for kind in KINDS:
-            r = this[kind] = run_worker(kind, args)
+            r = this[kind] = run_worker(Path(__file__), ["--worker", kind, "--steps", str(args.steps),
+                                                         "--batch", str(args.batch), "--seq", str(args.seq)])
             if kind not in best or r["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = r
         round_ratios.append({k: this[k]["tokens_per_s"] / this["cpu"]["tokens_per_s"] for k in KINDS[1:]})
@@ -107,12 +97,10 @@ def main() -> None:
         rows.append((LABELS[kind], f"{r['tokens_per_s']:.0f}", f"{r['steps_per_s']:.3f}", f"{r['peak_rss_mib']:.0f}",
                      "" if kind == "cpu" else f"{ratio:.3f} ({'met' if ratio >= 0.9 else 'missed'})",
                      "" if kind == "cpu" else f"{r['peak_rss_mib'] / cpu['peak_rss_mib']:.3f}"))
-    table = "\n".join("| " + " | ".join(r) + " |" + ("\n|---|---|---|---|---|---|" if i == 0 else "")
-                      for i, r in enumerate(rows))
+    table = markdown_table(rows)
     header = (f"{cpu['model']} {cpu['parameters']:,} parameters, MSL {args.seq}, batch {args.batch}, bf16 mixed "
               f"precision, AdamW + clipping, {args.steps} timed steps after 1 warm-up, best of {args.rounds} "
-              f"alternating rounds; {platform.processor() or platform.machine()}, "
-              f"{__import__('os').cpu_count()} CPUs")
+              f"alternating rounds; {machine()}")
     for kind in KINDS[1:]:
         ph = best[kind]["phases"]
         table += (f"\n\n{LABELS[kind]}, time per step (best round): compute {ph['compute']:.2f} s, waiting for "
@@ -121,9 +109,7 @@ def main() -> None:
                   f"(overlapped). Every round's ratio to CPU: " + ", ".join(f"{r[kind]:.3f}" for r in round_ratios))
     print(header)
     print(table)
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "csx_vs_cpu.md").write_text(
-        f"# CSX vs CPU throughput\n\n`python bench/bench_csx.py`\n\n{header}\n\n{table}\n")
+    write_result("csx_vs_cpu.md", "CSX vs CPU throughput", "python bench/bench_csx.py", f"{header}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ MFU_TARGET = 0.60
 FORCED = "ours_forced"  # our model with the attention_in_fp32 setting 'auto' did not pick
 
 
+def _not_chosen(cfg) -> bool:
+    """The attention_in_fp32 setting that cfg's ('auto') does not pick for bf16 on this CPU."""
+    return not attention_in_fp32(cfg.attention_in_fp32, torch.device("cpu"), torch.bfloat16)
+
+
 def worker(ours_name: str, theirs_name: str, precision: str, steps: int, batch: int, seq: int) -> dict:
     bf16 = precision == "bf16"
     cfg = our_config(ours_name, seq, bf16)
@@ -60,8 +65,7 @@ def worker(ours_name: str, theirs_name: str, precision: str, steps: int, batch: 
     settings = {"ours": cfg.attention_in_fp32}
     sides = {"ours": our_train_step(cfg, data)[0]}
     if bf16:  # the same model with the attention precision 'auto' did not choose here
-        forced = not attention_in_fp32(cfg.attention_in_fp32, torch.device("cpu"), torch.bfloat16)
-        settings[FORCED] = forced
+        forced = settings[FORCED] = _not_chosen(cfg)
         sides[FORCED] = our_train_step(our_config(ours_name, seq, bf16, attention_in_fp32=forced), data)[0]
     twin = hf_twin(theirs_name, cfg)
     sides["theirs"] = hf_train_step(twin, data, bf16)[0]
@@ -86,7 +90,7 @@ def profile(rounds: int, batch: int, seq: int) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
     cfg = our_config("gptj", seq, True)
     data = codon_batch(cfg, batch, seq)
-    forced = not attention_in_fp32(cfg.attention_in_fp32, torch.device("cpu"), torch.bfloat16)
+    forced = _not_chosen(cfg)
     sides = {f"ours ({cfg.attention_in_fp32})": our_train_step(cfg, data)[0],
              f"ours ({str(forced).lower()}, forced)":
                  our_train_step(our_config("gptj", seq, True, attention_in_fp32=forced), data)[0],

@@ -17,7 +17,6 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm

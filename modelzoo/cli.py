@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -90,10 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if only_plan:
         with torch.device("meta"):  # shapes only: 25B plans instantly
             model = build_model(params.model)
-    elif hasattr(backend, "build_model"):  # CSX: weights initialised straight into MemoryX, stage by stage
-        model = backend.build_model(build_model, params.model)
     else:
-        model = build_model(params.model)
+        model = backend.build_model(build_model, params.model)
     if only_plan:
         print(summary(params, model, backend, compile_only=args.compile_only))
         return 0

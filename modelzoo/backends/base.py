@@ -42,6 +42,11 @@ class Backend(ABC):
     def load_state_dict(self, state: dict, states: set[str]) -> None:
         """Load 'model' and/or 'optimizer' (as listed in states) from a state_dict()."""
 
+    def build_model(self, build, model_cfg) -> StagedModel:
+        """The model to hand to setup(), from ``build(model_cfg)``; a backend may build it where
+        its weights will live (CSX: on the meta device, initialised into MemoryX)."""
+        return build(model_cfg)
+
     def describe(self) -> str:
         return type(self).__name__
 

@@ -105,8 +105,7 @@ class CodonTokenizer:
     def encode_flat(self, seqs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``encode`` of each sequence as one array: sequence i is ``ids[starts[i]:starts[i] +
         counts[i]]`` (between sequences may lie an [UNK] left from a partial codon: skip it)."""
-        table, codes = self._base_codes, self._codes
-        pieces = [seq.translate(table, _WHITESPACE) if type(seq) is bytes else codes(seq) for seq in seqs]
+        pieces = [self._codes(seq) for seq in seqs]
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         whole = -(-lengths // 3)  # codons including a completed partial one
         if (lengths % 3).any():  # complete partial codons with invalid bases rather than copying sequences

@@ -9,11 +9,10 @@ fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py
 from __future__ import annotations
 
 import logging
+import datetime
 import math
 import time
 from pathlib import Path
-
-import datetime
 
 import torch
 import torch.distributed as dist

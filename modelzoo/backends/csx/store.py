@@ -20,10 +20,10 @@ import atexit
 import ctypes
 import itertools
 import os
-import weakref
 import shutil
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch

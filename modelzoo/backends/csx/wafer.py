@@ -120,7 +120,7 @@ class Wafer:
             hidden, inputs = _differentiable(hidden)
             with torch.enable_grad():
                 hidden = self.run(i, leaves, hidden, batch)
-            outputs = [t for t in tree_flatten(hidden)[0] if torch.is_tensor(t) and t.requires_grad]
+            outputs = _differentiable_outputs(hidden)
             for leaf in leaves.values():
                 leaf.untyped_storage().resize_(0)  # the weights leave the wafer; the graph stays
             graphs.append((inputs, outputs, leaves))
@@ -133,18 +133,13 @@ class Wafer:
             for name, leaf in leaves.items():  # back in place: autograd's saved views of it see them
                 leaf.untyped_storage().resize_(leaf.numel() * leaf.element_size())
                 leaf.data.copy_(streamed[name])  # through .data: not an in-place change autograd checks
-            wrt = inputs + list(leaves.values())
-            grads = torch.autograd.grad(outputs, wrt, grad_hidden, allow_unused=True) if wrt and outputs \
-                else [None] * len(wrt)
-            grad_hidden = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
-            gradients_out(i, dict(zip(leaves, grads[len(inputs):])))
+            grad_hidden = _backward(i, outputs, grad_hidden, inputs, leaves, gradients_out)
         return loss
 
     def _differentiate(self, i, weights, hidden, batch, grad_out, loss_scaling, gradients_out):
         """(Re)compute stage i with autograd and differentiate it: returns (loss or None, the
         gradient of its input activation)."""
-        names = self.stage_names(i)
-        leaves = {name: weights[name].detach().requires_grad_() for name in names}
+        leaves = {name: weights[name].detach().requires_grad_() for name in self.stage_names(i)}
         hidden, inputs = _differentiable(hidden)
         with torch.enable_grad():
             out = self.run(i, leaves, hidden, batch)
@@ -154,14 +149,23 @@ class Wafer:
                 loss = float(scaled.detach())
                 outputs, grad_outputs = [scaled if scale is None else scaled * scale], None
             else:
-                outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
-                outputs, grad_outputs, loss = outs, grad_out, None
-            wrt = inputs + list(leaves.values())
-            grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True) if wrt and outputs \
-                else [None] * len(wrt)
-        grad_hidden = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
-        gradients_out(i, dict(zip(names, grads[len(inputs):])))
-        return loss, grad_hidden
+                outputs, grad_outputs, loss = _differentiable_outputs(out), grad_out, None
+        return loss, _backward(i, outputs, grad_outputs, inputs, leaves, gradients_out)
+
+
+def _differentiable_outputs(out) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
+
+
+def _backward(i: int, outputs, grad_outputs, inputs: list[torch.Tensor], leaves: dict[str, torch.Tensor],
+              gradients_out: GradientSink) -> list[torch.Tensor]:
+    """Differentiate stage i's outputs: its weight gradients go to ``gradients_out``; returns the
+    gradient of each of its input activations (zeros where the output did not depend on one)."""
+    wrt = inputs + list(leaves.values())
+    grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True) if wrt and outputs \
+        else [None] * len(wrt)
+    gradients_out(i, dict(zip(leaves, grads[len(inputs):])))
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
 
 
 def _differentiable(hidden):
