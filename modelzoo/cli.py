@@ -16,17 +16,10 @@ import torch
 
 from modelzoo.config import MODES, Params, load_params
 from modelzoo.distributed import launch_local, launched_local_world_size, launched_world_size
-from modelzoo.errors import TrainingError, UserError
+from modelzoo.entry import OneLineParser, run_entry
 
 log = logging.getLogger("modelzoo")
 DEVICES = ("CPU", "GPU", "CSX")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Flag errors are one line and exit code 2, like every other user error (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,14 +53,7 @@ def overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_entry(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

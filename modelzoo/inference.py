@@ -386,18 +386,6 @@ def model_from_args(args) -> GenomeLM:
     return GenomeLM.load(args.checkpoint_path or args.model_dir, device=args.device)
 
 
-def run_tool(action, args) -> int:
-    """Run ``action(args)`` (returns a one-line summary): user errors become one line and exit 2."""
-    import sys
-    from modelzoo.errors import UserError
-    try:
-        print(action(args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def write_atomically(path, data: str | bytes) -> None:
     """The whole file or nothing: write beside it, then rename over it."""
     import os

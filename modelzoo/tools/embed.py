@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from modelzoo.cli import OneLineParser
+from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.data.datasets import read_label_table
 from modelzoo.data.sequences import read_records
 from modelzoo.errors import ConfigError, DataError
-from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args, run_tool
+from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
 
 PROG = "python -m modelzoo.tools.embed"
 NO_LABEL = "(none)"
@@ -93,7 +93,8 @@ def _write_projector(log_dir: Path, vectors: np.ndarray, rows: list[list[str]], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(embed, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_entry(lambda: embed(args))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from modelzoo.cli import OneLineParser
-from modelzoo.inference import add_model_arguments, model_from_args, run_tool, write_atomically
+from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.inference import add_model_arguments, model_from_args, write_atomically
 
 PROG = "python -m modelzoo.tools.generate"
 LINE = 80  # FASTA line width
@@ -52,7 +52,8 @@ def generate(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(generate, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_entry(lambda: generate(args))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import sys
 
-from modelzoo.cli import OneLineParser
+from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.data.sequences import read_records
-from modelzoo.inference import add_model_arguments, model_from_args, run_tool, write_atomically
+from modelzoo.inference import add_model_arguments, model_from_args, write_atomically
 
 PROG = "python -m modelzoo.tools.score"
 COLUMNS = ("id", "scored_codons", "log_likelihood", "per_codon_log_likelihood", "perplexity")
@@ -42,7 +42,8 @@ def score(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(score, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_entry(lambda: score(args))
 
 
 if __name__ == "__main__":
