@@ -158,6 +158,14 @@ def model_dir_errors(model_dir: Path):
 
 
 def execute(params: Params, model, backend) -> int:
+    from modelzoo.training.metrics import close_logging
+    try:
+        return _execute(params, model, backend)
+    finally:
+        close_logging()  # run.log closed: a caller (a notebook, a test) may start another run
+
+
+def _execute(params: Params, model, backend) -> int:
     from modelzoo.training.metrics import setup_logging
     from modelzoo.training.trainer import Trainer
     from modelzoo.backends.base import rank_and_world

@@ -138,7 +138,9 @@ class OptimizerConfig(Section):
         description="A constant, or a schedule phase {scheduler: Constant|Linear|CosineDecay, ...}, or a list "
                     "of phases run one after another (e.g. Linear warm-up then CosineDecay).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) or L2 (Adam, SGD) weight decay; "
-                                                       "never applied to biases, norms or embeddings' positions.")
+                                                       "applied to weight matrices only: never to biases, norms or "
+                                                       "embedding tables (token, position, token type; GPT-2's "
+                                                       "and BERT's tied output head is the token table).")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")

@@ -42,3 +42,17 @@ def tiny_params(shards: Path, model_dir: Path, **runconfig) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_modelzoo_logger():
+    """A run in the test process configures the "modelzoo" logger; the next test starts from the
+    state it found, whatever order the suite runs in."""
+    import logging
+    logger = logging.getLogger("modelzoo")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.propagate, logger.level = saved

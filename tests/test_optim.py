@@ -66,3 +66,22 @@ def test_clipping_returns_norm_before_clipping():
     p.grad = torch.full((4,), 3.0)
     assert clip_gradients([p], max_norm=None) == pytest.approx(6.0)
     assert float(p.grad.norm()) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gptj", "bert"])
+def test_weight_decay_spares_embedding_tables_biases_and_norms(name):
+    """As docs/params.md says: with zero gradients an AdamW step moves only by weight decay, so
+    exactly the weight matrices outside the embedding tables shrink."""
+    from modelzoo.config import ModelConfig
+    from modelzoo.models import build_model
+    model = build_model(ModelConfig.model_validate({"name": name, "hidden_size": 16, "num_hidden_layers": 1,
+                                                    "num_heads": 2, "max_position_embeddings": 16}))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = build_optimizer(model.named_parameters(), OptimizerConfig(learning_rate=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
+    matrices = {k for k, p in model.named_parameters() if p.ndim == 2}
+    tables = {k for k in matrices if k.startswith("embeddings.")}
+    assert tables and moved == matrices - tables

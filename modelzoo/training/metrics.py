@@ -31,7 +31,7 @@ class _EarlyRecords(logging.Handler):
 def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
     """Console on rank 0 (others only warn), plus model_dir/run.log appended across resumes."""
     early = [r for h in log.handlers if isinstance(h, _EarlyRecords) for r in h.records]
-    log.handlers.clear()
+    close_logging()
     log.setLevel(logging.INFO)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -47,6 +47,13 @@ def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
         log.addHandler(file)
     elif rank == 0:
         log.addHandler(_EarlyRecords())
+
+
+def close_logging() -> None:
+    """Close and detach the run's handlers (run.log stays closed between runs in one process)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
 
 
 class ScalarWriters:

@@ -14,9 +14,13 @@ import torch
 from modelzoo.config import ConstantLR, OptimizerConfig
 
 
+EMBEDDINGS = "embeddings."  # every model keeps its token/position/type tables under this name
+
+
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay applies to matrices only: never to biases or norm gains (1-d parameters)."""
-    return param.ndim >= 2
+    """Weight decay applies to weight matrices only: never to biases or norm gains (1-d), nor to
+    embedding tables, whose rows of rare codons would be shrunk toward zero by every step."""
+    return param.ndim >= 2 and not name.startswith(EMBEDDINGS)
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimizerConfig) -> list[dict]:
