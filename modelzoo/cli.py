@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = backend.build_model(build_model, params.model)
     if only_plan:
+        if args.validate_only:
+            check_data(params, backend)
         print(summary(params, model, backend, compile_only=args.compile_only))
         return 0
     return execute(params, model, backend)
@@ -129,6 +131,17 @@ def check_batch_split(source: str, params: Params, ranks: int) -> None:
     if "train_input" in used and (params.train_input.batch_size // ranks) % params.optimizer.grad_accum_steps:
         raise ConfigError(f"{source}: optimizer.grad_accum_steps: {params.optimizer.grad_accum_steps} does not "
                           f"divide the per-rank batch size {params.train_input.batch_size // ranks}")
+
+
+def check_data(params: Params, backend) -> None:
+    """--validate_only opens the shards the run would read (manifests, shapes, tokenizer and
+    max_seq_length against the params; not every shard's checksum). Sections still to be prepared
+    on first use have nothing to check yet."""
+    from modelzoo.training.trainer import Trainer
+    sections = [params.train_input, params.eval_input]
+    if any(s is not None and s.prepare is not None and not Path(s.data_dir).is_dir() for s in sections):
+        return
+    Trainer(params, backend, Path(params.runconfig.model_dir)).open_datasets(params.runconfig.mode, verify=False)
 
 
 def make_backend(device: str, params: Params):

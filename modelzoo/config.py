@@ -338,10 +338,17 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     """Read, merge CLI overrides into runconfig, validate. Raises ConfigError (one line)."""
     path = str(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --params takes a yaml file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                          f"a params file is yaml") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read params ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""

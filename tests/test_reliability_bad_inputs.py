@@ -117,6 +117,22 @@ def test_params_errors(tmp_path, shards, capsys, edit, expected):
     assert_refused(capsys, tmp_path, params, str(params), *expected)
 
 
+def test_params_path_a_directory_or_not_utf8(tmp_path, shards, capsys):
+    assert_refused(capsys, tmp_path, tmp_path, str(tmp_path), "is a directory")
+    params = tiny_params(tmp_path, shards)
+    params.write_bytes(params.read_bytes().replace(b"model:", b"# caf\xe9\nmodel:", 1))
+    assert_refused(capsys, tmp_path, params, str(params), "not UTF-8")
+
+
+def test_validate_only_opens_the_shards(tmp_path, shards, capsys):
+    """A max_seq_length that does not match the shards is caught before any job is queued."""
+    mismatch = bad_params(tmp_path, shards, lambda p: p.update(
+        train_input=dict(p["train_input"], max_seq_length=32), eval_input=dict(p["eval_input"], max_seq_length=32)))
+    line = one_line_error(capsys, "CPU", "--params", mismatch, "--validate_only")
+    assert "max_seq_length 32" in line and "max_seq_length 64" in line
+    assert not (tmp_path / "model_dir").exists()
+
+
 def copy_shards(shards: Path, tmp_path: Path) -> Path:
     import shutil
     target = tmp_path / "shards"

@@ -67,7 +67,7 @@ class Trainer:
 
     # ------------------------------------------------------------ data
 
-    def _loader(self, cfg: DataInput, shuffle: bool):
+    def _loader(self, cfg: DataInput, shuffle: bool, verify: bool = True):
         # The objective follows the model: causal LM, masked LM (BERT) or labelled windows (classifier).
         dataset_cls, dataset_kwargs = dataset_for(self.params.model, cfg, self.params.runconfig.seed)
         if self.dataset_cls:
@@ -75,15 +75,16 @@ class Trainer:
         return build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed,
                                 num_workers=cfg.num_workers, rank=self.rank, world_size=self.world,
                                 max_seq_length=cfg.max_seq_length, dataset_cls=dataset_cls,
-                                dataset_kwargs=dataset_kwargs)
+                                dataset_kwargs=dataset_kwargs, verify=verify)
 
-    def open_datasets(self, mode: str) -> None:
-        """Open (and verify) the shard directories the mode reads. Writes nothing, so bad data
-        fails the run before model_dir is created or touched."""
+    def open_datasets(self, mode: str, verify: bool = True) -> None:
+        """Open the shard directories the mode reads, checking their manifests against the params
+        (and, with ``verify``, every shard's checksum). Writes nothing, so bad data fails the run
+        before model_dir is created or touched."""
         if mode in ("train", "train_and_eval"):
-            self.train_loader = self._loader(self.params.train_input, shuffle=self.params.train_input.shuffle)
+            self.train_loader = self._loader(self.params.train_input, self.params.train_input.shuffle, verify)
         if mode != "train":
-            self.eval_loader = self._loader(self.params.eval_input, shuffle=False)
+            self.eval_loader = self._loader(self.params.eval_input, False, verify)
 
     # ------------------------------------------------------------ checkpoints
 
