@@ -98,3 +98,32 @@ def test_prepare_on_first_use(tmp_path):
     assert main(["CPU", "--params", str(params)]) == 0
     assert (tmp_path / "shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "md" / "checkpoint_2.mdl").is_file()
+
+
+def test_eval_without_eval_steps_scores_the_whole_eval_set(shards_msl64, tmp_path):
+    """Unset eval_steps means every eval window, the last partial batch included (batch 5 does not
+    divide the windows), with the loss over exactly the labelled targets."""
+    from modelzoo.backends.resident import cpu_backend
+    from modelzoo.config import validate_params
+    from modelzoo.data.datasets import CausalLMDataset
+    from modelzoo.data.shards import ShardSet
+    from modelzoo.models import build_model
+    from modelzoo.training.trainer import Trainer
+
+    raw = tiny_params(shards_msl64, tmp_path / "md", eval_steps=None)
+    raw["eval_input"]["batch_size"] = 5
+    raw["model"]["dropout_rate"] = 0.0
+    params = validate_params(raw)
+    windows = CausalLMDataset(ShardSet(params.eval_input.data_dir))
+    assert len(windows) % 5
+    torch.manual_seed(0)
+    model, backend = build_model(params.model), cpu_backend()
+    trainer = Trainer(params, backend, tmp_path / "md")
+    trainer.open_datasets("eval")
+    backend.setup(model, None, None)
+    got = trainer.evaluate()["loss"]
+    everything = {k: torch.stack([windows[i][k] for i in range(len(windows))]) for k in ("input_ids", "labels",
+                                                                                      "attention_mask")}
+    with torch.no_grad():
+        expected = float(model.eval()(everything)["loss"])
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -189,3 +189,33 @@ def test_dataloader_config_errors(shard_dir):
     whole = build_dataloader(shard_dir, 4, True, 5, 0)
     b0, b1, b = (next(iter(x))["input_ids"] for x in (*ranks, whole))
     assert b0.shape == (2, L) and torch.equal(torch.cat([b0, b1]), b)
+
+
+def test_unk_is_input_but_never_a_target(tmp_path, tok):
+    rows = make_windows(1)
+    rows[0, 4] = tok.unk_id
+    with ShardWriter(tmp_path / "u", L, tok, windows_per_file=7, command="test", options={}) as w:
+        w.add("rec", rows)
+    item = CausalLMDataset(ShardSet(tmp_path / "u"))[0]
+    assert item["input_ids"][4] == tok.unk_id and item["labels"][3] == -100
+    assert (item["labels"][:-1] != -100).sum() == L - 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_eval_loader_covers_every_window_once(shard_dir, world):
+    """pad_last: the whole set in fixed-shape batches; filler rows carry no label."""
+    seen, labelled = [], 0
+    for rank in range(world):
+        loader = build_dataloader(shard_dir, batch_size=6, shuffle=False, shuffle_seed=0, rank=rank,
+                                  world_size=world, pad_last=True)
+        assert loader.num_batches_per_epoch == 4  # 23 windows
+        batches = iter(loader)
+        for _ in range(loader.num_batches_per_epoch):
+            batch = next(batches)
+            assert batch["input_ids"].shape == (6 // world, L)
+            real = (batch["labels"] != -100).any(dim=1)
+            seen += [tuple(r) for r in batch["input_ids"][real].tolist()]
+            labelled += int((batch["labels"] != -100).sum())
+    dataset = CausalLMDataset(ShardSet(shard_dir))
+    assert sorted(seen) == sorted(tuple(dataset[i]["input_ids"].tolist()) for i in range(23))
+    assert labelled == sum(int((dataset[i]["labels"] != -100).sum()) for i in range(23))

@@ -85,4 +85,5 @@ def token_metrics(out: dict, labels: torch.Tensor) -> dict[str, float]:
     valid = labels != -100
     tokens = int(valid.sum())
     correct = int(((out["logits"].argmax(-1) == labels) & valid).sum())
-    return {"loss_sum": float(out["loss"]) * tokens, "tokens": tokens, "correct": correct}
+    loss_sum = float(out["loss"]) * tokens if tokens else 0.0  # a batch of filler rows has no loss (NaN)
+    return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}

@@ -26,11 +26,16 @@ IGNORE_INDEX = -100
 
 
 class CausalLMDataset(Dataset):
-    """Window i -> {input_ids, labels (next token, -100 on pad / last), attention_mask}."""
+    """Window i -> {input_ids, labels (next token; -100 on [PAD], [UNK] and the last), attention_mask}.
+
+    An [UNK] (a codon with N or another ambiguity code) is read as input but never a target: the
+    loss, like ``GenomeLM.log_likelihood``, scores real codons only, so their perplexities compare.
+    """
 
     def __init__(self, shardset: ShardSet):
         self.shardset = shardset
         self.pad_id = shardset.pad_id
+        self.unk_id = CodonTokenizer().unk_id
 
     def __len__(self) -> int:
         return len(self.shardset)
@@ -39,7 +44,7 @@ class CausalLMDataset(Dataset):
         input_ids = torch.from_numpy(np.asarray(self.shardset[i], dtype=np.int64))
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:-1] = input_ids[1:]
-        labels[labels == self.pad_id] = IGNORE_INDEX
+        labels[(labels == self.pad_id) | (labels == self.unk_id)] = IGNORE_INDEX
         attention_mask = (input_ids != self.pad_id).long()
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
@@ -49,11 +54,15 @@ class ResumableBatchSampler:
 
     The global batch (``batch_size`` indices) is cut from a permutation seeded by
     ``seed + epoch``; rank r then takes its contiguous slice of ``batch_size // world_size``, so
-    N ranks together see exactly what one rank would. The last incomplete batch is dropped.
+    N ranks together see exactly what one rank would. The last incomplete batch is dropped, or
+    with ``pad_last`` (evaluation: every window counts) completed with ``FILLER`` indices, which
+    the loader turns into rows without labels, so every batch keeps its shape.
     """
 
+    FILLER = -1
+
     def __init__(self, num_items: int, batch_size: int, shuffle: bool, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad_last: bool = False):
         if batch_size < 1 or world_size < 1:
             raise ConfigError(f"batch_size ({batch_size}) and world size ({world_size}) must be >= 1")
         if batch_size % world_size:
@@ -61,23 +70,26 @@ class ResumableBatchSampler:
                               f"systems/ranks {world_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
-        if num_items < batch_size:
+        if num_items < batch_size and not pad_last:
             raise ConfigError(f"batch_size {batch_size} is larger than the dataset "
                               f"({num_items} windows): no full batch")
         self.num_items, self.batch_size = num_items, batch_size
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.pad_last = shuffle, seed, pad_last
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = batch_size // world_size
         self.epoch = 0
         self.batches_done = 0
 
     def __len__(self) -> int:
-        return self.num_items // self.batch_size
+        return -(-self.num_items // self.batch_size) if self.pad_last else self.num_items // self.batch_size
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.num_items)
-        return np.random.default_rng(self.seed + epoch).permutation(self.num_items)
+            order = np.arange(self.num_items)
+        else:
+            order = np.random.default_rng(self.seed + epoch).permutation(self.num_items)
+        filler = len(self) * self.batch_size - self.num_items
+        return np.concatenate([order, np.full(filler, self.FILLER)]) if filler > 0 else order
 
     def __iter__(self) -> Iterator[list[int]]:
         self._roll_over()
@@ -114,7 +126,7 @@ class GenomeDataLoader:
 
     def __init__(self, dataset: Dataset, sampler: ResumableBatchSampler, max_seq_length: int,
                  num_workers: int = 0):
-        self.dataset = dataset
+        self.dataset = _WithFiller(dataset) if sampler.pad_last else dataset
         self.sampler = sampler
         self.max_seq_length = max_seq_length
         self.num_workers = num_workers
@@ -164,21 +176,44 @@ class GenomeDataLoader:
         self._epoch, self._consumed = int(state["epoch"]), int(state["batches_done"])
 
 
+class _WithFiller(Dataset):
+    """``dataset`` whose index ``FILLER`` is a row that counts for nothing: the first item with
+    every label ignored (a real row, so shapes and dtypes match)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # set_epoch, record_of, ... of the wrapped dataset
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i != ResumableBatchSampler.FILLER:
+            return self.dataset[i]
+        item = dict(self.dataset[0])
+        item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        return item
+
+
 def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int,
                      num_workers: int = 0, rank: int = 0, world_size: int = 1,
                      max_seq_length: int | None = None, dataset_cls=CausalLMDataset,
-                     dataset_kwargs: dict | None = None, verify: bool = True) -> GenomeDataLoader:
-    """Open a shard directory and return this rank's endless, resumable batch iterator."""
+                     dataset_kwargs: dict | None = None, verify: bool = True,
+                     pad_last: bool = False) -> GenomeDataLoader:
+    """Open a shard directory and return this rank's endless, resumable batch iterator
+    (``pad_last``: the last partial batch too, for evaluation)."""
     shards = ShardSet(data_dir, verify=verify)
     if max_seq_length is not None and max_seq_length != shards.max_seq_length:
         raise ConfigError(f"max_seq_length {max_seq_length} in the params does not match the "
                           f"shards in {data_dir} (max_seq_length {shards.max_seq_length})")
     dataset = dataset_cls(shards, **(dataset_kwargs or {}))
-    if len(dataset) < batch_size:
+    if len(dataset) < batch_size and not pad_last:
         raise ConfigError(f"batch_size {batch_size} is larger than the {len(dataset)} windows "
                           f"in {data_dir}: not one full batch")
     sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle, shuffle_seed,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, pad_last=pad_last)
     return GenomeDataLoader(dataset, sampler, shards.max_seq_length, num_workers=num_workers)
 
 
@@ -227,8 +262,8 @@ class FramedWindows:
 class MaskedLMDataset(Dataset):
     """BERT masked-codon batches: {input_ids, labels, attention_mask} over framed windows.
 
-    Each codon is selected with probability ``mlm_probability`` (never [CLS], [SEP] or [PAD]; at
-    least one per window, so no window is without loss); a selected codon becomes [MASK] 80% of
+    Each codon is selected with probability ``mlm_probability`` (never [CLS], [SEP], [PAD] or
+    [UNK], which is no codon to predict; at least one per window that has a codon); a selected codon becomes [MASK] 80% of
     the time, a random codon 10%, and stays 10%. ``labels`` holds the original codon at selected
     positions and -100 elsewhere. The draws come from a generator seeded by (seed, epoch, window),
     so a resumed run sees exactly the masks the uninterrupted run would have.
@@ -242,7 +277,7 @@ class MaskedLMDataset(Dataset):
         self.seed = seed & 0xFFFF_FFFF_FFFF_FFFF  # numpy seeds must be non-negative
         self.epoch = 0
         self.mask_id, self.codon_ids = tok.mask_id, tok.codon_ids.astype(np.int64)
-        self.never_masked = np.array([tok.cls_id, tok.sep_id, shardset.pad_id])
+        self.never_masked = np.array([tok.cls_id, tok.sep_id, shardset.pad_id, tok.unk_id])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -255,7 +290,7 @@ class MaskedLMDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         candidates = ~np.isin(ids, self.never_masked)
         chosen = candidates & (rng.random(len(ids)) < self.mlm_probability)
-        if not chosen.any():
+        if not chosen.any() and candidates.any():
             chosen[rng.choice(np.flatnonzero(candidates))] = True
         action = rng.random(len(ids))
         inputs = ids.copy()

@@ -78,19 +78,20 @@ class ScalarWriters:
             w.close()
 
 
-def unigram_perplexity(train_rows, eval_rows, vocab_size: int, pad_id: int) -> float:
+def unigram_perplexity(train_rows, eval_rows, vocab_size: int, ignored: tuple[int, ...]) -> float:
     """Perplexity on eval targets of the codon-unigram model fitted on train (add-one smoothed).
 
     The honest floor a language model must beat: it knows codon usage but no context.
-    Targets are the eval tokens after the first of each window, as the causal loss scores them.
+    Targets are the eval tokens after the first of each window, less the ``ignored`` ids ([PAD],
+    [UNK]), exactly as the causal loss scores them.
     """
     counts = np.ones(vocab_size, dtype=np.float64)
     for row in train_rows:
-        counts += np.bincount(row[row != pad_id], minlength=vocab_size)
+        counts += np.bincount(row[~np.isin(row, ignored)], minlength=vocab_size)
     logp = np.log(counts / counts.sum())
     total, n = 0.0, 0
     for row in eval_rows:
-        targets = row[1:][row[1:] != pad_id]
+        targets = row[1:][~np.isin(row[1:], ignored)]
         total -= logp[targets].sum()
         n += targets.size
     return math.exp(total / max(n, 1))

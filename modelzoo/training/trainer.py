@@ -67,7 +67,7 @@ class Trainer:
 
     # ------------------------------------------------------------ data
 
-    def _loader(self, cfg: DataInput, shuffle: bool, verify: bool = True):
+    def _loader(self, cfg: DataInput, shuffle: bool, verify: bool = True, whole: bool = False):
         # The objective follows the model: causal LM, masked LM (BERT) or labelled windows (classifier).
         dataset_cls, dataset_kwargs = dataset_for(self.params.model, cfg, self.params.runconfig.seed)
         if self.dataset_cls:
@@ -75,7 +75,7 @@ class Trainer:
         return build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed,
                                 num_workers=cfg.num_workers, rank=self.rank, world_size=self.world,
                                 max_seq_length=cfg.max_seq_length, dataset_cls=dataset_cls,
-                                dataset_kwargs=dataset_kwargs, verify=verify)
+                                dataset_kwargs=dataset_kwargs, verify=verify, pad_last=whole)
 
     def open_datasets(self, mode: str, verify: bool = True) -> None:
         """Open the shard directories the mode reads, checking their manifests against the params
@@ -84,7 +84,7 @@ class Trainer:
         if mode in ("train", "train_and_eval"):
             self.train_loader = self._loader(self.params.train_input, self.params.train_input.shuffle, verify)
         if mode != "train":
-            self.eval_loader = self._loader(self.params.eval_input, False, verify)
+            self.eval_loader = self._loader(self.params.eval_input, False, verify, whole=True)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -238,7 +238,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.params.eval_input
-        loader = self.eval_loader or self._loader(cfg, shuffle=False)
+        loader = self.eval_loader or self._loader(cfg, shuffle=False, whole=True)
         loader.load_state_dict({"epoch": 0, "batches_done": 0})  # every evaluation sees the same batches
         n = min(self.params.runconfig.eval_steps or loader.num_batches_per_epoch, loader.num_batches_per_epoch)
         totals = torch.zeros(3, dtype=torch.float64)
@@ -271,7 +271,7 @@ class Trainer:
         train = ShardSet(self.params.train_input.data_dir, verify=False)
         evals = ShardSet(self.params.eval_input.data_dir, verify=False)
         return unigram_perplexity((train[i] for i in range(len(train))), (evals[i] for i in range(len(evals))),
-                                  tok.vocab_size, tok.pad_id)
+                                  tok.vocab_size, (tok.pad_id, tok.unk_id))
 
     def load_for_eval(self, path: Path | None) -> None:
         if path is None:
