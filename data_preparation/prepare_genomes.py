@@ -6,15 +6,14 @@
 Records are split (not windows), so a genome never straddles train and test. A genome longer
 than max_seq_length codons becomes consecutive non-overlapping windows; the last is padded with
 [PAD], or dropped when shorter than --min_codons. The output is deterministic: same inputs and
-options give byte-identical shards. DIR appears complete or not at all.
+options give byte-identical shards. DIR appears complete or not at all; --overwrite replaces
+an earlier output of this tool only, never a directory holding anything else (or an input).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,17 +21,20 @@ import numpy as np
 from tqdm import tqdm
 
 from modelzoo.data.sequences import read_record_batches
-from modelzoo.data.shards import ShardWriter, file_sha256, replace_dir
+from modelzoo.data.shards import ShardWriter, file_sha256, shard_files
 from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import DataError, UserError
+from modelzoo.files import output_dir
 
 SPLITS = ("train", "val", "test")
 WINDOW_GROUP_CODONS = 1 << 24  # codons cut into windows per allocation
 COMMAND = "python -m data_preparation.prepare_genomes"
+TOOL = "data_preparation.prepare_genomes"  # the owner named in its output's modelzoo.files.OWNER_MARKER
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="FASTA/GenBank files, plain or .gz")
     p.add_argument("--output_dir", required=True, help="gets train/, val/, test/ shard dirs")
     p.add_argument("--max_seq_length", type=int, required=True, help="codons per window")
@@ -46,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rename_duplicate_ids", action="store_true",
                    help="suffix repeated record ids with #2, #3... instead of failing")
     p.add_argument("--windows_per_file", type=int, default=1 << 16)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this tool (never a directory holding other files)")
     return p.parse_args(argv)
 
 
@@ -58,6 +61,17 @@ def parse_split(text: str) -> tuple[float, float, float]:
     if len(fracs) != 3 or min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
         raise UserError(f"--split {text!r}: need three non-negative fractions summing to 1, e.g. 0.9,0.05,0.05")
     return fracs
+
+
+def earlier_output(out_dir: Path) -> set[str] | None:
+    """What prepare_genomes wrote into ``out_dir`` before its outputs carried an owner marker
+    (``modelzoo.files.OWNER_MARKER``): split directories of its shards, each listing its files
+    in its manifest; None when there is none."""
+    owned = set()
+    for name in SPLITS:
+        files = shard_files(out_dir / name, command=COMMAND)
+        owned |= {f"{name}/{f}" for f in files or ()}
+    return owned or None
 
 
 def windows_of(ids: np.ndarray, max_seq_length: int, min_codons: int, pad_id: int) -> np.ndarray:
@@ -150,9 +164,11 @@ def prepare(args) -> dict:
     fracs = parse_split(args.split)
     if args.max_seq_length < 1 or args.min_codons < 1:
         raise UserError("--max_seq_length and --min_codons must be positive")
-    out_dir = Path(args.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise UserError(f"{out_dir}: output_dir exists and is not empty (use --overwrite)")
+    with output_dir(args.output_dir, TOOL, args.overwrite, inputs=args.input, recognise=earlier_output) as tmp:
+        return _prepare_into(tmp, args, fracs)
+
+
+def _prepare_into(tmp_root: Path, args, fracs) -> dict:
     tokenizer = CodonTokenizer()
     kept, skipped, n_read = tokenize_inputs(args, tokenizer)
     if not kept:  # e.g. only all-N genomes: refuse rather than publish empty shards
@@ -170,51 +186,37 @@ def prepare(args) -> dict:
     }
     report = {"records_read": n_read, "records_kept": len(kept), "skipped": dict(skipped), "splits": {}}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        for name, frac, lo, hi in zip(SPLITS, fracs, bounds[:-1], bounds[1:]):
-            if frac == 0:
-                continue
-            # Sorted: within a split, shard order follows input order (the sampler shuffles).
-            members = np.sort(order[lo:hi])
-            with ShardWriter(tmp_root / name, args.max_seq_length, tokenizer,
-                             windows_per_file=args.windows_per_file, command=COMMAND,
-                             options=dict(options, split_name=name)) as writer:
-                for group in _groups_of_codons(members, lengths):
-                    rows, counts = windows_of_many([kept[k][1] for k in group], args.max_seq_length,
-                                                   args.min_codons, tokenizer.pad_id)
-                    writer.add_many([kept[k][0] for k in group], counts, rows)
-            m = writer.manifest
-            report["splits"][name] = {"records": len(members), "windows": m["num_windows"],
-                                      "tokens": m["num_tokens"]}
-        tmp_root.chmod(0o755)  # mkdtemp makes it owner-only
-        replace_dir(tmp_root, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        raise
+    for name, frac, lo, hi in zip(SPLITS, fracs, bounds[:-1], bounds[1:]):
+        if frac == 0:
+            continue
+        # Sorted: within a split, shard order follows input order (the sampler shuffles).
+        members = np.sort(order[lo:hi])
+        with ShardWriter(tmp_root / name, args.max_seq_length, tokenizer,
+                         windows_per_file=args.windows_per_file, command=COMMAND,
+                         options=dict(options, split_name=name)) as writer:
+            for group in _groups_of_codons(members, lengths):
+                rows, counts = windows_of_many([kept[k][1] for k in group], args.max_seq_length,
+                                               args.min_codons, tokenizer.pad_id)
+                writer.add_many([kept[k][0] for k in group], counts, rows)
+        m = writer.manifest
+        report["splits"][name] = {"records": len(members), "windows": m["num_windows"],
+                                  "tokens": m["num_tokens"]}
     return report
 
 
-def print_report(report: dict, out_dir: str) -> None:
-    print(f"records read: {report['records_read']}, kept: {report['records_kept']}")
-    for reason, count in sorted(report["skipped"].items()):
-        print(f"  skipped {count}: {reason}")
+def report_text(report: dict, out_dir: str) -> str:
+    lines = [f"records read: {report['records_read']}, kept: {report['records_kept']}"]
+    lines += [f"  skipped {count}: {reason}" for reason, count in sorted(report["skipped"].items())]
     for name, info in report["splits"].items():
         note = "  (empty split)" if info["records"] == 0 else ""
-        print(f"{name:>5}: {info['records']} records, {info['windows']} windows, "
-              f"{info['tokens']} tokens -> {Path(out_dir) / name}{note}")
+        lines.append(f"{name:>5}: {info['records']} records, {info['windows']} windows, "
+                     f"{info['tokens']} tokens -> {Path(out_dir) / name}{note}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        report = prepare(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_report(report, args.output_dir)
-    return 0
+    return run_entry(lambda: report_text(prepare(args), args.output_dir))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     vectors = lm.embed([genome_a, genome_b])             # (2, hidden_size) numpy
     sequences = lm.generate("ATG", max_codons=300, seed=0, stop_at_stop_codon=True)
     nats = lm.log_likelihood([genome_a])                 # total log-probability per sequence
+    for records, vectors in lm.embed_stream(read_records("many.fasta.gz")):  # a batch at a time
+        ...                                              # (log_likelihood_stream likewise)
 
 Sequences are nucleotide strings (or ``Record``s from ``modelzoo.data.sequences.read_records``,
 whose ids then name the record in errors), read in frame from their first nucleotide with
@@ -19,6 +21,7 @@ fewer framed by [CLS] ... [SEP] for BERT.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -94,7 +97,6 @@ class GenomeLM:
 
     # ------------------------------------------------------------------ embeddings
 
-    @torch.no_grad()
     def embed(self, sequences: Sequence, layer: int | Sequence[int] = -1, pooling: str = "mean",
               batch_size: int = 8, bf16: bool = False, progress: bool = False) -> np.ndarray:
         """One vector per sequence: (n, hidden_size) float32.
@@ -104,6 +106,19 @@ class GenomeLM:
         pooling: "mean" averages the layer over every codon position of every window; "cls"
             (BERT) averages the [CLS] position over the windows.
         """
+        blocks = [vectors for _, vectors in self.embed_stream(sequences, layer, pooling, batch_size, bf16, progress)]
+        if blocks:
+            return np.concatenate(blocks, axis=-2)
+        width = self.config.hidden_size
+        return np.zeros((0, width) if isinstance(layer, int) else (len(layer), 0, width), dtype=np.float32)
+
+    def embed_stream(self, sequences: Iterable, layer: int | Sequence[int] = -1, pooling: str = "mean",
+                     batch_size: int = 8, bf16: bool = False, progress: bool = False
+                     ) -> Iterator[tuple[list, np.ndarray]]:
+        """``embed`` for inputs of any length (an iterator of records, say), a batch of windows
+        at a time: yields (sequences, vectors) for consecutive runs of the input, the sequences
+        as given and their vectors (``embed``'s layout), as soon as they are done. The batches,
+        and so the vectors, are those ``embed`` gives for the whole input."""
         num_states = self.config.num_hidden_layers + 1
         layers = [layer] if isinstance(layer, int) else list(layer)
         for k in layers:
@@ -113,22 +128,27 @@ class GenomeLM:
             raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         if pooling == "cls" and self.is_causal:
             raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
-        encoded = self._encode_all(sequences)
         wanted = [k % num_states for k in layers]
-        sums = torch.zeros(len(layers), len(encoded), self.config.hidden_size, dtype=torch.float64)
-        counts = torch.zeros(len(encoded), dtype=torch.float64)
-        items = [(i, w) for i, ids in enumerate(encoded) for w in self._windows(ids)]
-        for rows, ids, keep in self._batches(items, batch_size, progress, "embed"):
+
+        def step(windows):
+            ids, keep = self._padded(windows)
             with self._autocast(bf16):
                 states = self._states(ids, max(wanted) + 1)
-            for slot, k in enumerate(wanted):
+            pooled = []
+            for k in wanted:
                 hidden = states[k].float().cpu()
-                pooled = hidden[:, 0] if pooling == "cls" else (hidden * keep[..., None]).sum(1)
-                sums[slot].index_add_(0, rows, pooled.double())
-            weights = torch.ones(len(rows)) if pooling == "cls" else keep.sum(1)
-            counts.index_add_(0, rows, weights.double())
-        out = (sums / counts[:, None]).float().numpy()
-        return out[0] if isinstance(layer, int) else out
+                pooled.append(hidden[:, 0] if pooling == "cls" else (hidden * keep[..., None]).sum(1))
+            weights = torch.ones(len(windows)) if pooling == "cls" else keep.sum(1)
+            return torch.stack(pooled, 1).double(), weights.double()
+
+        blocks = self._per_sequence(sequences, self._windows, step, [(len(wanted), self.config.hidden_size), ()],
+                                    batch_size, progress, "embed")
+
+        def mean(sums, counts):
+            vectors = (sums / counts[:, None, None]).float().numpy()  # (sequences, layers, hidden)
+            return vectors[:, 0] if isinstance(layer, int) else vectors.transpose(1, 0, 2)
+
+        return ((done, mean(*totals)) for done, totals in blocks)
 
     def _states(self, ids: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
         """The activations after each of the first ``n_stages`` stages (the first: token embeddings)."""
@@ -141,7 +161,6 @@ class GenomeLM:
 
     # ------------------------------------------------------------------ log-likelihood
 
-    @torch.no_grad()
     def log_likelihood(self, sequences: Sequence, per_codon_mean: bool = False, batch_size: int = 8,
                        progress: bool = False, return_counts: bool = False):
         """Log-probability in nats of each sequence's codons, summed (or averaged per scored codon).
@@ -152,47 +171,59 @@ class GenomeLM:
         codons are not scored; a sequence with nothing to score gets 0 (mean: nan).
         return_counts: also return the number of scored codons per sequence.
         """
+        blocks = [scores for _, scores in self.log_likelihood_stream(sequences, per_codon_mean, batch_size, progress)]
+        values, counts = (np.concatenate(part) for part in zip(*blocks)) if blocks else \
+            (np.zeros(0), np.zeros(0, dtype=np.int64))
+        return (values, counts) if return_counts else values
+
+    def log_likelihood_stream(self, sequences: Iterable, per_codon_mean: bool = False, batch_size: int = 8,
+                              progress: bool = False) -> Iterator[tuple[list, tuple[np.ndarray, np.ndarray]]]:
+        """``log_likelihood`` for inputs of any length, a batch at a time: yields (sequences,
+        (values, scored codon counts)) for consecutive runs of the input as soon as they are done
+        (see ``embed_stream``); the values are those ``log_likelihood`` gives for the whole input."""
         self._need_token_head("log_likelihood")
-        encoded = self._encode_all(sequences)
-        totals = torch.zeros(len(encoded), dtype=torch.float64)
-        counts = torch.zeros(len(encoded), dtype=torch.float64)
-        score = self._causal_scores if self.is_causal else self._masked_scores
-        for rows, logp, scored in score(encoded, batch_size, progress):
-            totals.index_add_(0, rows, (logp * scored).sum(1).double())
-            counts.index_add_(0, rows, scored.sum(1).double())
-        values = totals / counts if per_codon_mean else totals  # mean of nothing scored: 0 / 0 = nan
-        return (values.numpy(), counts.numpy().astype(np.int64)) if return_counts else values.numpy()
+        items_of, step = (self._causal_windows, self._causal_scores) if self.is_causal else \
+            (self._masked_positions, self._masked_scores)
+        blocks = self._per_sequence(sequences, items_of, step, [(), ()], batch_size, progress, "score")
 
-    def _causal_scores(self, encoded, batch_size, progress):
+        def scores(totals, counts):
+            values = totals / counts if per_codon_mean else totals  # mean of nothing scored: 0 / 0 = nan
+            return values.numpy(), counts.numpy().astype(np.int64)
+
+        return ((done, scores(*sums)) for done, sums in blocks)
+
+    def _causal_windows(self, ids):
+        """Windows overlapping by one codon, so that every codon but the first is scored."""
         stride = max(1, self.context - 1)
-        items = [(i, ids[s: s + self.context]) for i, ids in enumerate(encoded)
-                 for s in range(0, max(len(ids) - 1, 1), stride)]
-        for rows, ids, keep in self._batches(items, batch_size, progress, "score"):
-            logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
-            targets = ids[:, 1:]
-            logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-            yield rows, logp.cpu(), keep[:, 1:]
+        return (ids[s: s + self.context] for s in range(0, max(len(ids) - 1, 1), stride))
 
-    def _masked_scores(self, encoded, batch_size, progress):
-        """One row per (window, codon position), that position replaced by [MASK]."""
-        windows = [(i, w) for i, ids in enumerate(encoded) for w in self._windows(ids)]
-        items = [(i, w, p) for i, w in windows for p in np.flatnonzero(np.isin(w, self.tokenizer.codon_ids))]
-        bar = tqdm(total=len(items), desc="score", unit=" codons", disable=None if progress else True)
-        with bar:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start: start + batch_size]
-                rows = torch.tensor([i for i, _, _ in chunk])
-                ids = torch.as_tensor(_pad([w for _, w, _ in chunk], self.tokenizer.pad_id), device=self.device)
-                at = torch.tensor([p for _, _, p in chunk], device=self.device)
-                line = torch.arange(len(chunk), device=self.device)
-                targets = ids[line, at]
-                masked = ids.clone()
-                masked[line, at] = self.tokenizer.mask_id
-                batch = {"input_ids": masked, "attention_mask": (ids != self.tokenizer.pad_id).long()}
-                logits = self.model(batch)["logits"][line, at].float()
-                logp = logits.log_softmax(-1).gather(-1, targets[:, None])
-                bar.update(len(chunk))
-                yield rows, logp.cpu(), torch.ones_like(logp.cpu())
+    def _causal_scores(self, windows):
+        """Summed log-probability and scored codons of each window (each codon given the ones before it)."""
+        ids, keep = self._padded(windows)
+        logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
+        targets = ids[:, 1:]
+        logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].cpu()
+        scored = keep[:, 1:]
+        return (logp * scored).sum(1).double(), scored.sum(1).double()
+
+    def _masked_positions(self, ids):
+        """One item per (window, codon position): that position is masked and scored."""
+        for w in self._windows(ids):
+            for p in np.flatnonzero(np.isin(w, self.tokenizer.codon_ids)):
+                yield w, p
+
+    def _masked_scores(self, items):
+        """Log-probability of each item's codon, masked, from both sides."""
+        ids = torch.as_tensor(_pad([w for w, _ in items], self.tokenizer.pad_id), device=self.device)
+        at = torch.tensor([p for _, p in items], device=self.device)
+        line = torch.arange(len(items), device=self.device)
+        targets = ids[line, at]
+        masked = ids.clone()
+        masked[line, at] = self.tokenizer.mask_id
+        batch = {"input_ids": masked, "attention_mask": (ids != self.tokenizer.pad_id).long()}
+        logits = self.model(batch)["logits"][line, at].float()
+        logp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
+        return logp.double(), torch.ones(len(items), dtype=torch.float64)
 
     # ------------------------------------------------------------------ generation
 
@@ -293,17 +324,14 @@ class GenomeLM:
             raise ConfigError(f"{self.source}: {what} needs codon probabilities; this checkpoint is a "
                               f"sequence classifier (model.num_labels {self.config.num_labels})")
 
-    def _encode_all(self, sequences: Sequence) -> list[np.ndarray]:
-        if isinstance(sequences, (str, bytes)):
-            raise ConfigError("sequences: pass a list of sequences, not one string")
-        encoded = []
+    def _encoded(self, sequences: Iterable) -> Iterator[tuple[object, np.ndarray]]:
+        """Each sequence as given, with its codon ids."""
         for k, item in enumerate(sequences):
             name, seq = (item.id, item.seq) if hasattr(item, "seq") else (f"#{k}", item)
             ids = self.tokenizer.encode(seq).astype(np.int64)
             if not np.isin(ids, self.tokenizer.codon_ids).any():
                 raise DataError(f"sequence {name}: no whole A/C/G/T codon to read")
-            encoded.append(ids)
-        return encoded
+            yield item, ids
 
     def _windows(self, ids: np.ndarray) -> Iterator[np.ndarray]:
         """The model-sized windows of one sequence (framed [CLS] ... [SEP] for BERT)."""
@@ -314,16 +342,59 @@ class GenomeLM:
             else:
                 yield np.concatenate(([self.tokenizer.cls_id], w, [self.tokenizer.sep_id]))
 
-    def _batches(self, items: list, batch_size: int, progress: bool, desc: str):
-        """(sequence index per row, padded ids on the device, codon-position mask) per batch."""
+    def _padded(self, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[PAD]-padded ids on the device, and the codon-position mask (on the CPU)."""
+        ids = _pad(windows, self.tokenizer.pad_id)
+        keep = torch.from_numpy(np.isin(ids, self.tokenizer.codon_ids)).float()
+        return torch.as_tensor(ids, device=self.device), keep
+
+    def _per_sequence(self, sequences: Iterable, items_of, step, shapes: list[tuple], batch_size: int,
+                      progress: bool, desc: str) -> Iterator[tuple[list, list[torch.Tensor]]]:
+        """Per-sequence float64 sums of ``step``'s results over the sequence's work items, for an
+        input of any length: ``items_of(ids)`` gives one sequence's items (windows, or window
+        positions); items of consecutive sequences are cut into batches of ``batch_size`` whatever
+        sequence they belong to (the batches of the whole input in memory); ``step(items)`` gives
+        each item's contributions, a tensor per entry of ``shapes`` (its shape after the item
+        axis). Yields (sequences as given, their sums) as soon as no later item can add to them."""
+        if isinstance(sequences, (str, bytes)):
+            raise ConfigError("sequences: pass a list of sequences, not one string")
         if batch_size < 1:
             raise ConfigError(f"batch_size {batch_size}: must be >= 1")
-        for start in tqdm(range(0, len(items), batch_size), desc=desc, unit=" batches",
-                          disable=None if progress else True):
-            chunk = items[start: start + batch_size]
-            ids = _pad([w for _, w in chunk], self.tokenizer.pad_id)
-            keep = torch.from_numpy(np.isin(ids, self.tokenizer.codon_ids)).float()
-            yield torch.tensor([i for i, _ in chunk]), torch.as_tensor(ids, device=self.device), keep
+        return self._summed(sequences, items_of, step, shapes, batch_size, progress, desc)
+
+    @torch.no_grad()
+    def _summed(self, sequences, items_of, step, shapes, batch_size, progress, desc):
+        pending: list = []  # sequences read whose sums may still grow; pending[0] is sequence number `base`
+        base = 0
+        sums = [torch.zeros((0, *shape), dtype=torch.float64) for shape in shapes]
+
+        def items():
+            for k, (item, ids) in enumerate(self._encoded(sequences)):
+                pending.append(item)
+                yield from ((k, x) for x in items_of(ids))
+
+        def grown(sums):  # a zero row for each sequence read since
+            more = len(pending) - len(sums[0])
+            return [torch.cat((s, s.new_zeros((more, *s.shape[1:])))) for s in sums] if more else sums
+
+        work = items()
+        total = len(sequences) if hasattr(sequences, "__len__") else None
+        with tqdm(total=total, desc=desc, unit=" sequences", disable=None if progress else True) as bar:
+            while chunk := list(itertools.islice(work, batch_size)):
+                rows = torch.tensor([k for k, _ in chunk]) - base
+                parts = step([x for _, x in chunk])
+                sums = grown(sums)
+                for s, part in zip(sums, parts):
+                    s.index_add_(0, rows, part)
+                done = chunk[-1][0] - base  # the sequences before the last item's have all their items
+                if done:
+                    yield pending[:done], [s[:done] for s in sums]
+                    del pending[:done]
+                    sums, base = [s[done:] for s in sums], base + done
+                    bar.update(done)
+            if pending:
+                yield pending, grown(sums)
+                bar.update(len(pending))
 
     def _autocast(self, bf16: bool):
         if not bf16:
@@ -385,15 +456,3 @@ def model_from_args(args) -> GenomeLM:
         raise ConfigError("--model_dir (or --checkpoint_path) is required")
     return GenomeLM.load(args.checkpoint_path or args.model_dir, device=args.device)
 
-
-def write_atomically(path, data: str | bytes) -> None:
-    """The whole file or nothing: write beside it, then rename over it."""
-    import os
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None

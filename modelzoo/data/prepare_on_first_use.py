@@ -1,7 +1,9 @@
 """Build a params file's shard directories on first use (the ``prepare:`` key of an input section).
 
 So the quickstart needs nothing but the raw genomes in the repo: the first run prepares them
-with exactly the command a user would type, later runs find the shards and skip this.
+with exactly the command a user would type, later runs find the shards and skip this. A missing
+split of a directory prepare_genomes wrote earlier is prepared again (with --overwrite, which
+replaces only prepare_genomes' own output); a directory holding anything else is left alone.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from pathlib import Path
 
 from modelzoo.config import DataInput, Params
 from modelzoo.errors import DataError
+from modelzoo.files import foreign_files
 
 log = logging.getLogger("modelzoo")
 
 
-def prepare_command(section: DataInput) -> list[str]:
+def prepare_command(section: DataInput, overwrite: bool = False) -> list[str]:
     spec = section.prepare
     argv = ["--input", *spec.input, "--output_dir", str(Path(section.data_dir).parent),
             "--max_seq_length", str(section.max_seq_length), "--split", ",".join(map(str, spec.split)),
             "--seed", str(spec.seed)]
-    return argv + (["--features", spec.features] if spec.features else [])
+    return argv + (["--features", spec.features] if spec.features else []) + (["--overwrite"] if overwrite else [])
 
 
 def ensure_prepared(params: Params) -> None:
@@ -33,13 +36,16 @@ def ensure_prepared(params: Params) -> None:
         if section is None or section.prepare is None or Path(section.data_dir).is_dir():
             continue
         out_dir = Path(section.data_dir).parent
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise DataError(f"{name}.data_dir: {section.data_dir} is missing but {out_dir} exists; "
-                            "delete it to prepare again")
-        argv = prepare_command(section)
-        print("preparing shards: python -m data_preparation.prepare_genomes " + " ".join(argv), flush=True)
+        earlier = out_dir.is_dir() and any(out_dir.iterdir())
+        foreign = foreign_files(out_dir, prepare_genomes.TOOL, prepare_genomes.earlier_output) if earlier else []
+        if foreign:
+            raise DataError(f"{name}.data_dir: {section.data_dir} is missing, and {out_dir} holds {foreign[0]!r}, "
+                            f"which prepare_genomes did not write; move it away (or delete {out_dir}) to prepare "
+                            f"the shards there")
+        argv = prepare_command(section, overwrite=earlier)
+        print(f"preparing shards: {prepare_genomes.COMMAND} " + " ".join(argv), flush=True)
         report = prepare_genomes.prepare(prepare_genomes.parse_args(argv))
-        prepare_genomes.print_report(report, str(out_dir))
+        print(prepare_genomes.report_text(report, str(out_dir)), flush=True)
         if not Path(section.data_dir).is_dir():
             raise DataError(f"{name}.data_dir: preparation wrote no {Path(section.data_dir).name} split "
                             f"(check prepare.split)")

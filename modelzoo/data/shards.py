@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import DataError
+from modelzoo.files import OutputDir
 
 FORMAT = "codon-token-shards"
 FORMAT_VERSION = 1
@@ -60,9 +58,10 @@ class ShardWriter:
         self.windows_per_file = windows_per_file
         self.created_by = {"command": command, "options": options or {}}
         self.overwrite = overwrite
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # Next to the target so the final rename stays on one filesystem (atomic).
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        # Built beside the target, published in one rename; overwrite replaces only a shard directory.
+        self._target = OutputDir(self.out_dir, "ShardWriter", overwrite, flag="shard directory",
+                                 recognise=shard_files, marker=False)
+        self._tmp = self._target.path
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._files: list[dict] = []
@@ -131,15 +130,14 @@ class ShardWriter:
             "created_by": self.created_by,
         }
         (self._tmp / MANIFEST).write_text(_dumps(manifest))
-        os.chmod(self._tmp, 0o755)  # mkdtemp makes it 0o700
-        replace_dir(self._tmp, self.out_dir)
+        self._target.publish()
         self._closed = True
         self.manifest = manifest
         return manifest
 
     def abort(self) -> None:
         if not self._closed:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._target.discard()
             self._closed = True
 
     def __enter__(self) -> "ShardWriter":
@@ -176,15 +174,16 @@ def _record_json(record: dict) -> str:
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst is moved aside first and deleted only afterwards."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def shard_files(directory: Path, command: str | None = None) -> set[str] | None:
+    """The files a ShardWriter wrote into ``directory`` (its manifest lists them), or None when
+    it is not a shard directory (of ``command``'s making, when given)."""
+    try:
+        m = json.loads((Path(directory) / MANIFEST).read_text())
+        if m["format"] != FORMAT or (command is not None and m["created_by"]["command"] != command):
+            return None
+        return {MANIFEST} | {str(f["name"]) for f in m["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class ShardSet:

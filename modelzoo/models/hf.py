@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from modelzoo.config import ModelConfig
-from modelzoo.data.shards import replace_dir
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.files import output_dir
 from modelzoo.models.bert import TYPE_VOCAB_SIZE
 from modelzoo.models.gptj import rotary_dim_of
 
@@ -242,25 +241,23 @@ def check_matches(cfg: ModelConfig, fields: dict, source: str) -> None:
 
 # ---------------------------------------------------------------- directories
 
+EXPORT_TOOL = "modelzoo.tools.convert_checkpoint --to hf"  # the owner named in its OWNER_MARKER
+
+
 def save_hf(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
-            label_names: list[str] | None = None) -> None:
-    """Write config.json, model.safetensors and tokenizer files; out_dir appears whole or not at all."""
+            label_names: list[str] | None = None, overwrite: bool = False, inputs=()) -> None:
+    """Write config.json, model.safetensors and tokenizer files; out_dir appears whole or not at
+    all. A non-empty out_dir is refused (``UserError``), and with ``overwrite`` replaced only
+    when it is an earlier export (``modelzoo.files.output_dir``), never when it holds anything
+    else or one of ``inputs``."""
     from safetensors.torch import save_file
 
     config = hf_config(cfg, label_names)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with output_dir(out_dir, EXPORT_TOOL, overwrite, inputs) as tmp:
         config.save_pretrained(tmp)
         save_file(to_hf_state(cfg, state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only
         write_tokenizer(tmp, cfg.max_position_embeddings)
-        tmp.chmod(0o755)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_tokenizer(out_dir: Path, max_length: int) -> None:

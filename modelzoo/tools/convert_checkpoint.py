@@ -11,7 +11,9 @@ Import a transformers directory as checkpoint_0 of a new model_dir that training
     python -m modelzoo.tools.convert_checkpoint --from hf --input_dir IN --params P --model_dir MD
 
 OUT gets config.json, model.safetensors and tokenizer.json / tokenizer_config.json, which
-``AutoModelFor*.from_pretrained(OUT)`` and ``PreTrainedTokenizerFast.from_pretrained(OUT)`` load.
+``AutoModelFor*.from_pretrained(OUT)`` and ``PreTrainedTokenizerFast.from_pretrained(OUT)`` load;
+OUT appears complete or not at all, and --overwrite replaces an earlier export only, never a
+directory holding anything else.
 Export then import gives back the same tensors bit for bit.
 """
 
@@ -25,24 +27,28 @@ import torch
 import yaml
 
 from modelzoo.config import ModelConfig, Params, load_params
+from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import CheckpointError, ConfigError, UserError
+from modelzoo.files import check_output_dir
 from modelzoo.models import build_model, hf
 from modelzoo.training import checkpoint as ckpt
 
 PROG = "python -m modelzoo.tools.convert_checkpoint"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="examples:\n  " + "\n  ".join(_examples()),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      epilog="examples:\n  " + "\n  ".join(_examples()),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["hf"], help="export a checkpoint to a transformers directory")
     way.add_argument("--from", dest="from_", choices=["hf"], help="import a transformers directory as a checkpoint")
     p.add_argument("--model_dir", required=True, help="--to: read its newest checkpoint; --from: write checkpoint_0 "
                                                       "here (must hold no checkpoint yet)")
     p.add_argument("--checkpoint_path", help="--to: export this checkpoint instead of the newest in model_dir")
-    p.add_argument("--output_dir", help="--to: the transformers directory to write (must not exist or be empty)")
+    p.add_argument("--output_dir", help="--to: the transformers directory to write (must not exist or be empty, "
+                                        "or be an earlier export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="--to: replace an earlier export in --output_dir")
     p.add_argument("--input_dir", help="--from: the transformers directory to read")
     p.add_argument("--params", help="--from: params yaml whose model section matches the transformers config")
     return p
@@ -54,19 +60,19 @@ def _examples() -> list[str]:
             "--model_dir model_dir/run2"]
 
 
-def export(model_dir: str, checkpoint_path: str | None, output_dir: str) -> str:
+def export(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False) -> str:
     path = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
     if path is None:
         raise CheckpointError(f"{model_dir}: no checkpoint to export (train first or pass --checkpoint_path)")
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--output_dir {out}: exists and is not empty (refusing to overwrite)")
+    inputs = [path, model_dir]
+    check_output_dir(out, hf.EXPORT_TOOL, overwrite, inputs)  # before the checkpoint is read
     state = ckpt.load_checkpoint(path)
     if "params" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a model checkpoint (no params or model state)")
     raw = yaml.safe_load(state["params"])
     cfg = ModelConfig.model_validate(raw["model"])
-    hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw))
+    hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw), overwrite=overwrite, inputs=inputs)
     return f"wrote {hf.architecture(cfg)} from {path} to {out}"
 
 
@@ -111,16 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{k}" for k in needed if getattr(args, k) is None]
     if missing:
         parser.error(f"{'--to' if args.to else '--from'} hf needs {' and '.join(missing)}")
-    try:
-        if args.to:
-            message = export(args.model_dir, args.checkpoint_path, args.output_dir)
-        else:
-            message = import_(args.input_dir, args.params, args.model_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(message)
-    return 0
+    if args.to:
+        return run_entry(lambda: export(args.model_dir, args.checkpoint_path, args.output_dir, args.overwrite))
+    return run_entry(lambda: import_(args.input_dir, args.params, args.model_dir))
 
 
 if __name__ == "__main__":

@@ -5,25 +5,27 @@
 
 OUT gets embeddings.npy (n x hidden_size, float32, in input order), ids.tsv (record id and label
 per row) and a TensorBoard embedding projector: ``tensorboard --logdir OUT``, tab "Projector",
-colour by the label. OUT appears complete or not at all.
+colour by the label. Records are read and embedded a batch at a time (memory holds the vectors,
+not the genomes). OUT appears complete or not at all; --overwrite replaces an earlier output of
+this tool only, never a directory holding anything else (or an input).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.data.datasets import read_label_table
-from modelzoo.data.sequences import read_records
+from modelzoo.data.sequences import read_record_batches, read_records
+from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
+from modelzoo.files import NpyRows, output_dir
 from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
 
 PROG = "python -m modelzoo.tools.embed"
+TOOL = "modelzoo.tools.embed"  # the owner named in its output's modelzoo.files.OWNER_MARKER
 NO_LABEL = "(none)"
 
 
@@ -38,47 +40,43 @@ def build_parser() -> OneLineParser:
     p.add_argument("--layer", type=int, default=-1, help="0 = token embeddings, k = after block k, -1 = last block")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean over codons, or [CLS] (BERT)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (autocast)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this tool (never a directory holding other files)")
     return p
 
 
 def embed(args) -> str:
-    out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ConfigError(f"--output_dir {out}: exists and is not empty (use --overwrite)")
     if bool(args.labels) != bool(args.label_column):
         raise ConfigError("--labels and --label_column go together")
-    records = list(read_records(args.input))
-    labels = _labels_of(records, args) if args.labels else None
-    lm = model_from_args(args)
-    vectors = lm.embed(records, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size,
-                       bf16=args.bf16, progress=True)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        np.save(tmp / "embeddings.npy", vectors)
-        header = ["id"] + ([args.label_column] if labels else [])
-        rows = [[r.id] + ([labels[k]] if labels else []) for k, r in enumerate(records)]
+    inputs = [args.input, args.labels, args.checkpoint_path or args.model_dir]
+    with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
+        table = _label_table(args) if args.labels else None
+        lm = model_from_args(args)
+        header = ["id"] + ([args.label_column] if table is not None else [])
+        rows = []  # id (and label) per record: the projector's metadata
+        with NpyRows(tmp / "embeddings.npy", (lm.config.hidden_size,)) as vectors:
+            blocks = lm.embed_stream(read_records(args.input), layer=args.layer, pooling=args.pooling,
+                                     batch_size=args.batch_size, bf16=args.bf16, progress=True)
+            for records, block in blocks:
+                vectors.append(block)
+                rows += [[r.id] + ([table.get(r.id, NO_LABEL)] if table is not None else []) for r in records]
         (tmp / "ids.tsv").write_text("\n".join("\t".join(row) for row in [header] + rows) + "\n")
-        _write_projector(tmp, vectors, rows, header)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return (f"wrote {len(records)} embeddings of size {vectors.shape[1]} from {lm.source} to {out} "
-            f"(view: tensorboard --logdir {out})")
+        _write_projector(tmp, np.load(tmp / "embeddings.npy", mmap_mode="r"), rows, header)
+    return (f"wrote {len(rows)} embeddings of size {lm.config.hidden_size} from {lm.source} to "
+            f"{args.output_dir} (view: tensorboard --logdir {args.output_dir})")
 
 
-def _labels_of(records, args) -> list[str]:
+def _label_table(args) -> dict[str, str]:
+    """The --labels table, once it is known to name at least one record of --input (the ids are
+    read without the sequences, before any model work)."""
     table, _ = read_label_table(args.labels, args.label_column, args.id_column)
-    if not any(r.id in table for r in records):
-        raise DataError(f"{args.labels}: no row for any record of {args.input} (first id {records[0].id!r}; "
-                        f"check --id_column)")
-    return [table.get(r.id, NO_LABEL) for r in records]
+    first = None
+    for batch in read_record_batches(args.input):
+        first = first or batch.ids[0]
+        if not table.keys().isdisjoint(batch.ids):
+            return table
+    raise DataError(f"{args.labels}: no row for any record of {args.input} (first id {first!r}; "
+                    f"check --id_column)")
 
 
 def _write_projector(log_dir: Path, vectors: np.ndarray, rows: list[list[str]], header: list[str]) -> None:
@@ -88,7 +86,7 @@ def _write_projector(log_dir: Path, vectors: np.ndarray, rows: list[list[str]], 
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         # one metadata column is written without a header row; several need metadata_header
         metadata = [row[0] for row in rows] if len(header) == 1 else rows
-        writer.add_embedding(torch.from_numpy(vectors), metadata=metadata,
+        writer.add_embedding(torch.from_numpy(np.array(vectors)), metadata=metadata,
                              metadata_header=header if len(header) > 1 else None, tag="embeddings")
 
 

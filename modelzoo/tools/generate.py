@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from modelzoo.entry import OneLineParser, run_entry
-from modelzoo.inference import add_model_arguments, model_from_args, write_atomically
+from modelzoo.files import output_file
+from modelzoo.inference import add_model_arguments, model_from_args
 
 PROG = "python -m modelzoo.tools.generate"
 LINE = 80  # FASTA line width
@@ -36,18 +37,18 @@ def build_parser() -> OneLineParser:
 
 
 def generate(args) -> str:
-    lm = model_from_args(args)
-    sequences = lm.generate(args.prompt, max_codons=args.max_codons, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, num_return_sequences=args.num_sequences,
-                            seed=args.seed, stop_at_stop_codon=args.stop_at_stop_codon,
-                            batch_size=args.batch_size, progress=True)
-    settings = (f"model={Path(lm.source).name} step={lm.step} seed={args.seed} temperature={args.temperature} "
-                f"top_k={args.top_k} top_p={args.top_p}")
-    lines = []
-    for k, seq in enumerate(sequences, start=1):
-        lines.append(f">generated_{k} {settings} codons={len(seq) // 3}")
-        lines += [seq[i: i + LINE] for i in range(0, len(seq), LINE)]
-    write_atomically(args.output, "\n".join(lines) + "\n")
+    with output_file(args.output, inputs=[args.checkpoint_path or args.model_dir]) as out:
+        lm = model_from_args(args)
+        sequences = lm.generate(args.prompt, max_codons=args.max_codons, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, num_return_sequences=args.num_sequences,
+                                seed=args.seed, stop_at_stop_codon=args.stop_at_stop_codon,
+                                batch_size=args.batch_size, progress=True)
+        settings = (f"model={Path(lm.source).name} step={lm.step} seed={args.seed} "
+                    f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p}")
+        for k, seq in enumerate(sequences, start=1):
+            lines = [f">generated_{k} {settings} codons={len(seq) // 3}"]
+            lines += [seq[i: i + LINE] for i in range(0, len(seq), LINE)]
+            out.write("\n".join(lines) + "\n")
     return f"wrote {len(sequences)} sequences from {lm.source} to {args.output}"
 
 
