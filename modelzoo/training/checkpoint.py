@@ -3,21 +3,28 @@
 A checkpoint counts only when its seal exists and matches: a crash mid-write leaves at worst a
 ``*.tmp`` file (ignored) or an unsealed file (skipped with a message), never a half-read state,
 and the previous checkpoints are untouched because nothing is ever overwritten in place.
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, numbers, strings, None), and
+loading accepts nothing else (``torch.load(weights_only=True)``): loading a checkpoint never runs
+code, whoever wrote it. The seal detects corruption and truncation; it does not say who wrote it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import mmap
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from modelzoo.errors import CheckpointError
+from modelzoo.files import fsync_dir
 
 log = logging.getLogger("modelzoo")
 _NAME = re.compile(r"^checkpoint_(\d+)\.mdl$")
@@ -31,11 +38,14 @@ def _seal_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """Write ``path.tmp``, fsync, rename over ``path``; on any error the temporary file goes.
+    (Not modelzoo.files.atomic_file: a crash leaves ``checkpoint_*.tmp``, which pruning tidies.)"""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,52 +55,36 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(model_dir: str | Path, step: int, state: dict) -> Path:
-    """Serialize to memory, write to a temporary name, fsync, rename; then the seal.
+    """Write to a temporary name, fsync, rename; then the seal.
 
     On failure (disk full, read-only directory) nothing of this checkpoint is left behind and
     the earlier ones are untouched.
     """
     path = checkpoint_path(model_dir, step)
     if hasattr(state, "write_to"):  # a state larger than RAM (CSX disk MemoryX) streams itself out
-        return _save_streamed(path, state.write_to)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getbuffer()
-    try:
-        _write_atomically(path, data)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        _write_atomically(_seal_path(path), hashlib.sha256(data).hexdigest().encode())
-        _fsync_dir(path.parent)
-    except OSError as e:
-        _remove_quietly(path)  # data without its seal is unusable: do not leave it to be skipped later
-        raise _write_error(path, e) from None
-    return path
+        write = state.write_to
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
 
+        def write(file) -> None:
+            file.write(buffer.getbuffer())
 
-def _save_streamed(path: Path, write) -> Path:
-    """save_checkpoint for a state with ``write_to(file)``: the same temporary name, fsync,
-    rename and seal, with the digest taken as the bytes go out instead of from a buffer."""
-    tmp = path.with_name(path.name + ".tmp")
     digest = hashlib.sha256()
     try:
-        with open(tmp, "wb") as f:
+        with _atomic_file(path) as f:
             write(_HashingWriter(f, digest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         cause = e if isinstance(e, OSError) else e.__context__  # torch's writer wraps the OSError
         if isinstance(cause, OSError):
             raise _write_error(path, cause) from None
         raise
     try:
-        _write_atomically(_seal_path(path), digest.hexdigest().encode())
-        _fsync_dir(path.parent)
+        with _atomic_file(_seal_path(path)) as f:
+            f.write(digest.hexdigest().encode())
+        fsync_dir(path.parent)  # the renames durable: a power cut must not lose the seal later
     except OSError as e:
-        _remove_quietly(path)
+        _remove_quietly(path)  # data without its seal is unusable: do not leave it to be skipped later
         raise _write_error(path, e) from None
     return path
 
@@ -109,15 +103,6 @@ class _HashingWriter:
 
 def _write_error(path: Path, e: OSError) -> CheckpointError:
     return CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); earlier checkpoints are untouched")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable: a power cut must not lose the seal after training went on."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -162,16 +147,34 @@ def _load_mapped(path: Path) -> dict:
     overcommit), a shared one not. Such a checkpoint only fits a consumer that copies each
     tensor out (CSX MemoryX, inference) and never writes to them, which could reach the file.
     Deciding up front matters: torch leaks the file descriptor of a refused map, which keeps a
-    deleted checkpoint's disk space until the process ends."""
+    deleted checkpoint's disk space until the process ends.
+
+    Only tensors and plain data are unpickled (weights_only), plus the few numpy types that
+    earlier versions stored numpy's RNG state with (``_numpy_rng_state``)."""
     shared = path.stat().st_size >= _ram_bytes()
-    if not shared:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError as e:
-            if "Cannot allocate memory" not in str(e):
-                raise
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    with torch.serialization.safe_globals(_numpy_rng_state()):
+        if not shared:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "Cannot allocate memory" not in str(e):
+                    raise
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _numpy_rng_state() -> list:
+    """What checkpoints of earlier versions need beyond tensors and plain data: numpy's RNG state
+    as an ndarray of uint32 words. These rebuild an array of that dtype from its bytes and call
+    nothing else (an object array needs the object dtype, which stays refused)."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct as reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct as reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            (reconstruct, "numpy.core.multiarray._reconstruct"),  # pickled by numpy 1
+            (reconstruct, "numpy._core.multiarray._reconstruct")]  # and by numpy 2
 
 
 def _ram_bytes() -> int:
@@ -190,12 +193,25 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: {problem}")
     try:
         state = _load_mapped(path)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: it could run code, if nothing else
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain data ({_refused(e)}); "
+                              f"not loaded, since loading them could run code") from None
     except Exception as e:  # sealed yet unreadable: written by something else, or another torch
         why = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path}: not a Model Zoo checkpoint (no model state and step)")
     return state
+
+
+def _refused(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, in a few words."""
+    why = str(e).split("WeightsUnpickler error:", 1)[-1]
+    name = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", why)
+    if name:
+        return name.group(1) or name.group(2)
+    lines = [line.strip() for line in why.splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(e).__name__
 
 
 def newest_good_checkpoint(model_dir: str | Path) -> Path | None:

@@ -37,7 +37,13 @@ def split_micro_batches(batch: dict, n: int) -> list[dict]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random stream a resumed run continues, as tensors and plain data only: a checkpoint
+    holds nothing else (checkpoint.load_checkpoint refuses anything else)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}  # (version, tuple of ints, None or float)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +51,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):  # else numpy's own tuple, as checkpoints of earlier versions hold it
+        numpy = (numpy["bit_generator"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                 numpy["has_gauss"], numpy["gauss"])
+    np.random.set_state(numpy)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
