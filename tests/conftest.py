@@ -45,14 +45,20 @@ def write_params(path: Path, params: dict) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _restore_modelzoo_logger():
-    """A run in the test process configures the "modelzoo" logger; the next test starts from the
-    state it found, whatever order the suite runs in."""
+def _pristine_modelzoo_logger():
+    """A run in the test process configures the "modelzoo" logger (its own handlers, no
+    propagation); every test starts from the logger as a fresh process has it, whatever ran
+    before and in whatever order."""
     import logging
     logger = logging.getLogger("modelzoo")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+
+    def reset():
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            if not type(handler).__module__.startswith("_pytest"):  # pytest closes its own
+                handler.close()
+        logger.propagate, logger.level = True, logging.NOTSET
+
+    reset()
     yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:], logger.propagate, logger.level = saved
+    reset()
