@@ -63,7 +63,8 @@ class DataInput(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["gpt2", "gptj", "bert"] = Field(description="Architecture: gpt2, gptj or bert.")
+    name: Literal["gpt2", "gptj", "gpt_neox", "bert"] = Field(description="Architecture: gpt2, gptj, gpt_neox "
+                                                                         "(GenSLM's models) or bert.")
     vocab_size: int = Field(69, gt=0, description="Vocabulary size (69 = GenSLM's codon vocabulary).")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
     num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
@@ -84,6 +85,10 @@ class ModelConfig(Section):
                             "fp16_type on AMX CPUs and GPUs. fp32 is also the more accurate.")
     rotary_dim: Optional[int] = Field(None, gt=0, description="GPT-J only: dimensions of each head that get "
                                                               "rotary embeddings (default head_dim / 4, as GenSLM).")
+    rotary_pct: Optional[float] = Field(None, gt=0, le=1, description="gpt_neox only: fraction of each head that "
+                                                                      "gets rotary embeddings (default 0.25, as "
+                                                                      "GenSLM; int(head_dim * rotary_pct) dims).")
+    rotary_emb_base: float = Field(10000.0, gt=0, description="gptj, gpt_neox: base of the rotary angles.")
     num_labels: Optional[int] = Field(None, gt=1, description="BERT only: number of classes; when set, the model "
                                                               "is a sequence classifier on the pooled [CLS].")
 
@@ -111,6 +116,14 @@ class ModelConfig(Section):
                 raise ValueError("rotary_dim applies to gptj only")
             if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
                 raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+        if self.rotary_emb_base != 10000.0 and self.name not in ("gptj", "gpt_neox"):
+            raise ValueError("rotary_emb_base applies to gptj and gpt_neox only")
+        if self.rotary_pct is not None:
+            if self.name != "gpt_neox":
+                raise ValueError("rotary_pct applies to gpt_neox only")
+            if int(self.head_dim * self.rotary_pct) % 2:
+                raise ValueError(f"rotary_pct ({self.rotary_pct}) gives int(head_dim * rotary_pct) = "
+                                 f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even")
         if self.num_labels is not None and self.name != "bert":
             raise ValueError("num_labels applies to bert only")
         return self

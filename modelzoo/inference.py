@@ -36,7 +36,7 @@ from tqdm import tqdm
 from modelzoo.config import ModelConfig
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError, DataError
-from modelzoo.models import build_model
+from modelzoo.models import MODELS, build_model, spec_of
 from modelzoo.models.base import StagedModel
 from modelzoo.models.layers import KVCache
 from modelzoo.training import checkpoint as ckpt
@@ -46,7 +46,7 @@ POOLINGS = ("mean", "cls")
 
 
 class GenomeLM:
-    """A trained GPT-2, GPT-J or BERT with its codon tokenizer, in eval mode, gradients off."""
+    """A trained model (GPT-2, GPT-J, GPT-NeoX, BERT) with its codon tokenizer, in eval mode, gradients off."""
 
     def __init__(self, model: StagedModel, config: ModelConfig, source: str = "<model>", step: int | None = None,
                  device: str | torch.device = "cpu", tokenizer: CodonTokenizer | None = None):
@@ -87,7 +87,7 @@ class GenomeLM:
 
     @property
     def is_causal(self) -> bool:
-        return self.config.name != "bert"
+        return spec_of(self.config).generates
 
     @property
     def context(self) -> int:
@@ -243,7 +243,9 @@ class GenomeLM:
         """
         self._need_token_head("generate")
         if not self.is_causal:
-            raise ConfigError(f"{self.source}: generate needs a causal model (gpt2, gptj); this checkpoint is BERT")
+            causal = ", ".join(name for name, spec in MODELS.items() if spec.generates)
+            raise ConfigError(f"{self.source}: generate needs a causal model ({causal}); this checkpoint is "
+                              f"{self.config.name}")
         prompt_ids = self._prompt_ids(prompt)
         _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences, batch_size)
         generator = torch.Generator(device=self.device)

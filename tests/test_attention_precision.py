@@ -8,7 +8,7 @@ import torch
 
 from modelzoo.config import ModelConfig, validate_params
 from modelzoo.errors import ConfigError
-from modelzoo.models import build_model, layers
+from modelzoo.models import MODELS, build_model, layers
 from modelzoo.models.layers import attention_in_fp32
 from tests.conftest import tiny_params
 
@@ -49,7 +49,7 @@ def test_the_choice_follows_setting_device_and_dtype(monkeypatch):
     assert attention_in_fp32(True, cpu, bf16)
 
 
-@pytest.mark.parametrize("name", ["gptj", "gpt2", "bert"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_auto_is_applied_by_every_model(monkeypatch, name):
     """Default config: fp32 attention without AMX, bf16 with it; auto equals the forced setting
     it resolves to, to the bit."""

@@ -24,7 +24,7 @@ def test_presets_exist_for_every_genslm_size():
     names = {p.name for p in CONFIGS}
     for size in ("25M", "250M", "2.5B", "25B"):
         for msl in (2048, 10240):
-            assert f"gptj_{size}_msl{msl}.yaml" in names
+            assert {f"gptj_{size}_msl{msl}.yaml", f"neox_{size}_msl{msl}.yaml"} <= names
     assert {"gpt2_25.8M_msl1024.yaml", "gpt2_256M_msl1024.yaml", "bert_25.8M_msl512.yaml",
             "bert_86M_msl512.yaml"} <= names
 
@@ -45,6 +45,32 @@ def test_config_validates_builds_and_matches_its_size(path, monkeypatch):
             assert Path(section.labels_file).is_file(), section.labels_file
     if params.model.name == "gptj" and "genslm" in path.parts:
         assert params.model.rotary_dim == params.model.head_dim // 4 // 2 * 2  # GenSLM: a quarter of each head
+
+
+# Parameters of GenSLM's released GPT-NeoX architectures as transformers builds them. The 25M and
+# 2.5B equal GenSLM's file names; the 250M file's architecture has more than its name says, and the
+# 25B's hidden size 8196 cannot be built with 64 heads (8192 here; see the presets' comments).
+GENSLM_NEOX = {"25M": 25_290_752, "250M": 253_429_376, "2.5B": 2_533_931_008, "25B": 25_574_854_656}
+
+
+@pytest.mark.parametrize("size", GENSLM_NEOX)
+@pytest.mark.parametrize("msl", [2048, 10240])
+def test_neox_presets_are_genslms_models_exactly(size, msl, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    params = load_params(ROOT / "configs" / "genslm" / f"neox_{size}_msl{msl}.yaml")
+    with torch.device("meta"):
+        model = build_model(params.model)
+    assert params.model.name == "gpt_neox" and params.model.max_position_embeddings == msl
+    assert sum(p.numel() for p in model.parameters()) == GENSLM_NEOX[size]
+
+
+def test_neox_parameter_count_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    from modelzoo.models import hf
+    params = load_params(ROOT / "configs" / "genslm" / "neox_25M_msl2048.yaml", check_paths=False)
+    with torch.device("meta"):
+        twin = transformers.GPTNeoXForCausalLM(hf.hf_config(params.model))
+    assert sum(p.numel() for p in twin.parameters()) == GENSLM_NEOX["25M"]
 
 
 def test_size_pattern():

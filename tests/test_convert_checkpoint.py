@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from modelzoo import cli
+from modelzoo.models import MODELS
 from modelzoo.tools import convert_checkpoint
 from modelzoo.training import checkpoint as ckpt
 from tests.conftest import tiny_params, write_params
@@ -34,7 +35,7 @@ def convert(capsys, *argv) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj", "bert"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_export_import_round_trip_is_bit_exact_and_training_resumes(name, shards_msl64, tmp_path, capsys):
     _, params = params_for(name, shards_msl64, tmp_path / "trained", tmp_path)
     train(capsys, params)
@@ -119,7 +120,7 @@ def test_help_documents_both_directions(capsys):
 @pytest.mark.parametrize("change,message", [
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported (need 'gelu_new')"),
     ({"tie_word_embeddings": False}, "tie_word_embeddings False is not supported (need True)"),
-    ({"model_type": "llama"}, "model_type 'llama' is not supported; convertible: gpt2, gptj, bert"),
+    ({"model_type": "llama"}, "model_type 'llama' is not supported; convertible: gpt2, gptj, gpt_neox, bert"),
 ])
 def test_import_refuses_transformers_variants_we_do_not_build(change, message):
     from modelzoo.errors import ConfigError

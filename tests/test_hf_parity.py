@@ -21,6 +21,7 @@ TOLERANCE = 1e-4
 ARCHITECTURES = {
     "gpt2": dict(name="gpt2"),
     "gptj": dict(name="gptj", rotary_dim=4),  # head_dim 16: rotary on a quarter, the rest passes through
+    "gpt_neox": dict(name="gpt_neox", rotary_pct=0.5),  # head_dim 16: 8 rotated dims, the rest passes through
     "bert-mlm": dict(name="bert", layer_norm_epsilon=1e-12),
     "bert-classifier": dict(name="bert", num_labels=3),
 }

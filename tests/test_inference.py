@@ -14,9 +14,11 @@ from modelzoo.config import ModelConfig
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError, DataError
 from modelzoo.inference import STOP_CODONS
-from modelzoo.models import build_model
+from modelzoo.models import MODELS, build_model
 from modelzoo.models.layers import KVCache
 from modelzoo.training.checkpoint import save_checkpoint
+
+CAUSAL = [name for name, spec in MODELS.items() if spec.generates]
 
 CONTEXT = 16
 TOK = CodonTokenizer()
@@ -54,7 +56,7 @@ def ids_of(seq: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------ embeddings
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj"])
+@pytest.mark.parametrize("name", CAUSAL)
 def test_causal_embedding_is_the_mean_over_every_codon_of_every_window(name):
     lm = make_lm(name)
     genome = random_genome(2 * CONTEXT + 5)  # three windows: 16, 16 and 5 codons
@@ -103,7 +105,7 @@ def test_embed_rejects_bad_layer_and_pooling():
 
 # ------------------------------------------------------------------ KV cache and generation
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj"])
+@pytest.mark.parametrize("name", CAUSAL)
 def test_cached_logits_equal_full_forward(name):
     lm = make_lm(name)
     ids = ids_of(random_genome(CONTEXT))
@@ -114,7 +116,7 @@ def test_cached_logits_equal_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj"])
+@pytest.mark.parametrize("name", CAUSAL)
 def test_cached_generation_equals_full_recompute(name):
     lm = make_lm(name)
     # 40 codons after a 4-codon prompt: the window slides twice past the 16-codon context
@@ -166,7 +168,7 @@ def test_generation_refuses_bert_and_bad_arguments():
 
 # ------------------------------------------------------------------ log-likelihood
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj"])
+@pytest.mark.parametrize("name", CAUSAL)
 def test_log_likelihood_is_minus_the_summed_token_cross_entropy(name):
     lm = make_lm(name)
     genome = random_genome(CONTEXT)

@@ -1,4 +1,4 @@
-"""GPT-2, GPT-J and BERT: stage structure, tied weights, rotary positions, masking, heads."""
+"""Every registered model (GPT-2, GPT-J, GPT-NeoX, BERT): stage structure, tied weights, rotary positions, masking, heads."""
 
 import pytest
 import torch
@@ -8,8 +8,10 @@ from modelzoo.models import MODELS, build_model, transfer_backbone
 from modelzoo.models.layers import Rotary
 from modelzoo.errors import CheckpointError
 
+CAUSAL = [name for name, spec in MODELS.items() if spec.generates]
+
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_heads=4, max_position_embeddings=24)
-VARIANTS = {"gpt2": dict(name="gpt2"), "gptj": dict(name="gptj"), "bert": dict(name="bert"),
+VARIANTS = {"gpt2": dict(name="gpt2"), "gptj": dict(name="gptj"), "gpt_neox": dict(name="gpt_neox"), "bert": dict(name="bert"),
             "bert-classifier": dict(name="bert", num_labels=3)}
 
 
@@ -44,14 +46,14 @@ def test_stages_compose_to_forward(variant):
     assert owned == {id(p) for p in model.parameters()}  # no parameter lives outside the stages
 
 
-@pytest.mark.parametrize("variant,tied", [("gpt2", True), ("bert", True), ("gptj", False)])
+@pytest.mark.parametrize("variant,tied", [("gpt2", True), ("bert", True), ("gptj", False), ("gpt_neox", False)])
 def test_tied_embedding_is_one_parameter_in_two_stages(variant, tied):
     model = small(variant)
     first, last = model.stages()[0], model.stages()[-1]
     shared = {id(p) for p in first.parameters()} & {id(p) for p in last.parameters()}
     assert (shared == {id(model.embeddings.tokens.weight)}) if tied else not shared
-    if not tied:
-        assert model.head.lm_head.bias is not None  # GPT-J: untied LM head with a bias
+    if not tied:  # an untied LM head: GPT-J's with a bias, GPT-NeoX's without
+        assert (model.head.lm_head.bias is not None) == (variant == "gptj")
 
 
 def test_gptj_has_no_attention_biases_and_parallel_block():
@@ -95,7 +97,7 @@ def test_gptj_rotary_dim_defaults_to_a_quarter_of_each_head():
     assert model.blocks[0].attn.rotary.rotary_dim == 8
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "gptj"])
+@pytest.mark.parametrize("variant", CAUSAL)
 def test_causal_models_do_not_look_ahead(variant):
     model, b = small(variant), batch()
     changed = {k: v.clone() for k, v in b.items()}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modelzoo.config import OptimizerConfig
+from modelzoo.models import MODELS
 from modelzoo.training.optim import build_optimizer, clip_gradients, learning_rate_at, param_groups
 
 
@@ -68,7 +69,7 @@ def test_clipping_returns_norm_before_clipping():
     assert float(p.grad.norm()) == pytest.approx(6.0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj", "bert"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_weight_decay_spares_embedding_tables_biases_and_norms(name):
     """As docs/params.md says: with zero gradients an AdamW step moves only by weight decay, so
     exactly the weight matrices outside the embedding tables shrink."""

@@ -364,9 +364,11 @@ class SequenceClassificationDataset(Dataset):
 
 
 def dataset_for(model, section, seed: int) -> tuple[type, dict]:
-    """The dataset class and its arguments for a model config and an input section: causal LM
-    for GPT-2/GPT-J, masked LM for BERT, labelled windows for a BERT classifier."""
-    if model.name != "bert":
+    """The dataset class and its arguments for a model config and an input section, by the
+    model's objective: causal LM, masked LM, or labelled windows for a classifier."""
+    from modelzoo.models import spec_of
+    from modelzoo.models.spec import CAUSAL_LM
+    if spec_of(model).objective == CAUSAL_LM:
         return CausalLMDataset, {}
     if model.num_labels is None:
         return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed}

@@ -1,4 +1,5 @@
-"""Model registry: ``model.name`` in the params selects the architecture."""
+"""Model registry: ``model.name`` in the params selects the architecture's spec (its model class,
+objective and transformers twin; ``modelzoo.models.spec``)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ import torch
 
 from modelzoo.config import ModelConfig
 from modelzoo.errors import CheckpointError
+from modelzoo.models import bert, gpt2, gpt_neox, gptj
 from modelzoo.models.base import StagedModel
-from modelzoo.models.bert import BertModel
-from modelzoo.models.gpt2 import GPT2LMModel
-from modelzoo.models.gptj import GPTJLMModel
+from modelzoo.models.spec import ModelSpec
 
-MODELS = {"gpt2": GPT2LMModel, "gptj": GPTJLMModel, "bert": BertModel}
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (gpt2.SPEC, gptj.SPEC, gpt_neox.SPEC, bert.SPEC)}
 HEAD_PREFIX = "head."  # the last stage; a task head that may differ between pretraining and fine-tuning
 
 log = logging.getLogger("modelzoo")
 
 
+def spec_of(cfg: ModelConfig) -> ModelSpec:
+    return MODELS[cfg.name]
+
+
 def build_model(cfg: ModelConfig) -> StagedModel:
-    return MODELS[cfg.name](cfg)
+    return spec_of(cfg).model(cfg)
 
 
 def transfer_backbone(saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],

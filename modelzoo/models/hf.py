@@ -1,10 +1,11 @@
 """Our checkpoints <-> HuggingFace transformers directories (config.json + model.safetensors +
 a tokenizer that ``PreTrainedTokenizerFast`` loads).
 
-One table per architecture pairs each of our tensors with its transformers name(s) and says how
-the layout differs, and both directions walk the same table, so export and import cannot drift
-apart. Layout differences: GPT-2's ``Conv1D`` stores weights transposed; GPT-J and BERT keep
-q, k and v as three Linear layers where we keep one fused ``qkv``; tied weights are stored once.
+Each model's spec (``SPEC.hf`` in its file) has one table pairing each of our tensors with its
+transformers name(s) and layout, and both directions walk the same table, so export and import
+cannot drift apart. Layout differences: GPT-2's ``Conv1D`` stores weights transposed; GPT-J and
+BERT keep q, k and v as three Linear layers where we keep one fused ``qkv``; GPT-NeoX fuses them
+head by head; tied weights are stored once.
 
 transformers is an optional dependency (``pip install -e ".[hf]"``): only the export needs it (to
 write a complete config.json); import reads config.json and safetensors directly.
@@ -16,7 +17,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -24,105 +24,37 @@ from modelzoo.config import ModelConfig
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.files import output_dir
-from modelzoo.models.bert import TYPE_VOCAB_SIZE
-from modelzoo.models.gptj import rotary_dim_of
+from modelzoo.models import MODELS, spec_of
+from modelzoo.models.spec import HEADWISE_QKV, SPLIT_QKV, TRANSPOSED
 
-SAME, TRANSPOSED, SPLIT_QKV = "same", "transposed", "split_qkv"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors transformers files may hold that carry no weights of ours: causal-mask and position
-# buffers of older versions, and second copies of tied weights.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "embeddings.token_type_ids",
-                    "lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+# buffers of older versions, and second copies of tied weights (each spec lists its own).
+IGNORED_SUFFIXES = tuple(sorted({suffix for spec in MODELS.values() for suffix in spec.hf.buffers}))
 
 
 def architecture(cfg: ModelConfig) -> str:
-    if cfg.name == "bert":
-        return "BertForSequenceClassification" if cfg.num_labels else "BertForMaskedLM"
-    return {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM"}[cfg.name]
+    return spec_of(cfg).hf.architecture(cfg)
 
 
-# ---------------------------------------------------------------- the tensor tables
+# ---------------------------------------------------------------- tensors
 
-def _linear(ours: str, theirs, kind: str = SAME, bias: bool = True) -> Iterator[tuple]:
-    """A Linear layer: the weight (in the given layout) and, if present, its bias."""
-    yield f"{ours}.weight", _suffixed(theirs, ".weight"), kind
-    if bias:
-        yield f"{ours}.bias", _suffixed(theirs, ".bias"), SPLIT_QKV if kind == SPLIT_QKV else SAME
-
-
-def _norm(ours: str, theirs: str) -> Iterator[tuple]:
-    yield from _linear(ours, theirs)
-
-
-def _suffixed(theirs, suffix: str):
-    return tuple(t + suffix for t in theirs) if isinstance(theirs, tuple) else theirs + suffix
-
-
-def _gpt2(cfg: ModelConfig) -> Iterator[tuple]:
-    yield "embeddings.tokens.weight", "transformer.wte.weight", SAME
-    yield "embeddings.positions.weight", "transformer.wpe.weight", SAME
-    for i in range(cfg.num_hidden_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        yield from _norm(ours + "ln_1", theirs + "ln_1")
-        yield from _linear(ours + "attn.qkv", theirs + "attn.c_attn", TRANSPOSED)
-        yield from _linear(ours + "attn.out", theirs + "attn.c_proj", TRANSPOSED)
-        yield from _norm(ours + "ln_2", theirs + "ln_2")
-        yield from _linear(ours + "mlp.fc_in", theirs + "mlp.c_fc", TRANSPOSED)
-        yield from _linear(ours + "mlp.fc_out", theirs + "mlp.c_proj", TRANSPOSED)
-    yield from _norm("head.ln_f", "transformer.ln_f")
-
-
-def _gptj(cfg: ModelConfig) -> Iterator[tuple]:
-    yield "embeddings.tokens.weight", "transformer.wte.weight", SAME
-    for i in range(cfg.num_hidden_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        yield from _norm(ours + "ln_1", theirs + "ln_1")
-        qkv = tuple(theirs + f"attn.{x}_proj" for x in "qkv")
-        yield from _linear(ours + "attn.qkv", qkv, SPLIT_QKV, bias=False)
-        yield from _linear(ours + "attn.out", theirs + "attn.out_proj", bias=False)
-        yield from _linear(ours + "mlp.fc_in", theirs + "mlp.fc_in")
-        yield from _linear(ours + "mlp.fc_out", theirs + "mlp.fc_out")
-    yield from _norm("head.ln_f", "transformer.ln_f")
-    yield from _linear("head.lm_head", "lm_head")
-
-
-def _bert(cfg: ModelConfig) -> Iterator[tuple]:
-    emb = "bert.embeddings."
-    yield "embeddings.tokens.weight", emb + "word_embeddings.weight", SAME
-    yield "embeddings.positions.weight", emb + "position_embeddings.weight", SAME
-    yield "embeddings.token_types.weight", emb + "token_type_embeddings.weight", SAME
-    yield from _norm("embeddings.norm", emb + "LayerNorm")
-    for i in range(cfg.num_hidden_layers):
-        ours, theirs = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-        qkv = tuple(theirs + f"attention.self.{x}" for x in ("query", "key", "value"))
-        yield from _linear(ours + "attn.qkv", qkv, SPLIT_QKV)
-        yield from _linear(ours + "attn.out", theirs + "attention.output.dense")
-        yield from _norm(ours + "ln_attn", theirs + "attention.output.LayerNorm")
-        yield from _linear(ours + "mlp.fc_in", theirs + "intermediate.dense")
-        yield from _linear(ours + "mlp.fc_out", theirs + "output.dense")
-        yield from _norm(ours + "ln_mlp", theirs + "output.LayerNorm")
-    if cfg.num_labels:
-        yield from _linear("head.pooler", "bert.pooler.dense")
-        yield from _linear("head.classifier", "classifier")
-    else:
-        yield from _linear("head.transform", "cls.predictions.transform.dense")
-        yield from _norm("head.norm", "cls.predictions.transform.LayerNorm")
-        yield "head.bias", "cls.predictions.bias", SAME
-
-
-TABLES = {"gpt2": _gpt2, "gptj": _gptj, "bert": _bert}
-# Our second name of a tied Parameter -> the name it is stored under.
-TIED = {"gpt2": {"head.tokens.weight": "embeddings.tokens.weight"},
-        "bert": {"head.tokens.weight": "embeddings.tokens.weight"}}
+def _headwise(tensor: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
+    """NeoX's fused q/k/v rows go head by head ([q k v] of head 0, then head 1, ...); ours are
+    [all q; all k; all v]. The same permutation both ways, with the two leading axes swapped."""
+    shape = (3, heads, -1) if to_hf else (heads, 3, -1)
+    return tensor.unflatten(0, shape).transpose(0, 1).flatten(0, 2).contiguous()
 
 
 def to_hf_state(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    for name, theirs, kind in TABLES[cfg.name](cfg):
+    for name, theirs, kind in spec_of(cfg).hf.table(cfg):
         tensor = ours[name]
         if kind == TRANSPOSED:
             out[theirs] = tensor.t().contiguous()
+        elif kind == HEADWISE_QKV:
+            out[theirs] = _headwise(tensor, cfg.num_heads, to_hf=True)
         elif kind == SPLIT_QKV:
             # safetensors refuses tensors that share storage, so each third is its own copy
             for hf_name, part in zip(theirs, tensor.chunk(3, dim=0)):
@@ -135,6 +67,7 @@ def to_hf_state(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, to
 def from_hf_state(cfg: ModelConfig, theirs: dict[str, torch.Tensor],
                   source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Our model state (fp32) from a transformers state; also the transformers tensors not used."""
+    spec = spec_of(cfg)
     ours, used = {}, set()
 
     def get(name: str) -> torch.Tensor:
@@ -143,16 +76,18 @@ def from_hf_state(cfg: ModelConfig, theirs: dict[str, torch.Tensor],
         used.add(name)
         return theirs[name].to(torch.float32)
 
-    for name, hf_name, kind in TABLES[cfg.name](cfg):
+    for name, hf_name, kind in spec.hf.table(cfg):
         if kind == TRANSPOSED:
             ours[name] = get(hf_name).t().contiguous()
+        elif kind == HEADWISE_QKV:
+            ours[name] = _headwise(get(hf_name), cfg.num_heads, to_hf=False)
         elif kind == SPLIT_QKV:
             ours[name] = torch.cat([get(n) for n in hf_name], dim=0)
         else:
             ours[name] = get(hf_name)
-    for alias, target in TIED.get(cfg.name, {}).items():
+    for alias, target in spec.hf.tied.items():
         ours[alias] = ours[target]
-    unused = sorted(k for k in theirs if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    unused = sorted(k for k in theirs if k not in used and not k.endswith(spec.hf.buffers))
     return ours, unused
 
 
@@ -161,27 +96,10 @@ def from_hf_state(cfg: ModelConfig, theirs: dict[str, torch.Tensor],
 def hf_config(cfg: ModelConfig, label_names: list[str] | None = None):
     """The transformers config object of the twin of ``cfg``."""
     transformers = require_transformers()
-    pad_id = CodonTokenizer().pad_id
-    common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.initializer_range, pad_token_id=pad_id,
-                  bos_token_id=None, eos_token_id=None, architectures=[architecture(cfg)])
-    if cfg.name in ("gpt2", "gptj"):
-        common.update(n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
-                      n_layer=cfg.num_hidden_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size,
-                      activation_function="gelu_new", resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
-                      attn_pdrop=cfg.attention_dropout_rate, layer_norm_epsilon=cfg.layer_norm_epsilon)
-        if cfg.name == "gpt2":
-            return transformers.GPT2Config(tie_word_embeddings=True, **common)
-        return transformers.GPTJConfig(rotary_dim=rotary_dim_of(cfg), tie_word_embeddings=False, **common)
-    labels = {}
-    if cfg.num_labels:
-        names = label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
-        labels = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    return transformers.BertConfig(
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.ffn_size, hidden_act="gelu", hidden_dropout_prob=cfg.dropout_rate,
-        attention_probs_dropout_prob=cfg.attention_dropout_rate, max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=TYPE_VOCAB_SIZE, layer_norm_eps=cfg.layer_norm_epsilon,
-        tie_word_embeddings=True, **common, **labels)
+    common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.initializer_range,
+                  pad_token_id=CodonTokenizer().pad_id, bos_token_id=None, eos_token_id=None,
+                  architectures=[architecture(cfg)])
+    return spec_of(cfg).hf.config(transformers, cfg, common, label_names)
 
 
 def model_fields_from_hf(hf: dict, source: str) -> dict:
@@ -197,43 +115,22 @@ def model_fields_from_hf(hf: dict, source: str) -> dict:
         if hf.get(key, allowed[0]) not in allowed:
             raise ConfigError(f"{source}: {key} {hf.get(key)!r} is not supported (need {allowed[0]!r})")
 
-    if kind in ("gpt2", "gptj"):
-        need("activation_function", ("gelu_new", "gelu_pytorch_tanh"))
-        need("tie_word_embeddings", (kind == "gpt2",))  # GPT-2 ties its LM head, GPT-J does not
-        if kind == "gpt2":
-            need("scale_attn_weights", (True,))
-            need("scale_attn_by_inverse_layer_idx", (False,))
-        heads, hidden = get("n_head"), get("n_embd")
-        fields = dict(name=kind, vocab_size=get("vocab_size"), hidden_size=hidden,
-                      num_hidden_layers=get("n_layer"), num_heads=heads,
-                      filter_size=hf.get("n_inner") or 4 * hidden,
-                      max_position_embeddings=get("n_positions"), layer_norm_epsilon=get("layer_norm_epsilon"))
-        if kind == "gptj":
-            fields["rotary_dim"] = hf.get("rotary_dim") or hidden // heads
-        return fields
-    if kind == "bert":
-        need("hidden_act", ("gelu",))
-        need("position_embedding_type", ("absolute",))
-        need("type_vocab_size", (TYPE_VOCAB_SIZE,))
-        need("tie_word_embeddings", (True,))
-        is_classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
-        fields = dict(name="bert", vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
-                      num_hidden_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
-                      filter_size=get("intermediate_size"), max_position_embeddings=get("max_position_embeddings"),
-                      layer_norm_epsilon=get("layer_norm_eps"))
-        fields["num_labels"] = len(hf.get("id2label") or {}) if is_classifier else None
-        return fields
-    raise ConfigError(f"{source}: model_type {kind!r} is not supported; convertible: gpt2, gptj, bert")
+    for spec in MODELS.values():
+        if spec.hf.model_type == kind:
+            return spec.hf.fields(hf, get, need)
+    convertible = ", ".join(spec.hf.model_type for spec in MODELS.values())
+    raise ConfigError(f"{source}: model_type {kind!r} is not supported; convertible: {convertible}")
 
 
 def check_matches(cfg: ModelConfig, fields: dict, source: str) -> None:
     """The params' model section must describe the same network as the transformers config."""
-    ours = {key: getattr(cfg, key) for key in fields}
-    ours["filter_size"] = cfg.ffn_size
-    if cfg.name == "gptj":
-        ours["rotary_dim"] = rotary_dim_of(cfg)
-        del fields["max_position_embeddings"]  # rotary positions: no tensor depends on the length
-    for key, value in fields.items():
+    try:
+        theirs_cfg = ModelConfig.model_validate(fields)
+    except ValueError as e:
+        raise ConfigError(f"{source}: describes a network this toolkit cannot build ({e})") from None
+    keys = spec_of(cfg).hf.keys
+    ours, theirs = keys(cfg), keys(theirs_cfg)
+    for key, value in theirs.items():
         same = math.isclose(ours[key], value, rel_tol=1e-9) if isinstance(value, float) else ours[key] == value
         if not same:
             raise ConfigError(f"{source}: {key} is {value!r} but the params say model.{key}: {ours[key]!r}")

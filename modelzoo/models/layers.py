@@ -1,4 +1,4 @@
-"""Layers shared by GPT-2, GPT-J and BERT."""
+"""Layers shared by GPT-2, GPT-J, GPT-NeoX and BERT."""
 
 from __future__ import annotations
 
@@ -12,19 +12,21 @@ import torch.nn.functional as F
 
 
 class Rotary(nn.Module):
-    """GPT-J rotary position embedding on the first ``rotary_dim`` dimensions of each head.
+    """Rotary position embedding on the first ``rotary_dim`` dimensions of each head.
 
-    GPT-J's layout rotates interleaved pairs (dims 2i, 2i+1) by the angle position * base^(-2i/d),
-    unlike GPT-NeoX, which pairs dim i with dim i + d/2. The angles are recomputed per call (a
-    (t, d/2) table, negligible next to attention) so the module holds no state to checkpoint.
+    Dimension pairs turn by the angle position * base^(-2i/d). GPT-J pairs interleaved dims
+    (2i, 2i+1); GPT-NeoX (``interleaved=False``) pairs dim i with dim i + d/2 ("rotate half").
+    The angles are recomputed per call (a (t, d/2) table, negligible next to attention) so the
+    module holds no state to checkpoint.
     """
 
-    def __init__(self, rotary_dim: int, base: float = 10000.0):
+    def __init__(self, rotary_dim: int, base: float = 10000.0, interleaved: bool = True):
         super().__init__()
         if rotary_dim % 2:
             raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
         self.rotary_dim = rotary_dim
         self.base = base
+        self.interleaved = interleaved
 
     def angles(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         exponents = torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.int64) / self.rotary_dim
@@ -34,10 +36,14 @@ class Rotary(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         d = self.rotary_dim
-        pairs = x[..., :d].unflatten(-1, (d // 2, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        if self.interleaved:
+            pairs = x[..., :d].unflatten(-1, (d // 2, 2))
+            first, second = pairs[..., 0], pairs[..., 1]
+        else:
+            first, second = x[..., : d // 2], x[..., d // 2: d]
+        turned = (first * cos - second * sin, second * cos + first * sin)
+        rotated = torch.stack(turned, dim=-1).flatten(-2) if self.interleaved else torch.cat(turned, dim=-1)
         return torch.cat((rotated, x[..., d:]), dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
