@@ -39,6 +39,7 @@ from modelzoo.data.shards import ShardSet  # noqa: E402
 from modelzoo.data.tokenizer import CodonTokenizer  # noqa: E402
 from modelzoo.inference import STOP_CODONS  # noqa: E402
 from modelzoo.models import build_model  # noqa: E402
+from modelzoo.training.baselines import CodonNGram  # noqa: E402
 from modelzoo.training.checkpoint import newest_good_checkpoint  # noqa: E402
 
 PARAMS = ROOT / "examples" / "variant_embeddings.yaml"
@@ -122,62 +123,6 @@ def random_twin(lm: GenomeLM, seed: int) -> GenomeLM:
     return GenomeLM(build_model(lm.config), lm.config, source="random weights")
 
 
-# ---------------------------------------------------------------------- count models
-
-class CodonNGram:
-    """Codon n-gram counts with add-k smoothing over the 64 codons. A context that starts before
-    the genome is padded with a start symbol; [UNK] targets are neither counted nor scored."""
-
-    BASE = TOK.vocab_size + 1  # token ids plus the start symbol
-
-    def __init__(self, n: int, genomes: list[np.ndarray], k: float = 0.01):
-        self.n, self.k = n, k
-        grams = [self._grams(ids) for ids in genomes]
-        grams = np.concatenate([g[np.isin(t, TOK.codon_ids)] for g, t in grams])
-        # sparse counts (sorted keys + counts): a dense table of 70^n entries is too big past n = 3
-        self.grams, self.gram_counts = np.unique(grams, return_counts=True)
-        self.contexts, self.context_totals = np.unique(grams // self.BASE, return_counts=True)
-
-    @staticmethod
-    def _lookup(keys: np.ndarray, counts: np.ndarray, query: np.ndarray) -> np.ndarray:
-        at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-        return np.where(keys[at] == query, counts[at], 0)
-
-    def count(self, index: np.ndarray) -> np.ndarray:
-        return self._lookup(self.grams, self.gram_counts, index)
-
-    def _grams(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(gram index, target) for every codon but the first (which the model does not score either)."""
-        padded = np.concatenate([np.full(self.n - 1, TOK.vocab_size), ids])
-        index = np.zeros(len(ids), dtype=np.int64)
-        for j in range(self.n):  # oldest context codon first: index = sum ids[t - n + 1 + j] * BASE^(n-1-j)
-            index = index * self.BASE + padded[j: j + len(ids)]
-        return index[1:], ids[1:]
-
-    def log_likelihood(self, ids: np.ndarray) -> tuple[float, int]:
-        index, targets = self._grams(ids)
-        index = index[np.isin(targets, TOK.codon_ids)]
-        context = self._lookup(self.contexts, self.context_totals, index // self.BASE)
-        p = (self.count(index) + self.k) / (context + 64 * self.k)
-        return float(np.log(p).sum()), len(index)
-
-
-def perplexity(model, genomes) -> float:
-    total, scored = map(sum, zip(*(model.log_likelihood(g) for g in genomes)))
-    return float(np.exp(-total / scored))
-
-
-def fit_ngram(n: int, train, val) -> CodonNGram:
-    """Add-k chosen on the validation genomes (2020, not in training), never on the held-out set."""
-    model = CodonNGram(n, train)
-    scores = {}
-    for k in (1.0, 0.1, 0.01, 0.001, 1e-4):
-        model.k = k
-        scores[k] = perplexity(model, val)
-    model.k = min(scores, key=scores.get)
-    return model
-
-
 # ---------------------------------------------------------------------- stop codons
 
 def stop_fraction(ids_list) -> tuple[float, float]:
@@ -227,8 +172,8 @@ def main() -> int:
     twin_ll, twin_n = twin.log_likelihood(records, batch_size=16, return_counts=True)
     ppl_rows = [("uniform over 64 codons", 64.0, "-")]
     for n, name in ((1, "codon unigram"), (3, "codon trigram"), (5, "codon 5-gram")):
-        counts = fit_ngram(n, train, val)
-        ppl_rows.append((f"{name} (add-k, k={counts.k:g})", perplexity(counts, held_ids), "-"))
+        counts = CodonNGram(n, train).fit_smoothing(val)  # add-k chosen on 2020 genomes, never the held-out
+        ppl_rows.append((f"{name} (add-k, k={counts.k:g})", counts.perplexity(held_ids), "-"))
     ppl_rows.append((f"random-weight {lm.config.name}", float(np.exp(-twin_ll.sum() / twin_n.sum())), "-"))
     ppl_rows.append((f"trained {lm.config.name}", float(np.exp(-model_ll.sum() / model_n.sum())),
                      f"{np.exp(-model_ll / model_n).min():.3f} - {np.exp(-model_ll / model_n).max():.3f}"))

@@ -1,13 +1,10 @@
-"""Run logging: console + run.log, TensorBoard scalars under train/ and eval/, and baselines."""
+"""Run logging: console + run.log, TensorBoard scalars under train/ and eval/."""
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
-
-import numpy as np
 
 log = logging.getLogger("modelzoo")
 
@@ -76,22 +73,3 @@ class ScalarWriters:
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
-
-
-def unigram_perplexity(train_rows, eval_rows, vocab_size: int, ignored: tuple[int, ...]) -> float:
-    """Perplexity on eval targets of the codon-unigram model fitted on train (add-one smoothed).
-
-    The honest floor a language model must beat: it knows codon usage but no context.
-    Targets are the eval tokens after the first of each window, less the ``ignored`` ids ([PAD],
-    [UNK]), exactly as the causal loss scores them.
-    """
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for row in train_rows:
-        counts += np.bincount(row[~np.isin(row, ignored)], minlength=vocab_size)
-    logp = np.log(counts / counts.sum())
-    total, n = 0.0, 0
-    for row in eval_rows:
-        targets = row[1:][~np.isin(row[1:], ignored)]
-        total -= logp[targets].sum()
-        n += targets.size
-    return math.exp(total / max(n, 1))

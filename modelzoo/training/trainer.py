@@ -23,10 +23,11 @@ from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_fo
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
 from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
-from modelzoo.training.metrics import ScalarWriters, unigram_perplexity
+from modelzoo.training.metrics import ScalarWriters
 from modelzoo.training.optim import learning_rate_at
 
 log = logging.getLogger("modelzoo")
+BASELINE_CODONS = 1 << 23  # train codons the count-model baselines are fitted on, at most
 
 
 def split_micro_batches(batch: dict, n: int) -> list[dict]:
@@ -260,28 +261,31 @@ class Trainer:
             torch.distributed.all_reduce(totals)
         loss = float(totals[0] / max(totals[1], 1))
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": float(totals[2] / max(totals[1], 1))}
-        baseline = self._unigram_baseline
-        if baseline is not None:
-            metrics["unigram_perplexity"] = baseline
+        baselines = self._count_baselines
+        metrics.update(baselines)
         log.info("eval at step %d | loss %.4f | perplexity %.3f | accuracy %.4f%s", self.step, loss,
                  metrics["perplexity"], metrics["accuracy"],
-                 f" | codon-unigram baseline perplexity {baseline:.3f}" if baseline is not None else "")
+                 " | codon unigram / trigram count-model perplexity {unigram_perplexity:.3f} / "
+                 "{trigram_perplexity:.3f}".format(**baselines) if baselines else "")
         self.writers.write("eval", self.step, metrics)
         return metrics
 
     @functools.cached_property
-    def _unigram_baseline(self) -> float | None:
-        """Computed once per run: it reads the whole train split, and every evaluation reports it."""
+    def _count_baselines(self) -> dict[str, float]:
+        """Codon unigram and trigram count models fitted on (up to BASELINE_CODONS of) the train
+        split, perplexity on the eval windows, add-k chosen on them: the floors a model must beat.
+        Computed once per run; every evaluation reports them."""
         dataset_cls, _ = dataset_for(self.params.model, self.params.eval_input, self.params.runconfig.seed)
         if dataset_cls is not CausalLMDataset or self.params.train_input is None:
-            return None  # only next-codon loss is comparable with a left-to-right unigram score
+            return {}  # only next-codon loss is comparable with a left-to-right count model
         from modelzoo.data.shards import ShardSet
-        from modelzoo.data.tokenizer import CodonTokenizer
-        tok = CodonTokenizer()
+        from modelzoo.training.baselines import CodonNGram
         train = ShardSet(self.params.train_input.data_dir, verify=False)
         evals = ShardSet(self.params.eval_input.data_dir, verify=False)
-        return unigram_perplexity((train[i] for i in range(len(train))), (evals[i] for i in range(len(evals))),
-                                  tok.vocab_size, (tok.pad_id, tok.unk_id))
+        fit = [train[i] for i in range(min(len(train), max(1, BASELINE_CODONS // train.max_seq_length)))]
+        scored = [evals[i] for i in range(len(evals))]
+        return {f"{name}_perplexity": CodonNGram(n, fit).fit_smoothing(scored).perplexity(scored)
+                for n, name in ((1, "unigram"), (3, "trigram"))}
 
     def load_for_eval(self, path: Path | None) -> None:
         if path is None:
