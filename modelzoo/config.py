@@ -52,6 +52,18 @@ class DataInput(Section):
     prepare: Optional[PrepareSpec] = Field(
         None, description="Build data_dir on first use: data_dir must be <output_dir>/{train,val,test} and is "
                           "prepared from these genomes with prepare_genomes at this section's max_seq_length.")
+    pack_sequences: bool = Field(False, description="The shards hold packed windows (prepare_genomes "
+                                                    "--pack_sequences): whole records back to back, each closed by "
+                                                    "[SEP], then [PAD]; a record longer than a window gets windows "
+                                                    "of its own. Must match the shards' manifest; with prepare, "
+                                                    "data_dir is prepared packed. Causal models (gpt2, gptj, "
+                                                    "gpt_neox) only.")
+    document_attention: Optional[bool] = Field(None, description="Each record attends only to itself and its "
+                                                                 "positions restart at 0, so a packed batch "
+                                                                 "computes exactly the per-record losses of "
+                                                                 "unpacked training (default: on when "
+                                                                 "pack_sequences). false: records of a window see "
+                                                                 "each other, positions run on.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="BERT only: fraction of codons selected "
                                                                  "for masked-codon prediction.")
     labels_file: Optional[str] = Field(None, description="BERT classifier (model.num_labels): TSV with a header "
@@ -328,6 +340,9 @@ class Params(Section):
                 raise _CrossFieldError((name, "max_seq_length"),
                                        f"{section.max_seq_length} is above model.max_position_embeddings "
                                        f"({self.model.max_position_embeddings})")
+            if section and section.pack_sequences and self.model.name == "bert":
+                raise _CrossFieldError((name, "pack_sequences"), "packed windows are for causal models (gpt2, gptj, "
+                                                                 "gpt_neox); BERT's framed windows do not pack yet")
             if section and self.model.num_labels is not None:
                 for key in ("labels_file", "label_column"):
                     if getattr(section, key) is None:

@@ -23,6 +23,37 @@ from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
+PAD_ID = CodonTokenizer().pad_id
+
+
+def nonpad_tokens(batch: dict) -> int:
+    """Positions of a batch that hold a real token, not [PAD]: what packing buys shows here."""
+    return int((batch["input_ids"] != PAD_ID).sum())
+
+
+def check_packing(shardset: ShardSet, pack_sequences: bool) -> None:
+    """An input section's ``pack_sequences`` must say what its shards hold (manifest ``packed``)."""
+    packed = bool(shardset.manifest.get("packed", False))
+    if pack_sequences and not packed:
+        raise ConfigError(f"pack_sequences is true but the shards in {shardset.data_dir} are not packed: "
+                          f"prepare them with prepare_genomes --pack_sequences (into another directory), "
+                          f"or set pack_sequences: false")
+    if packed and not pack_sequences:
+        raise ConfigError(f"the shards in {shardset.data_dir} are packed (prepare_genomes --pack_sequences): "
+                          f"set pack_sequences: true in this input section")
+
+
+def document_layout(input_ids: torch.Tensor, sep_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window's (document_ids, position_ids): records end at [SEP] (which closes its record's
+    document), so ids count the [SEP]s before each token: 0, 0, 0, 1, 1, ...; [PAD] is in no
+    document (-1). Positions restart at 0 at each record's first token ([PAD]: 0)."""
+    sep, pad = input_ids == sep_id, input_ids == pad_id
+    documents = torch.cumsum(sep, 0) - sep.long()
+    index = torch.arange(len(input_ids))
+    first = torch.ones_like(sep)
+    first[1:] = sep[:-1]  # a record starts at the window's start and after every [SEP]
+    positions = index - torch.cummax(torch.where(first, index, 0), 0).values
+    return documents.masked_fill(pad, -1), positions.masked_fill(pad, 0)
 
 
 class CausalLMDataset(Dataset):
@@ -30,12 +61,20 @@ class CausalLMDataset(Dataset):
 
     An [UNK] (a codon with N or another ambiguity code) is read as input but never a target: the
     loss, like ``GenomeLM.log_likelihood``, scores real codons only, so their perplexities compare.
+
+    Packed windows (``pack_sequences``: records back to back, each closed by [SEP]) get the
+    targets of unpacked training: [SEP] is never a target and predicts nothing, so a record's
+    last codon has no target, as before [PAD]. With ``document_attention`` (default: when
+    packed) items also carry ``document_ids`` and ``position_ids`` (``document_layout``), and
+    the models attend within each record only, at positions counted from its start.
     """
 
-    def __init__(self, shardset: ShardSet):
+    def __init__(self, shardset: ShardSet, pack_sequences: bool = False, document_attention: bool | None = None):
+        check_packing(shardset, pack_sequences)
+        tok = CodonTokenizer()
         self.shardset = shardset
-        self.pad_id = shardset.pad_id
-        self.unk_id = CodonTokenizer().unk_id
+        self.pad_id, self.unk_id, self.sep_id = shardset.pad_id, tok.unk_id, tok.sep_id
+        self.document_attention = pack_sequences if document_attention is None else document_attention
 
     def __len__(self) -> int:
         return len(self.shardset)
@@ -44,9 +83,12 @@ class CausalLMDataset(Dataset):
         input_ids = torch.from_numpy(np.asarray(self.shardset[i], dtype=np.int64))
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:-1] = input_ids[1:]
-        labels[(labels == self.pad_id) | (labels == self.unk_id)] = IGNORE_INDEX
-        attention_mask = (input_ids != self.pad_id).long()
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        not_target = (labels == self.pad_id) | (labels == self.unk_id) | (labels == self.sep_id)
+        labels[not_target | (input_ids == self.sep_id)] = IGNORE_INDEX
+        item = {"input_ids": input_ids, "labels": labels, "attention_mask": (input_ids != self.pad_id).long()}
+        if self.document_attention:
+            item["document_ids"], item["position_ids"] = document_layout(input_ids, self.sep_id, self.pad_id)
+        return item
 
 
 class ResumableBatchSampler:
@@ -230,6 +272,7 @@ class FramedWindows:
 
     def __init__(self, shardset: ShardSet, tokenizer: CodonTokenizer | None = None):
         tok = tokenizer or CodonTokenizer()
+        check_packing(shardset, False)
         self.shardset = shardset
         self.length = shardset.max_seq_length
         if self.length < 3:
@@ -369,7 +412,8 @@ def dataset_for(model, section, seed: int) -> tuple[type, dict]:
     from modelzoo.models import spec_of
     from modelzoo.models.spec import CAUSAL_LM
     if spec_of(model).objective == CAUSAL_LM:
-        return CausalLMDataset, {}
+        return CausalLMDataset, {"pack_sequences": section.pack_sequences,
+                                 "document_attention": section.document_attention}
     if model.num_labels is None:
         return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed}
     return SequenceClassificationDataset, {"labels_file": section.labels_file, "label_column": section.label_column,

@@ -8,10 +8,12 @@ replaces only prepare_genomes' own output); a directory holding anything else is
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from modelzoo.config import DataInput, Params
+from modelzoo.data.shards import MANIFEST
 from modelzoo.errors import DataError
 from modelzoo.files import foreign_files
 
@@ -23,7 +25,23 @@ def prepare_command(section: DataInput, overwrite: bool = False) -> list[str]:
     argv = ["--input", *spec.input, "--output_dir", str(Path(section.data_dir).parent),
             "--max_seq_length", str(section.max_seq_length), "--split", ",".join(map(str, spec.split)),
             "--seed", str(spec.seed)]
-    return argv + (["--features", spec.features] if spec.features else []) + (["--overwrite"] if overwrite else [])
+    return (argv + (["--features", spec.features] if spec.features else [])
+            + (["--pack_sequences"] if section.pack_sequences else []) + (["--overwrite"] if overwrite else []))
+
+
+def check_prepared(name: str, section: DataInput) -> None:
+    """A data_dir prepared earlier must hold what the section asks for now: packed or not. A
+    preset that packs needs its own data_dir (e.g. data/x_packed/train); flipping pack_sequences
+    on a prepared one would read the other kind of windows."""
+    try:
+        packed = bool(json.loads((Path(section.data_dir) / MANIFEST).read_text()).get("packed", False))
+    except (OSError, ValueError, AttributeError):
+        return  # not a readable shard manifest: opening the shards says what is wrong
+    if packed != section.pack_sequences:
+        kind = "packed" if packed else "unpacked"
+        raise DataError(f"{name}.data_dir: {section.data_dir} holds {kind} shards but {name}.pack_sequences is "
+                        f"{str(section.pack_sequences).lower()}; give this section its own data_dir (packed and "
+                        f"unpacked preparations of the same genomes cannot share one)")
 
 
 def ensure_prepared(params: Params) -> None:
@@ -33,7 +51,10 @@ def ensure_prepared(params: Params) -> None:
 
     for name in ("train_input", "eval_input"):
         section = getattr(params, name)
-        if section is None or section.prepare is None or Path(section.data_dir).is_dir():
+        if section is None or section.prepare is None:
+            continue
+        if Path(section.data_dir).is_dir():
+            check_prepared(name, section)
             continue
         out_dir = Path(section.data_dir).parent
         earlier = out_dir.is_dir() and any(out_dir.iterdir())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from modelzoo.config import ModelConfig
 from modelzoo.models.base import StagedModel, init_weights, token_loss
-from modelzoo.models.layers import MLP, Attention
+from modelzoo.models.layers import MLP, Attention, token_positions
 from modelzoo.models.spec import SAME, MASKED_LM, SPLIT_QKV, HFTwin, ModelSpec, linear, norm
 
 TYPE_VOCAB_SIZE = 2  # BERT's sentence A / sentence B; a codon sequence is all type 0
@@ -33,7 +33,7 @@ class BertEmbeddings(nn.Module):
     def forward(self, hidden, batch):
         ids = batch["input_ids"]
         types = batch.get("token_type_ids")
-        positions = self.positions(torch.arange(ids.shape[1], device=ids.device))
+        positions = self.positions(token_positions(batch, ids.shape[1], ids.device))
         kinds = self.token_types.weight[0] if types is None else self.token_types(types)
         return self.dropout(self.norm(self.tokens(ids) + positions + kinds))
 
@@ -47,7 +47,7 @@ class BertBlock(nn.Module):
         self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
 
     def forward(self, hidden, batch):
-        hidden = self.ln_attn(hidden + self.attn(hidden, batch.get("attention_mask")))
+        hidden = self.ln_attn(hidden + self.attn(hidden, batch))
         return self.ln_mlp(hidden + self.mlp(hidden))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from modelzoo.config import ModelConfig
 from modelzoo.models.base import StagedModel, init_weights, token_loss
-from modelzoo.models.layers import MLP, Attention, position_offset
+from modelzoo.models.layers import MLP, Attention, token_positions
 from modelzoo.models.spec import SAME, CAUSAL_LM, TRANSPOSED, HFTwin, ModelSpec, linear, norm
 
 
@@ -22,8 +22,7 @@ class GPT2Embeddings(nn.Module):
 
     def forward(self, hidden, batch):
         ids = batch["input_ids"]
-        start = position_offset(batch)  # > 0 when decoding with a KV cache
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        positions = token_positions(batch, ids.shape[1], ids.device)  # per record in packed windows
         return self.dropout(self.tokens(ids) + self.positions(positions))
 
 
@@ -36,7 +35,7 @@ class GPT2Block(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=True)
 
     def forward(self, hidden, batch):
-        hidden = hidden + self.attn(self.ln_1(hidden), cache=batch.get("cache"))
+        hidden = hidden + self.attn(self.ln_1(hidden), batch)
         return hidden + self.mlp(self.ln_2(hidden))
 
 

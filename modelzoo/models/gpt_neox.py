@@ -30,7 +30,7 @@ class NeoXBlock(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, dropout=cfg.dropout_rate, approximate_gelu=True)
 
     def forward(self, hidden, batch):
-        return hidden + self.attn(self.ln_attn(hidden), cache=batch.get("cache")) + self.mlp(self.ln_mlp(hidden))
+        return hidden + self.attn(self.ln_attn(hidden), batch) + self.mlp(self.ln_mlp(hidden))
 
 
 class GPTNeoXLMModel(StagedModel):

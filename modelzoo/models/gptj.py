@@ -41,7 +41,7 @@ class GPTJBlock(nn.Module):
 
     def forward(self, hidden, batch):
         normed = self.ln_1(hidden)
-        return hidden + self.attn(normed, cache=batch.get("cache")) + self.mlp(normed)
+        return hidden + self.attn(normed, batch) + self.mlp(normed)
 
 
 class GPTJHead(nn.Module):

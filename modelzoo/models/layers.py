@@ -28,10 +28,11 @@ class Rotary(nn.Module):
         self.base = base
         self.interleaved = interleaved
 
-    def angles(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.int64) / self.rotary_dim
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles: positions (...) -> (..., rotary_dim / 2)."""
+        exponents = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=torch.int64) / self.rotary_dim
         inv_freq = 1.0 / (self.base ** exponents)
-        theta = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+        theta = positions.to(torch.float32)[..., None] * inv_freq
         return theta.cos(), theta.sin()
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -46,10 +47,16 @@ class Rotary(nn.Module):
         rotated = torch.stack(turned, dim=-1).flatten(-2) if self.interleaved else torch.cat(turned, dim=-1)
         return torch.cat((rotated, x[..., d:]), dim=-1)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: (batch, heads, t, head_dim) at positions offset.. -> the same with positions rotated in."""
-        cos, sin = self.angles(offset + q.shape[-2], q.device)
-        cos, sin = cos[offset:], sin[offset:]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0,
+                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (batch, heads, t, head_dim) -> the same with positions rotated in: each row's
+        ``positions`` (batch, t) when given (packed windows restart them per record), else
+        offset, offset + 1, ..."""
+        if positions is None:
+            positions = torch.arange(offset, offset + q.shape[-2], device=q.device)
+        else:
+            positions = positions[:, None, :]  # one angle per row and token, shared by the heads
+        cos, sin = self.angles(positions)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
 
@@ -108,9 +115,79 @@ def attention_in_fp32(setting: Union[bool, Literal["auto"]], device: torch.devic
     return device.type == "cpu" and not _cpu_has_amx(dtype)
 
 
+def token_positions(batch: dict, length: int, device) -> torch.Tensor:
+    """Each token's position: the batch's ``position_ids`` (packed windows restart them at every
+    record), else offset, offset + 1, ... (offset > 0 when decoding with a KV cache)."""
+    if batch.get("position_ids") is not None and batch.get("cache") is None:
+        return batch["position_ids"]
+    start = position_offset(batch)
+    return torch.arange(start, start + length, device=device)
+
+
+def document_runs(documents: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of ``documents`` (batch, t), the [start, end) of every run of one document id;
+    runs of a negative id (padding: no document) are left out. One host sync for the batch."""
+    b, t = documents.shape
+    new = torch.ones_like(documents, dtype=torch.bool)
+    new[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    rows, starts = new.nonzero(as_tuple=True)
+    ids = documents[rows, starts]
+    rows, starts, ids = rows.tolist(), starts.tolist(), ids.tolist()
+    runs: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+    for i, (row, begin, doc) in enumerate(zip(rows, starts, ids)):
+        end = starts[i + 1] if i + 1 < len(rows) and rows[i + 1] == row else t
+        if doc >= 0:
+            runs[row].append((begin, end))
+    return runs
+
+
+def document_mask(documents: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The (batch, 1, t, t) boolean mask of document attention: a token sees the (earlier, when
+    causal) tokens of its own document; a token in no document (id < 0) sees only itself, so no
+    row of the softmax is empty. t x t per row: the fallback kernel, for short windows."""
+    t = documents.shape[1]
+    allowed = (documents[:, None, :, None] == documents[:, None, None, :]) & (documents >= 0)[:, None, None, :]
+    if causal:
+        allowed &= torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
+    return allowed | torch.eye(t, dtype=torch.bool, device=documents.device)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[list[tuple[int, int]]],
+                      causal: bool, dropout_p: float) -> torch.Tensor:
+    """Document attention as one fused SDPA per document: q, k, v (batch, heads, t, head_dim),
+    ``runs`` from ``document_runs``. Work and memory grow with each document's own length
+    (sum of n^2, no t x t mask); tokens in no document get a zero output."""
+    b, h, t, d = q.shape
+    rows = []
+    for row, spans in enumerate(runs):
+        pieces, at = [], 0
+        for begin, end in spans:
+            if begin > at:
+                pieces.append(q.new_zeros(1, h, begin - at, d))
+            pieces.append(F.scaled_dot_product_attention(q[row:row + 1, :, begin:end], k[row:row + 1, :, begin:end],
+                                                         v[row:row + 1, :, begin:end], is_causal=causal,
+                                                         dropout_p=dropout_p))
+            at = end
+        if at < t:
+            pieces.append(q.new_zeros(1, h, t - at, d))
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return torch.cat(rows) if b > 1 else rows[0]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention (flash / memory-efficient
-    kernels, so memory grows linearly with sequence length)."""
+    kernels, so memory grows linearly with sequence length).
+
+    What it attends to comes from the batch: a KV cache (incremental decoding), ``document_ids``
+    (packed windows: each token attends only to its own record, see ``document_kernel``),
+    ``position_ids`` (rotary angles), and for bidirectional attention ``attention_mask`` (keys
+    that are [PAD] get no attention; causal attention needs none, as [PAD] follows every codon).
+    """
+
+    # "segments": one fused SDPA per document (exact, memory linear in the length: the default);
+    # "mask": one SDPA with a t x t boolean document mask per row (the simple fallback).
+    # bench/bench_packing.py measures both.
+    document_kernel: Literal["segments", "mask"] = "segments"
 
     def __init__(self, hidden_size: int, num_heads: int, *, bias: bool, dropout: float,
                  attention_dropout: float, causal: bool,
@@ -133,8 +210,10 @@ class Attention(nn.Module):
                    attention_dropout=cfg.attention_dropout_rate, causal=causal, rotary=rotary,
                    in_fp32=cfg.attention_in_fp32)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Optional[dict] = None) -> torch.Tensor:
+        batch = batch or {}
+        cache: Optional[KVCache] = batch.get("cache")
+        documents = batch.get("document_ids") if cache is None else None
         b, t, c = x.shape
         qkv = self.qkv(x)
         dtype = qkv.dtype  # the projections' (autocast) dtype, which the output returns to
@@ -145,23 +224,27 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, head_dim)
         past = 0 if cache is None else cache.length(self)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, offset=past)
+            q, k = self.rotary(q, k, offset=past, positions=batch.get("position_ids") if cache is None else None)
         if cache is not None:
             k, v = cache.extend(self, k, v)
         mask = None
+        padding_mask = None if self.causal or documents is not None else batch.get("attention_mask")
         if past:  # incremental decoding (no padding): the t queries are the last of past + t keys
             if t > 1:
                 mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        elif documents is not None and self.document_kernel == "mask":
+            mask = document_mask(documents, self.causal)
         elif padding_mask is not None and not padding_mask.all():  # keys that are padding get no attention
             # (no mask at all when nothing is padded: the fused flash kernels take no mask)
             mask = padding_mask[:, None, None, :].bool()
-            if self.causal:
-                mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         is_causal = self.causal and mask is None and not past
         dropout_p = self.attention_dropout if self.training else 0.0
         # autocast would cast fp32 q/k/v back down to the low-precision dtype
         with torch.autocast(x.device.type, enabled=False) if in_fp32 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+            if documents is not None and mask is None:
+                y = segment_attention(q, k, v, document_runs(documents), self.causal, dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         # heads back next to each other, in the projections' dtype: one copy for both (a cast
         # lays the copy out contiguously, so the reshape is then a view)
         y = y.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).reshape(b, t, c)

@@ -19,7 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modelzoo.backends.base import Backend, rank_and_world
 from modelzoo.config import CHECKPOINT_STATES, DataInput, Params
-from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for
+from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for, nonpad_tokens
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
 from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
@@ -182,7 +182,7 @@ class Trainer:
         log.info("training %s from step %d to %d on %s", self.params.model.name, self.step, last,
                  self.backend.describe())
         batches = iter(self.train_loader)
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        window_start, window_steps, window_tokens, window_nonpad = time.perf_counter(), 0, 0, 0
         bar = tqdm(total=last, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
                    dynamic_ncols=True)
         with bar, logging_redirect_tqdm([log]):  # the bar ends its line even when a step fails
@@ -194,20 +194,25 @@ class Trainer:
                     continue
                 self.step += 1
                 window_steps += 1
-                window_tokens += batch["input_ids"].numel() * self.world
+                window_tokens += batch["input_ids"].numel() * self.world  # positions computed
+                window_nonpad += nonpad_tokens(batch)  # of them real tokens (this rank's)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 self._write_extra_scalars(metrics)
                 if self.step % run.log_steps == 0 or self.step == last:
                     elapsed = time.perf_counter() - window_start
+                    nonpad = torch.tensor(float(window_nonpad), dtype=torch.float64)
+                    if self.world > 1:  # every rank logs at the same steps
+                        torch.distributed.all_reduce(nonpad)
                     scalars = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
                                "samples_per_sec": window_steps * cfg.batch_size / elapsed,
-                               "tokens_per_sec": window_tokens / elapsed}
-                    log.info("step %d | loss %.4f | lr %.3g | grad_norm %.3f | %.2f samples/s | %.0f tokens/s",
-                             self.step, scalars["loss"], lr, scalars["grad_norm"], scalars["samples_per_sec"],
-                             scalars["tokens_per_sec"])
+                               "tokens_per_sec": window_tokens / elapsed,
+                               "nonpad_tokens_per_sec": float(nonpad) / elapsed}
+                    log.info("step %d | loss %.4f | lr %.3g | grad_norm %.3f | %.2f samples/s | %.0f tokens/s | "
+                             "%.0f non-pad tokens/s", self.step, scalars["loss"], lr, scalars["grad_norm"],
+                             scalars["samples_per_sec"], scalars["tokens_per_sec"], scalars["nonpad_tokens_per_sec"])
                     self.writers.write("train", self.step, scalars)
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    window_start, window_steps, window_tokens, window_nonpad = time.perf_counter(), 0, 0, 0
                 if run.checkpoint_steps and self.step % run.checkpoint_steps == 0 and self.step != last:
                     self.save()
                 if evaluate_every and self.step % evaluate_every == 0 and self.step != last:
