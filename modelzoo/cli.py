@@ -1,7 +1,8 @@
 """``python run.py {CPU,GPU,CSX} --params P [flags]``: the Model Zoo command line.
 
 Flags override the yaml's runconfig. Every user error ends in one line on stderr and exit code 2,
-before anything is written.
+before anything is written. SIGTERM and SIGINT end a run through its cleanup (the backend's
+threads and disk MemoryX files), with one line on what survives and exit code 143 or 130.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from modelzoo.config import MODES, Params, load_params
-from modelzoo.distributed import launch_local, launched_local_world_size, launched_world_size
+from modelzoo.distributed import LAUNCHED_BY_RUN_PY, launch_local, launched_local_world_size, launched_world_size
 from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.interrupts import Interrupted, signals_raise
 
 log = logging.getLogger("modelzoo")
 DEVICES = ("CPU", "GPU", "CSX")
@@ -51,13 +54,52 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """SIGTERM or SIGINT ends the run through its cleanup (backend.close(): threads, disk
+    MemoryX files), then one line says what survives; the exit code is 128 + the signal's number."""
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return run_entry(lambda: run(args))
+    args.run_model_dir = None  # known once the params are read
+    with signals_raise() as received:
+        try:
+            code = run_entry(lambda: run(args))
+        except Interrupted as e:
+            signum = e.signum
+        except BaseException:
+            if not received:
+                raise
+            signum = received[0]  # what the interruption set off (e.g. a collective with a rank it stopped)
+        else:
+            if not received:
+                return code
+            signum = received[0]
+    interrupted = Interrupted(signum)
+    if reports_interruption():
+        print(f"interrupted ({interrupted.name}){what_survives(args.run_model_dir)}", file=sys.stderr, flush=True)
+    return interrupted.exit_code
+
+
+def reports_interruption() -> bool:
+    """One line per run: from run.py itself, not from the ranks it started; under an outer
+    launcher, from rank 0."""
+    if os.environ.get(LAUNCHED_BY_RUN_PY) and launched_world_size() > 1:
+        return False
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def what_survives(model_dir: Path | None) -> str:
+    if model_dir is None:
+        return ""
+    from modelzoo.training.checkpoint import list_checkpoints, verify
+    for step, path in reversed(list_checkpoints(model_dir)):
+        if verify(path) is None:
+            return f": the newest sealed checkpoint is {path} (step {step}); running the same command again resumes " \
+                   f"from it"
+    return ": no checkpoint was written yet; running the same command again starts over"
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides(args))
+    args.run_model_dir = Path(params.runconfig.model_dir)
     ranks = ranks_requested(args.device, params)
     if not (args.validate_only or args.compile_only) and launched_world_size() == 1:
         from modelzoo.data.prepare_on_first_use import ensure_prepared
@@ -68,21 +110,22 @@ def run(args: argparse.Namespace) -> int:
         return launch_local(ranks, sys.argv[1:] if args.argv is None else args.argv)
     if launched_world_size() > 1:
         check_launched_ranks(args.device, params, ranks)
-    backend = make_backend(args.device, params)
-    torch.manual_seed(params.runconfig.seed)
-    from modelzoo.models import build_model
-    only_plan = args.validate_only or args.compile_only
-    if only_plan:
-        with torch.device("meta"):  # shapes only: 25B plans instantly
-            model = build_model(params.model)
-    else:
-        model = backend.build_model(build_model, params.model)
-    if only_plan:
-        if args.validate_only:
-            check_data(params, backend)
-        print(summary(params, model, backend, compile_only=args.compile_only))
-        return 0
-    return execute(params, model, backend)
+    # closed however the run ends (an error, SIGTERM): its threads stop, its files go
+    with make_backend(args.device, params) as backend:
+        torch.manual_seed(params.runconfig.seed)
+        from modelzoo.models import build_model
+        only_plan = args.validate_only or args.compile_only
+        if only_plan:
+            with torch.device("meta"):  # shapes only: 25B plans instantly
+                model = build_model(params.model)
+        else:
+            model = backend.build_model(build_model, params.model)
+        if only_plan:
+            if args.validate_only:
+                check_data(params, backend)
+            print(summary(params, model, backend, compile_only=args.compile_only))
+            return 0
+        return execute(params, model, backend)
 
 
 def ranks_requested(device: str, params: Params) -> int:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from modelzoo.config import ModelConfig, OptimizerConfig
+from modelzoo.distributed import release_process_group
 from modelzoo.models.base import StagedModel
 
 
@@ -49,6 +50,34 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    # ------------------------------------------------------------ lifecycle
+
+    _closed = False
+
+    def close(self, failed: bool = False) -> None:
+        """Release what the backend holds: its threads, its files (CSX disk MemoryX), the process
+        group its factory joined (distributed.release_process_group). Idempotent; the CLI calls it
+        on success, on error and on SIGTERM/SIGINT. ``failed``: the run is ending on an exception,
+        so nothing may wait on the other ranks (they may be gone, or stuck in a collective with
+        this one's threads); otherwise work they wait for is finished first."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._release(failed)
+        finally:
+            if not failed:
+                release_process_group()
+
+    def _release(self, failed: bool) -> None:
+        """What a backend holds beyond the process group (close() calls it once)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def rank_and_world() -> tuple[int, int]:

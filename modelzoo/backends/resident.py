@@ -169,6 +169,11 @@ class ResidentBackend(Backend):
             state["sparsity"] = self.sparsity.state_dict()
         return state
 
+    def _release(self, failed):
+        # the DDP wrapper (its gradient buckets and hooks on the process group) and the optimizer
+        # state; the model itself is the caller's
+        self.runner = self.optimizer = self.sparsity = None
+
     def load_state_dict(self, state, states):
         if "model" in states:
             expected = {k: v.shape for k, v in self.model.state_dict().items()}

@@ -21,6 +21,7 @@ from modelzoo.backends.base import Backend, rank_and_world
 from modelzoo.config import CHECKPOINT_STATES, DataInput, Params
 from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for, nonpad_tokens
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
+from modelzoo.interrupts import raise_if_interrupted
 from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
 from modelzoo.training.metrics import ScalarWriters
@@ -187,6 +188,7 @@ class Trainer:
                    dynamic_ncols=True)
         with bar, logging_redirect_tqdm([log]):  # the bar ends its line even when a step fails
             while self.step < last:
+                raise_if_interrupted()  # a SIGTERM whose exception a finalizer swallowed
                 batch = next(batches)
                 lr = learning_rate_at(self.step, opt)
                 metrics = self.backend.train_step(split_micro_batches(batch, opt.grad_accum_steps), lr)

@@ -9,7 +9,6 @@ fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py
 from __future__ import annotations
 
 import logging
-import datetime
 import math
 import time
 from pathlib import Path
@@ -23,20 +22,19 @@ from modelzoo.backends.csx.memoryx import MemoryX
 from modelzoo.backends.csx.plan import check_fits, format_plan, make_plan
 from modelzoo.backends.csx.prefetch import Prefetcher
 from modelzoo.backends.csx.sparse_stream import SparseStream, plan_lines, sum_over_systems
-from modelzoo.backends.csx.store import DiskStore, RamStore
+from modelzoo.backends.csx.sharded_checkpoint import ShardedCheckpoint
+from modelzoo.backends.csx.store import DiskStore, RamStore, remove_stale_dirs, unwritable
 from modelzoo.backends.csx.streamed_state import StreamedState
-from modelzoo.backends.csx.swarmx import SwarmX
+from modelzoo.backends.csx.swarmx import CHECKPOINT_WAIT, SwarmX
 from modelzoo.backends.csx.wafer import Wafer
 from modelzoo.config import Params
+from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel
 from modelzoo.training.checkpoint import check_model_state
 from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier, merge_states
 
 log = logging.getLogger("modelzoo")
-# After a checkpoint the other systems wait this long for the writer (rank 0) before their next
-# collective: writing a large MemoryX state outlasts the ordinary collective timeout.
-CHECKPOINT_WAIT = datetime.timedelta(hours=2)
 PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read")
 
 
@@ -57,6 +55,8 @@ class CSXBackend(Backend):
         self.sparsity_cfg = params.sparsity if self.training else None
         self.sparsity = self.sparse_stream = None
         self._deferred = None
+        self.store = self.prefetcher = None  # what close() releases, once setup() made them
+        self._session: ShardedCheckpoint | None = None  # a sharded checkpoint the writer may still stream
 
     def build_model(self, build, model_cfg):
         """The model to hand to setup(): built on the meta device, its weights initialised there
@@ -100,8 +100,7 @@ class CSXBackend(Backend):
         live = model.state_dict(keep_vars=True)
         self.param_keys = {k: names[id(v)] for k, v in live.items() if isinstance(v, torch.nn.Parameter)}
         self.expected = {k: v.shape for k, v in live.items()}
-        store = RamStore() if self.cfg.memoryx == "ram" else \
-            DiskStore(self.memoryx_dir, prefix=f"rank{self.swarm.rank}-")
+        self.store = store = self._open_store()
         if deferred is not None and self.sparsity_cfg is None:
             # every system replays the whole initialisation (the RNG must advance as in the eager
             # build) and keeps what it owns
@@ -129,6 +128,24 @@ class CSXBackend(Backend):
         self.loss_scaler = None
         if optimizer_cfg is not None and needs_loss_scaling(model.config):
             self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+
+    def _open_store(self):
+        """RAM, or this system's private directory under memoryx_dir, after removing the ones
+        of runs on this host that were killed before they could (see store.remove_stale_dirs).
+        An unusable memoryx_dir is a one-line ConfigError, raised before anything is written."""
+        if self.cfg.memoryx == "ram":
+            return RamStore()
+        key = "runconfig.csx.memoryx_dir" + ("" if self.cfg.memoryx_dir else " (not set: model_dir/memoryx)")
+        problem = unwritable(self.memoryx_dir)
+        if problem is None:
+            for directory, marker in remove_stale_dirs(self.memoryx_dir):
+                log.info("removed %s: disk MemoryX of process %d, which ended without removing it", directory,
+                         marker["pid"])
+            try:
+                return DiskStore(self.memoryx_dir, prefix=f"rank{self.swarm.rank}-")
+            except OSError as e:
+                problem = e.strerror or str(e)
+        raise ConfigError(f"{key}: cannot write disk MemoryX files to {self.memoryx_dir} ({problem})")
 
     def _setup_sparsity(self, model, owned: dict[str, torch.Tensor]) -> None:
         """Masks of the weights this system owns, applied before MemoryX takes them."""
@@ -164,6 +181,11 @@ class CSXBackend(Backend):
     # ------------------------------------------------------------ steps
 
     def _wait_for_checkpoint_writer(self) -> None:
+        """After a state_dict() every system waits here for the writer (rank 0): a sharded disk
+        checkpoint's owners serve it their tensors, then all wait until it has finished."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.finish()
         if getattr(self, "_checkpointed", False) and self.swarm.world > 1:
             dist.monitored_barrier(timeout=CHECKPOINT_WAIT)
         self._checkpointed = False
@@ -252,8 +274,20 @@ class CSXBackend(Backend):
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self):
+        """Every system calls it; rank 0 writes the result. With disk MemoryX its tensors are
+        lazily mapped snapshots, written by ``write_to`` (checkpoint.save_checkpoint calls it),
+        and with several systems the other systems' tensors are placeholders that read as zeros
+        until write_to streams them from their owners: only their owner may read them."""
+        self._wait_for_checkpoint_writer()  # an earlier state_dict()'s, if no step came between
         self._checkpointed = True  # every system joins a save; rank 0 then writes it
-        gathered = self.swarm.gather(self.memoryx.state_dict())
+        local = self.memoryx.state_dict()
+        snapshots = self.memoryx.snapshots()
+        if not self.memoryx.store.resident and self.swarm.world > 1:
+            # the other systems' tensors stream to the writer one at a time when it writes
+            self._session = ShardedCheckpoint(local, snapshots, self.swarm, self.store.directory)
+            gathered = self._session.parts
+        else:
+            gathered = self.swarm.gather(local)
         masters, optimizer = {}, None
         for part in gathered:
             masters.update(part["model"])
@@ -269,8 +303,9 @@ class CSXBackend(Backend):
             state["loss_scale"] = self.loss_scaler.state_dict()
         if self.sparsity is not None:
             state["sparsity"] = merge_states(self.swarm.gather(self.sparsity.state_dict()))
-        snapshots = self.memoryx.snapshots()
-        if not self.memoryx.store.resident and self.systems == 1:
+        if self._session is not None:
+            return StreamedState(state, self._session.sources, after_write=self._session.finish)
+        if not self.memoryx.store.resident:
             # disk MemoryX may be larger than RAM: the tensors are lazily mapped snapshots and the
             # checkpoint streams them to its file one at a time (see streamed_state.py)
             return StreamedState(state, snapshots)
@@ -292,9 +327,19 @@ class CSXBackend(Backend):
         if "optimizer" in states and self.loss_scaler is not None and "loss_scale" in state:
             self.loss_scaler.load_state_dict(state["loss_scale"])
 
-    def close(self) -> None:
-        self.prefetcher.close()
-        self.memoryx.close()
+    def _release(self, failed):
+        """Serve a checkpoint the writer still streams (unless failing), stop the prefetch thread,
+        remove the disk MemoryX directory."""
+        try:
+            if not failed:
+                self._wait_for_checkpoint_writer()
+            elif self._session is not None:
+                self._session.finish(failed=True)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close(wait=not failed)
+            if self.store is not None:
+                self.store.close()
 
 
 def describe_phases(phases: dict[str, float]) -> str:

@@ -246,6 +246,3 @@ class MemoryX:
             for v in values.values():
                 if torch.is_tensor(v):
                     release_pages(v)
-
-    def close(self) -> None:
-        self.store.close()

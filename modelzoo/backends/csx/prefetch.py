@@ -39,6 +39,8 @@ class Prefetcher:
                 if not future.cancelled():
                     future.exception()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker: fetches not started are dropped; ``wait`` for the one running (without,
+        a fetch stuck in a broadcast to a system that is gone does not hold up the caller)."""
         if self._worker is not None:
-            self._worker.shutdown(wait=True)
+            self._worker.shutdown(wait=wait, cancel_futures=True)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import atexit
 import ctypes
 import itertools
+import json
 import os
-import shutil
+import re
+import socket
 import tempfile
 import threading
 import weakref
@@ -65,13 +67,23 @@ class DiskStore:
     resident = False
 
     def __init__(self, parent: str | os.PathLike, prefix: str = "memoryx-"):
-        # A private directory per run and rank: the store is rebuilt from the model or a checkpoint
-        # each run, and never touches other files under the user's memoryx_dir.
-        Path(parent).mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        # A private directory per run and rank, named after its process and marked as MemoryX's
+        # (OWNER_MARKER): the store is rebuilt from the model or a checkpoint each run, so close()
+        # removes it, and remove_stale_dirs() the one of a process that could not (SIGKILL).
+        # Nothing else under the user's memoryx_dir is ever touched.
         self._files: dict[str, tuple[Path, torch.Size, torch.dtype]] = {}
         self._next_file = 0
         self._lock = threading.Lock()
+        self._closed = False
+        self._made_parents: list[Path] = []
+        self.directory = None
+        try:
+            _make_dirs(Path(parent), self._made_parents)
+            self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}{_HOST}-pid{os.getpid()}-", dir=parent))
+            _write_marker(self.directory)
+        except BaseException:
+            self.close()
+            raise
         atexit.register(self.close)  # the files are a working copy: checkpoints hold the state
 
     def _path(self, key: str) -> Path:
@@ -112,11 +124,143 @@ class DiskStore:
         return key in self._files
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove the directory with its files (idempotent), and the parents it had to create
+        when they are empty."""
+        if self._closed:
+            return
+        self._closed = True
         self._files.clear()
+        if self.directory is not None:
+            remove_own_dir(self.directory)
+        for made in reversed(self._made_parents):
+            try:
+                made.rmdir()
+            except OSError:  # not empty (another run's or a checkpoint's files): keep it
+                break
 
     def describe(self) -> str:
         return f"disk ({self.directory})"
+
+
+# ------------------------------------------------------------ ownership of MemoryX directories
+
+OWNER_MARKER = ".memoryx_owner.json"
+_OWNER = "modelzoo disk MemoryX"
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+# what a DiskStore writes: tensor files, their replacements in flight, snapshot links, and the
+# sparse file behind a sharded checkpoint's placeholders (sharded_checkpoint.py)
+_OWN_FILE = re.compile(r"^(\d+\.bin(\.new|\.snapshot\d+)?|placeholders-\w+\.bin)$")
+
+
+def _existing_ancestor(directory: Path) -> tuple[Path, list[Path]]:
+    """The nearest of ``directory`` and its parents that exists, and those below it (outermost
+    first)."""
+    missing = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    return directory, missing[::-1]
+
+
+def _make_dirs(directory: Path, made: list[Path]) -> None:
+    """mkdir -p, appending each directory it creates to ``made`` (outermost first)."""
+    for d in _existing_ancestor(directory)[1]:
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        made.append(d)
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why a DiskStore could not be made under ``directory`` (which may not exist yet), found
+    without writing anything; None when it looks fine."""
+    existing, _ = _existing_ancestor(Path(directory))
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, /proc/PID/stat), to tell a live owner
+    from a later process that got its PID; None where /proc does not say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_marker(directory: Path) -> None:
+    marker = {"owner": _OWNER, "host": _HOST, "pid": os.getpid(), "started": _process_start(os.getpid())}
+    tmp = directory / f"{OWNER_MARKER}.new"
+    tmp.write_text(json.dumps(marker) + "\n")
+    os.replace(tmp, directory / OWNER_MARKER)  # whole or absent: a half-written one is nobody's
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        marker = json.loads((directory / OWNER_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("owner") != _OWNER or not isinstance(marker.get("pid"), int):
+        return None
+    return marker
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def remove_own_dir(directory: Path) -> bool:
+    """Delete what a DiskStore wrote in ``directory`` (its marker last), then the directory.
+    Anything else is left, with the directory and its marker. True when it is gone."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    for name in names:
+        if _OWN_FILE.match(name) or name == f"{OWNER_MARKER}.new":
+            _unlink(directory / name)
+    try:
+        if set(os.listdir(directory)) <= {OWNER_MARKER}:
+            _unlink(directory / OWNER_MARKER)
+            directory.rmdir()
+            return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def remove_stale_dirs(parent: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """Remove the MemoryX directories under ``parent`` whose owner process, on this host, is gone
+    (killed where no handler runs: SIGKILL, power loss). A directory without a MemoryX marker, or
+    whose owner runs on another host or is alive, is left alone. Returns (directory, marker) of
+    each removed."""
+    removed = []
+    try:
+        candidates = [d for d in Path(parent).iterdir() if d.is_dir()]
+    except OSError:
+        return removed
+    for directory in sorted(candidates):
+        marker = _read_marker(directory)
+        if marker is None or marker.get("host") != _HOST or _alive(marker["pid"], marker.get("started")):
+            continue
+        if remove_own_dir(directory):
+            removed.append((directory, marker))
+    return removed
 
 
 class Snapshot:

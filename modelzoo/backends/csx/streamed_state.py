@@ -19,15 +19,26 @@ from modelzoo.backends.csx.store import Snapshot
 
 
 class StreamedState(dict):
-    def __init__(self, state: dict, snapshots: list[Snapshot]):
+    def __init__(self, state: dict, snapshots: list[Snapshot], after_write=None):
+        """``snapshots``: the sources of the tensors to stream (anything with ``tensor``, ``nbytes``
+        and ``read_into``: also sharded_checkpoint's tensors of other systems); ``after_write(failed)``
+        is called once write_to has ended."""
         super().__init__(state)
         self._sources = {s.tensor.untyped_storage().data_ptr(): s for s in snapshots if s.nbytes}
+        self._after_write = after_write
 
     def write_to(self, file) -> None:
         """Serialise like ``torch.save(dict(self), file)``, streaming snapshot tensors from disk."""
-        with serialization._open_zipfile_writer(file) as writer:
-            serialization._save(dict(self), _StreamingRecords(writer, self._sources), pickle,
-                                serialization.DEFAULT_PROTOCOL, False)
+        try:
+            with serialization._open_zipfile_writer(file) as writer:
+                serialization._save(dict(self), _StreamingRecords(writer, self._sources), pickle,
+                                    serialization.DEFAULT_PROTOCOL, False)
+        except BaseException:
+            if self._after_write is not None:
+                self._after_write(failed=True)
+            raise
+        if self._after_write is not None:
+            self._after_write(failed=False)
 
 
 class _StreamingRecords:

@@ -13,10 +13,16 @@ every rank, whatever the two threads interleave.
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
 from modelzoo.backends.base import rank_and_world
+
+# How long the other systems wait for the checkpoint writer (rank 0): writing a large MemoryX
+# state outlasts the ordinary collective timeout.
+CHECKPOINT_WAIT = datetime.timedelta(hours=2)
 
 
 class SwarmX:
@@ -28,6 +34,9 @@ class SwarmX:
                 self.owner.setdefault(name, s % self.world)
         self.order = list(self.owner)
         self._stream_group = dist.new_group(backend="gloo") if self.world > 1 else None
+        # a sharded disk MemoryX checkpoint streams to its writer here (sharded_checkpoint.py),
+        # at the pace of the writer's disk
+        self.checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_WAIT) if self.world > 1 else None
 
     def owns(self, name: str) -> bool:
         return self.owner[name] == self.rank
@@ -90,8 +99,8 @@ class SwarmX:
         return float(total)
 
     def gather(self, local: dict) -> list[dict]:
-        """Every system's ``local``, on every system (a checkpoint and a fine-tuning head
-        transfer both need the whole state)."""
+        """Every system's ``local``, on every system (small values, or a RAM MemoryX's state: a
+        disk MemoryX checkpoint streams its tensors instead, see sharded_checkpoint.py)."""
         if self.world == 1:
             return [local]
         gathered = [None] * self.world
