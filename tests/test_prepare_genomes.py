@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_preparation import prepare_genomes
+from data_preparation import pipeline, windows
 from data_preparation.prepare_genomes import main, windows_of
-from modelzoo.data import sequences
 from modelzoo.data.datasets import build_dataloader
 from modelzoo.data.sequences import read_records
 from modelzoo.data.shards import ShardSet
@@ -59,8 +58,8 @@ def test_output_is_deterministic(tmp_path, monkeypatch):
             "--split", "0.8,0.2,0", "--seed", 5]
     assert run(*args, "--output_dir", tmp_path / "a") == 0
     # windows cut a few records at a time, and records read a few at a time, change nothing
-    monkeypatch.setattr(prepare_genomes, "WINDOW_GROUP_CODONS", 500)
-    monkeypatch.setattr(sequences, "_FASTA_BLOCK", 3000)
+    monkeypatch.setattr(windows, "PIECE_CODONS", 500)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 3000)
     assert run(*args, "--output_dir", tmp_path / "b") == 0
     a, b = manifests(tmp_path / "a"), manifests(tmp_path / "b")
     assert a == b and set(a) == {"train", "val"}  # a split with fraction 0 is omitted

@@ -115,3 +115,22 @@ def test_format_sniffed_from_content(tmp_path):
     gb = tmp_path / "reference.fasta"  # misleading name
     shutil.copy(DATA / "ypestis_pPCP1_NC_005816.gb", gb)
     assert [r.id for r in read_records(gb)] == ["NC_005816.1"]
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path, monkeypatch):
+    from modelzoo.data import sequences
+    from modelzoo.data.sequences import read_record_chunks
+
+    folder = tmp_path / "genomes.fa"
+    folder.mkdir()
+    assert "not a file" in one_line_error(folder)
+    locked = tmp_path / "locked.fa"
+    locked.write_text(">a\nACGT\n")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sequences, "open", denied, raising=False)  # chmod 000 does not stop root
+    assert "cannot read (Permission denied)" in one_line_error(locked)
+    with pytest.raises(DataError, match="cannot read"):
+        list(read_record_chunks(locked))

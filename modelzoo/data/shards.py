@@ -11,12 +11,23 @@ A shard directory holds ``tokens_00000.npy``, ``tokens_00001.npy``, ... each a u
      "created_by": {"command": ..., "options": {...}}}
 
 Nothing in it depends on time or absolute paths, so the same inputs give byte-identical shards.
+
+Packed shards (``prepare_genomes --pack_sequences``) say ``"packed": true`` after "pad_id". Their
+windows hold whole records back to back, each followed by one [SEP] (``CodonTokenizer.sep_id``),
+then [PAD] to the end; a record too long for one window (num_tokens + 1 > max_seq_length) has
+windows of its own, cut as in unpacked shards, with no [SEP]. Each record entry adds "window" (the
+row it starts in) and "offset" (its first token's position there): its num_tokens codons are
+``row[offset:offset + num_tokens]`` of that row (the long ones: offset 0, then the next rows).
+num_windows is 1 for a record that shares a window; num_tokens counts codons, not the [SEP], so
+the manifest's num_tokens (every non-[PAD] position) is the records' sum plus one per [SEP].
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +39,7 @@ from modelzoo.files import OutputDir
 FORMAT = "codon-token-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+RECORDS_PART = ".records.part"  # a ShardWriter's record entries until close() puts them in the manifest
 
 
 def file_sha256(path: Path) -> str:
@@ -43,11 +55,20 @@ class ShardWriter:
 
     Use as a context manager: on an exception the temporary directory is deleted and ``out_dir``
     is left untouched, so a reader never sees a half-written shard set.
+
+    Memory stays bounded however many windows and records are added: rows go straight into the
+    open ``tokens_*.npy`` file (hashed as they are written), and the manifest's record entries
+    into a side file that ``close()`` copies into the manifest.
+
+    packed: the windows hold several records each (``data_preparation.prepare_genomes
+    --pack_sequences``); records are then added apart from the rows (``add_rows`` and
+    ``add_records``, with the window each starts in and its offset there), and the manifest says
+    ``"packed": true``.
     """
 
     def __init__(self, out_dir, max_seq_length: int, tokenizer: CodonTokenizer,
                  windows_per_file: int = 1 << 16, command: str | None = None,
-                 options: dict | None = None, overwrite: bool = False):
+                 options: dict | None = None, overwrite: bool = False, packed: bool = False):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise DataError(f"{self.out_dir}: already exists (refusing to overwrite)")
@@ -58,85 +79,140 @@ class ShardWriter:
         self.windows_per_file = windows_per_file
         self.created_by = {"command": command, "options": options or {}}
         self.overwrite = overwrite
+        self.packed = packed
         # Built beside the target, published in one rename; overwrite replaces only a shard directory.
         self._target = OutputDir(self.out_dir, "ShardWriter", overwrite, flag="shard directory",
                                  recognise=shard_files, marker=False)
         self._tmp = self._target.path
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
+        self._file: _NpyStream | None = None
         self._files: list[dict] = []
-        self._records: list[dict] = []
-        self._num_tokens = 0
+        self._records_path = self._tmp / RECORDS_PART
+        self._records_file = open(self._records_path, "w", encoding="ascii")
+        self.num_records = 0
+        self.num_windows = 0
+        self.num_tokens = 0
         self._closed = False
-        self.manifest: dict | None = None  # set by close()
+        self._manifest: dict | None = None
+
+    @property
+    def manifest(self) -> dict | None:
+        """The published manifest (read back from disk on first use), None before ``close()``."""
+        if self._manifest is None and self._closed and (self.out_dir / MANIFEST).is_file():
+            self._manifest = json.loads((self.out_dir / MANIFEST).read_text())
+        return self._manifest
 
     def add(self, record_id: str, windows: np.ndarray) -> None:
         """Append one record's windows: uint8 array (k, max_seq_length), already [PAD]-padded."""
         windows = np.asarray(windows)
         self.add_many([record_id], [len(windows)] if windows.ndim else [0], windows)
 
-    def add_many(self, record_ids: list[str], windows_per_record, windows: np.ndarray) -> None:
+    def add_many(self, record_ids: list[str], windows_per_record, windows: np.ndarray,
+                 tokens_per_record=None) -> None:
         """Append several records at once: ``windows`` holds their rows back to back, the first
         ``windows_per_record[0]`` rows being the first record's, and so on. One call per batch of
-        records keeps per-record Python work out of preparing sets of many short genes."""
-        windows = np.asarray(windows)
+        records keeps per-record Python work out of preparing sets of many short genes.
+        tokens_per_record: each record's non-[PAD] tokens when the caller knows them (else counted)."""
+        if self.packed:
+            raise ValueError("a packed ShardWriter takes add_rows and add_records")
+        windows = self._checked_rows(windows, record_ids)
         counts = np.asarray(windows_per_record, dtype=np.int64)
         name = record_ids[0] if len(record_ids) == 1 else f"{len(record_ids)} records"
-        if windows.ndim != 2 or windows.shape[1] != self.max_seq_length or windows.dtype != np.uint8:
-            raise ValueError(f"record {name!r}: windows must be uint8 (k, {self.max_seq_length}), "
-                             f"got {windows.dtype} {windows.shape}")
         if len(counts) != len(record_ids) or counts.sum() != len(windows) or (counts < 0).any():
             raise ValueError(f"{name}: windows_per_record {counts.tolist()[:5]}… does not cut "
                              f"{len(windows)} rows into {len(record_ids)} records")
-        row_tokens = np.count_nonzero(windows != self.tokenizer.pad_id, axis=1)
-        starts = np.concatenate(([0], np.cumsum(counts)))[:-1]
-        # reduceat over an empty run (a record with no window) gives the next row: masked to 0
-        tokens = np.add.reduceat(np.append(row_tokens, 0), starts) * (counts > 0)
-        self._records.extend({"id": rid, "num_windows": int(k), "num_tokens": int(t)}
-                             for rid, k, t in zip(record_ids, counts.tolist(), tokens.tolist()))
-        self._num_tokens += int(tokens.sum())
-        self._pending.append(windows)
-        self._pending_rows += len(windows)
-        while self._pending_rows >= self.windows_per_file:
-            self._flush(self.windows_per_file)
+        if tokens_per_record is None:
+            row_tokens = np.count_nonzero(windows != self.tokenizer.pad_id, axis=1)
+            starts = np.concatenate(([0], np.cumsum(counts)))[:-1]
+            # reduceat over an empty run (a record with no window) gives the next row: masked to 0
+            tokens = np.add.reduceat(np.append(row_tokens, 0), starts) * (counts > 0)
+        else:
+            tokens = np.asarray(tokens_per_record, dtype=np.int64)
+        self.add_records(record_ids, counts, tokens)
+        self.add_rows(windows, int(tokens.sum()))
 
-    def _flush(self, rows: int) -> None:
-        block = np.concatenate(self._pending) if self._pending else np.empty((0, self.max_seq_length), np.uint8)
-        out, rest = block[:rows], block[rows:]
-        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
-        name = f"tokens_{len(self._files):05d}.npy"
-        np.save(self._tmp / name, np.ascontiguousarray(out), allow_pickle=False)
-        self._files.append({"name": name, "shape": list(out.shape),
-                            "sha256": file_sha256(self._tmp / name)})
+    def add_records(self, record_ids: list[str], num_windows, num_tokens, window=None, offset=None) -> None:
+        """Manifest entries of records whose rows are (or will be) added with ``add_rows``; a packed
+        writer's also give the window each record starts in and its token offset there."""
+        if (window is None) == self.packed or (offset is None) == self.packed:
+            raise ValueError("window and offset are given for the records of packed windows, and only then")
+        columns = [np.asarray(c, dtype=np.int64).tolist() for c in (num_windows, num_tokens)]
+        if self.packed:
+            columns += [np.asarray(c, dtype=np.int64).tolist() for c in (window, offset)]
+            entries = map(_packed_record_json, record_ids, *columns)
+        else:
+            entries = map(_record_json, record_ids, *columns)
+        text = ",\n  ".join(entries)
+        if text:
+            self._records_file.write(",\n  " + text if self.num_records else text)
+            self.num_records += len(record_ids)
+
+    def add_rows(self, windows: np.ndarray, num_tokens: int | None = None) -> None:
+        """Append rows (uint8 (k, max_seq_length)); num_tokens: their non-[PAD] tokens, if known."""
+        windows = self._checked_rows(windows, ["rows"])
+        if num_tokens is None:
+            num_tokens = int(np.count_nonzero(windows != self.tokenizer.pad_id))
+        self.num_tokens += int(num_tokens)
+        self.num_windows += len(windows)
+        while len(windows):
+            if self._file is None:
+                name = f"tokens_{len(self._files):05d}.npy"
+                self._file = _NpyStream(self._tmp / name, self.windows_per_file, self.max_seq_length)
+            room = self.windows_per_file - self._file.rows
+            self._file.write(windows[:room])
+            windows = windows[room:]
+            if self._file.rows == self.windows_per_file:
+                self._files.append(self._file.finish())
+                self._file = None
+
+    def _checked_rows(self, windows, record_ids) -> np.ndarray:
+        windows = np.asarray(windows)
+        if windows.ndim != 2 or windows.shape[1] != self.max_seq_length or windows.dtype != np.uint8:
+            name = record_ids[0] if len(record_ids) == 1 else f"{len(record_ids)} records"
+            raise ValueError(f"record {name!r}: windows must be uint8 (k, {self.max_seq_length}), "
+                             f"got {windows.dtype} {windows.shape}")
+        return windows
 
     def close(self) -> dict:
         """Write the last file and the manifest, then move the directory into place."""
         if self._closed:
             raise RuntimeError("ShardWriter already closed")
-        if self._pending_rows:
-            self._flush(self._pending_rows)
-        manifest = {
+        if self._file is not None:
+            self._files.append(self._file.finish())
+            self._file = None
+        self._records_file.close()
+        head = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "dtype": "uint8",
             "max_seq_length": self.max_seq_length,
-            "num_windows": sum(f["shape"][0] for f in self._files),
-            "num_tokens": self._num_tokens,
+            "num_windows": self.num_windows,
+            "num_tokens": self.num_tokens,
             "pad_id": self.tokenizer.pad_id,
+            **({"packed": True} if self.packed else {}),
             "tokenizer": {"file": self.tokenizer.json_path.name, "sha256": self.tokenizer.sha256,
                           "vocab_size": self.tokenizer.vocab_size},
-            "records": self._records,
-            "files": self._files,
-            "created_by": self.created_by,
         }
-        (self._tmp / MANIFEST).write_text(_dumps(manifest))
+        tail = {"files": self._files, "created_by": self.created_by}
+        with open(self._tmp / MANIFEST, "w", encoding="ascii") as out:
+            out.write("{\n" + "".join(f"{line},\n" for line in map(_manifest_line, head.items())))
+            if self.num_records:
+                out.write(' "records": [\n  ')
+                with open(self._records_path, encoding="ascii") as records:
+                    shutil.copyfileobj(records, out, 1 << 20)
+                out.write("\n ],\n")
+            else:
+                out.write(' "records": [],\n')
+            out.write(",\n".join(map(_manifest_line, tail.items())) + "\n}\n")
+        self._records_path.unlink()
         self._target.publish()
         self._closed = True
-        self.manifest = manifest
-        return manifest
+        return self.manifest
 
     def abort(self) -> None:
         if not self._closed:
+            self._records_file.close()
+            if self._file is not None:
+                self._file.fh.close()
             self._target.discard()
             self._closed = True
 
@@ -150,25 +226,66 @@ class ShardWriter:
             self.abort()
 
 
-def _dumps(manifest: dict) -> str:
-    """JSON with one line per record/file entry: readable, diffable, and not 5 lines a record."""
-    lines = []
-    for key, value in manifest.items():
-        if key == "records" and value:
-            entries = map(_record_json, value)
-        elif isinstance(value, list) and value:
-            entries = map(json.dumps, value)
+class _NpyStream:
+    """A ``.npy`` file of uint8 rows written as they come, hashed on the way: byte for byte what
+    ``np.save`` writes. The header promises ``rows`` rows; a file that ends with fewer gets its
+    header rewritten (and is hashed again by reading it back: only a split's last file)."""
+
+    def __init__(self, path: Path, rows: int, length: int):
+        self.path, self.planned, self.length, self.rows = path, rows, length, 0
+        self.fh = open(path, "wb")
+        self.digest = hashlib.sha256()
+        self.header = _npy_header((rows, length))
+        self._write(self.header)
+
+    def _write(self, data) -> None:
+        self.digest.update(data)
+        self.fh.write(data)
+
+    def write(self, rows: np.ndarray) -> None:
+        self._write(np.ascontiguousarray(rows))
+        self.rows += len(rows)
+
+    def finish(self) -> dict:
+        if self.rows == self.planned:
+            self.fh.close()
+            sha = self.digest.hexdigest()
         else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-            continue
-        lines.append(f" {json.dumps(key)}: [\n  " + ",\n  ".join(entries) + "\n ]")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
+            header = _npy_header((self.rows, self.length))
+            if len(header) == len(self.header):
+                self.fh.seek(0)
+                self.fh.write(header)
+                self.fh.close()
+            else:  # never with numpy's 64-byte header alignment, but do not depend on it
+                self.fh.close()
+                body = self.path.read_bytes()[len(self.header):]
+                self.path.write_bytes(header + body)
+            sha = file_sha256(self.path)
+        return {"name": self.path.name, "shape": [self.rows, self.length], "sha256": sha}
 
 
-def _record_json(record: dict) -> str:
-    """json.dumps(record) for a manifest record, several times faster: a gene set has thousands."""
-    return (f'{{"id": {_json_string(record["id"])}, "num_windows": {record["num_windows"]:d}, '
-            f'"num_tokens": {record["num_tokens"]:d}}}')
+def _npy_header(shape: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _manifest_line(item) -> str:
+    """One top-level manifest key: lists one entry a line (readable, diffable, not 5 lines an entry)."""
+    key, value = item
+    if isinstance(value, list) and value:
+        return f" {json.dumps(key)}: [\n  " + ",\n  ".join(map(json.dumps, value)) + "\n ]"
+    return f" {json.dumps(key)}: {json.dumps(value)}"
+
+
+def _record_json(rec_id: str, num_windows: int, num_tokens: int) -> str:
+    """json.dumps of a manifest record, several times faster: a gene set has millions."""
+    return f'{{"id": {_json_string(rec_id)}, "num_windows": {num_windows:d}, "num_tokens": {num_tokens:d}}}'
+
+
+def _packed_record_json(rec_id: str, num_windows: int, num_tokens: int, window: int, offset: int) -> str:
+    return (f'{{"id": {_json_string(rec_id)}, "num_windows": {num_windows:d}, "num_tokens": {num_tokens:d}, '
+            f'"window": {window:d}, "offset": {offset:d}}}')
 
 
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
