@@ -100,7 +100,8 @@ def what_survives(model_dir: Path | None) -> str:
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides(args))
     args.run_model_dir = Path(params.runconfig.model_dir)
-    ranks = ranks_requested(args.device, params)
+    only_plan = args.validate_only or args.compile_only
+    ranks = ranks_requested(args.device, params, check_devices=not only_plan)
     if not (args.validate_only or args.compile_only) and launched_world_size() == 1:
         from modelzoo.data.prepare_on_first_use import ensure_prepared
         ensure_prepared(params)
@@ -111,10 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if launched_world_size() > 1:
         check_launched_ranks(args.device, params, ranks)
     # closed however the run ends (an error, SIGTERM): its threads stop, its files go
-    with make_backend(args.device, params) as backend:
+    with make_backend(args.device, params, only_plan) as backend:
         torch.manual_seed(params.runconfig.seed)
         from modelzoo.models import build_model
-        only_plan = args.validate_only or args.compile_only
         if only_plan:
             with torch.device("meta"):  # shapes only: 25B plans instantly
                 model = build_model(params.model)
@@ -123,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
         if only_plan:
             if args.validate_only:
                 check_data(params, backend)
-            print(summary(params, model, backend, compile_only=args.compile_only))
+            print(summary(params, model, backend, args.compile_only, max(ranks, launched_world_size())))
             return 0
         return execute(params, model, backend)
 
 
-def ranks_requested(device: str, params: Params) -> int:
+def ranks_requested(device: str, params: Params, check_devices: bool = True) -> int:
     """Data-parallel ranks to start on this machine: --num_csx systems on CSX, --num_workers_per_node
     processes on CPU/GPU (default 1)."""
     from modelzoo.errors import ConfigError
@@ -136,11 +136,14 @@ def ranks_requested(device: str, params: Params) -> int:
     if device == "CSX":
         if run.num_workers_per_node is not None:
             raise ConfigError("--num_workers_per_node applies to CPU and GPU; CSX takes --num_csx")
+        if run.activation_checkpointing:
+            raise ConfigError("runconfig.activation_checkpointing applies to CPU and GPU; the CSX wafer recomputes "
+                              "each stage unless runconfig.csx.keep_activations")
         return run.num_csx
     if run.num_csx != 1:
         raise ConfigError("--num_csx applies to the CSX device only; CPU and GPU take --num_workers_per_node")
     ranks = run.num_workers_per_node or 1
-    if device == "GPU":
+    if device == "GPU" and check_devices:
         from modelzoo.backends.resident import check_cuda_devices
         check_cuda_devices(ranks)
     return ranks
@@ -187,20 +190,26 @@ def check_data(params: Params, backend) -> None:
     Trainer(params, backend, Path(params.runconfig.model_dir)).open_datasets(params.runconfig.mode, verify=False)
 
 
-def make_backend(device: str, params: Params):
+def make_backend(device: str, params: Params, only_plan: bool = False):
+    """The backend of this rank. ``only_plan`` (--validate_only, --compile_only): nothing runs, so
+    no process group is joined and a GPU plan needs no GPU."""
     if device == "CSX":
         from modelzoo.backends.csx import csx_backend
         return csx_backend(params)
-    from modelzoo.backends.resident import cpu_backend, gpu_backend
-    return gpu_backend() if device == "GPU" else cpu_backend()
+    from modelzoo.backends.resident import ResidentBackend, cpu_backend, gpu_backend
+    recompute = params.runconfig.activation_checkpointing
+    if only_plan:
+        return ResidentBackend("cuda" if device == "GPU" else "cpu", recompute)
+    return gpu_backend(recompute) if device == "GPU" else cpu_backend(recompute)
 
 
-def summary(params: Params, model, backend, compile_only: bool) -> str:
+def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1) -> str:
     n = sum(p.numel() for p in model.parameters())
     lines = [f"params OK: {params.model.name}, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32), "
              f"backend {backend.describe()}"]
-    if compile_only and hasattr(backend, "plan"):
-        lines.append(backend.plan(model))
+    plan = backend.plan(model, params, ranks) if compile_only else None
+    if plan:
+        lines.append(plan)
     return "\n".join(lines)
 
 

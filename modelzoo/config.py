@@ -266,7 +266,9 @@ class CSXConfig(Section):
                                                                "and written per stage with explicit I/O.")
     memoryx_dir: Optional[str] = Field(None, description="Directory of disk MemoryX files (default "
                                                          "model_dir/memoryx); each run and system gets a private "
-                                                         "subdirectory, removed at exit.")
+                                                         "subdirectory (marked with its host and PID), removed at "
+                                                         "exit, on error or SIGTERM/SIGINT, or at the next start on "
+                                                         "the same host after a kill.")
     prefetch_depth: int = Field(1, ge=0, description="Stages whose weights stream in ahead of compute.")
     keep_activations: bool = Field(False, description="Keep each stage's activations on the wafer between its "
                                    "forward and backward pass (as Cerebras weight streaming does) instead of "
@@ -307,6 +309,15 @@ class RunConfig(Section):
                                                                         "machine; run.py starts them itself "
                                                                         "(default 1, or what an outer torchrun "
                                                                         "started).")
+    activation_checkpointing: bool = Field(False, description="CPU/GPU: keep only each stage's input through the "
+                                                              "forward pass and recompute the stage in backward "
+                                                              "(dropout masks identical), so long sequences fit: "
+                                                              "activation memory of one block instead of all, for "
+                                                              "about a third more compute. CSX recomputes on its own "
+                                                              "(csx.keep_activations).")
+    device_memory_gb: Optional[float] = Field(None, gt=0, description="CPU/GPU --compile_only: the memory per rank "
+                                                                      "the plan checks against (default: the visible "
+                                                                      "GPU's, or the RAM on CPU).")
     csx: CSXConfig = Field(default_factory=CSXConfig, description="CSX backend settings.")
 
     @model_validator(mode="after")

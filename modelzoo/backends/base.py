@@ -51,6 +51,11 @@ class Backend(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def plan(self, model: StagedModel, params, ranks: int) -> str | None:
+        """What ``--compile_only`` prints: the memory the run needs where it runs, from shapes alone
+        (``model`` is on the meta device); raises ConfigError when it cannot fit."""
+        return None
+
     # ------------------------------------------------------------ lifecycle
 
     _closed = False
@@ -107,6 +112,24 @@ def autocast(device_type: str, cfg: ModelConfig):
     if not cfg.mixed_precision:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=cfg.compute_dtype)
+
+
+class Recomputed(torch.nn.Module):
+    """A StagedModel run stage by stage with every stage but the head recomputed in backward
+    (activation checkpointing): only each stage's input is kept through the forward pass. The RNG
+    state is restored for the recompute, so dropout masks equal the first pass's."""
+
+    def __init__(self, model: StagedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        from torch.utils.checkpoint import checkpoint
+        stages = self.model.stages()
+        hidden = None
+        for stage in stages[:-1]:
+            hidden = checkpoint(stage, hidden, batch, use_reentrant=False, preserve_rng_state=True)
+        return stages[-1](hidden, batch)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from modelzoo.backends.base import Backend, autocast, loss_weights, rank_and_world, token_metrics
+from modelzoo.backends.base import Backend, Recomputed, autocast, loss_weights, rank_and_world, token_metrics
 from modelzoo.config import OptimizerConfig
 from modelzoo.distributed import init_process_group, local_rank
 from modelzoo.errors import ConfigError
@@ -25,9 +25,9 @@ from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier
 
 
-def cpu_backend() -> "ResidentBackend":
+def cpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
     init_process_group("cpu")
-    return ResidentBackend("cpu")
+    return ResidentBackend("cpu", activation_checkpointing)
 
 
 def check_cuda_devices(needed: int) -> None:
@@ -40,7 +40,7 @@ def check_cuda_devices(needed: int) -> None:
                           f"are visible; lower --num_workers_per_node")
 
 
-def gpu_backend() -> "ResidentBackend":
+def gpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
     """The CUDA device of this rank (LOCAL_RANK), TF32 matmuls on, NCCL when data parallel."""
     index = local_rank()
     check_cuda_devices(index + 1)
@@ -49,7 +49,7 @@ def gpu_backend() -> "ResidentBackend":
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     init_process_group("cuda")
-    return ResidentBackend(torch.device("cuda", index))
+    return ResidentBackend(torch.device("cuda", index), activation_checkpointing)
 
 
 def _sum_gradients(process_group, bucket):
@@ -65,8 +65,9 @@ def _sum_gradients(process_group, bucket):
 
 
 class ResidentBackend(Backend):
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", activation_checkpointing: bool = False):
         self.device = torch.device(device)
+        self.activation_checkpointing = activation_checkpointing
         self.model: StagedModel | None = None  # the bare model: state dicts and evaluation
         self.runner: torch.nn.Module | None = None  # what training calls: the DDP wrapper when world > 1
         self.optimizer = None
@@ -80,11 +81,17 @@ class ResidentBackend(Backend):
         cfg = self.model.config if self.model is not None else None
         precision = f", {cfg.fp16_type} autocast" if cfg is not None and cfg.mixed_precision else ""
         scaling = ", dynamic loss scaling" if self.loss_scaler is not None else ""
-        return f"resident on {self.device}{parallel}{precision}{scaling}"
+        recompute = ", activation checkpointing" if self.activation_checkpointing else ""
+        return f"resident on {self.device}{parallel}{precision}{scaling}{recompute}"
+
+    def plan(self, model, params, ranks):
+        from modelzoo.backends.memory_plan import resident_plan_text
+        return resident_plan_text(model, params, ranks, self.device)
 
     def setup(self, model, optimizer_cfg, sparsity=None):
         self.model = model.to(self.device)
-        self.runner = self.model
+        # activation checkpointing: the training forward recomputes each stage in backward
+        self.runner = Recomputed(self.model) if self.activation_checkpointing and optimizer_cfg else self.model
         self.optimizer_cfg = optimizer_cfg
         if optimizer_cfg is None:
             return
@@ -100,7 +107,7 @@ class ResidentBackend(Backend):
         if world > 1:
             # DDP starts by broadcasting rank 0's weights, so every rank begins identical.
             on_cuda = self.device.type == "cuda"
-            self.runner = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_cuda else None)
+            self.runner = DistributedDataParallel(self.runner, device_ids=[self.device.index] if on_cuda else None)
             self.runner.register_comm_hook(None, _sum_gradients)
 
     def _to_device(self, batch: dict) -> dict:

@@ -70,7 +70,7 @@ class CSXBackend(Backend):
         return (f"CSX weight streaming: {self.systems} system(s), MemoryX in {where}, "
                 f"prefetch depth {self.cfg.prefetch_depth}")
 
-    def plan(self, model: StagedModel, optimizer_cfg=None) -> str:
+    def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
         """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
         plan = make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
                          optimizer_cfg or self.optimizer_cfg, training=self.training,
@@ -90,7 +90,7 @@ class CSXBackend(Backend):
         self.model = model if deferred is not None else model.to("cpu")
         self.optimizer_cfg = optimizer_cfg
         self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
-        self.plan(model, optimizer_cfg)  # refuse a model that cannot fit before touching anything
+        self.plan(model, optimizer_cfg=optimizer_cfg)  # refuse a model that cannot fit before touching anything
         self.wafer = Wafer(model, keep_activations=self.cfg.keep_activations)
         n = len(self.wafer.stages)
         stage_names = [self.wafer.stage_names(i) for i in range(n)]

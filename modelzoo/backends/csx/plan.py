@@ -66,7 +66,7 @@ def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: i
               systems: int, optimizer_cfg: OptimizerConfig | None, training: bool = True,
               keep_activations: bool = False) -> Plan:
     dtype = model.config.compute_dtype
-    costs = _stage_costs(model, micro_batch, dtype, training)
+    costs = stage_costs(model, micro_batch, dtype, training)
     n = len(costs)
     boundary = sum(c.output_bytes for c in costs[:-1])
     # keep_activations: every stage but the last holds what autograd saved until its backward
@@ -87,10 +87,12 @@ def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: i
                 streamed_in, streamed_out)
 
 
-def _stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.dtype,
+def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.dtype,
                  training: bool) -> list[StageCost]:
     costs = []
-    with FakeTensorMode() as mode:
+    # fake CPU tensors even when called under torch.device("meta"): meta has no flash attention,
+    # and its math kernel would count an L x L attention matrix per head that the real run never keeps
+    with torch.device("cpu"), FakeTensorMode() as mode:
         b, t = micro_batch
         # Full (unpadded) windows: no attention mask, as models skip it when nothing is padded,
         # and fake tensors cannot answer that data-dependent question.
@@ -137,7 +139,7 @@ def check_fits(plan: Plan, wafer_memory_gb: float) -> None:
             f"grad_accum_steps, shorter sequences, or a larger wafer_memory_gb")
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -151,14 +153,14 @@ def format_plan(plan: Plan, wafer_memory_gb: float, memoryx_where: str) -> str:
              f"weights stream in {dtype}, prefetch depth {plan.prefetch_depth}, {plan.systems} system(s)",
              f"  {'stage':<24}{'weights':>12}{'boundary act.':>15}{'saved act.':>13}{'peak wafer':>13}"]
     for c in plan.stages:
-        lines.append(f"  {c.label:<24}{_size(c.weight_bytes):>12}{_size(c.output_bytes):>15}"
-                     f"{_size(c.saved_bytes):>13}{_size(c.peak_bytes):>13}")
+        lines.append(f"  {c.label:<24}{size_text(c.weight_bytes):>12}{size_text(c.output_bytes):>15}"
+                     f"{size_text(c.saved_bytes):>13}{size_text(c.peak_bytes):>13}")
     peak = plan.peak
     per_system = plan.memoryx_bytes / plan.systems
-    lines += [f"peak wafer memory: {_size(peak.peak_bytes)} at stage {peak.label} "
-              f"(of {wafer_memory_gb:g} GiB; all boundary activations: {_size(plan.boundary_bytes)})",
-              f"MemoryX ({memoryx_where}): {_size(plan.memoryx_bytes)} fp32 (weights, gradients, "
-              f"{plan.state_tensors} optimizer state tensor(s) per weight), ~{_size(int(per_system))} per system",
-              f"streamed per step per system: weights in {_size(plan.streamed_in)}, "
-              f"gradients out {_size(plan.streamed_out)}"]
+    lines += [f"peak wafer memory: {size_text(peak.peak_bytes)} at stage {peak.label} "
+              f"(of {wafer_memory_gb:g} GiB; all boundary activations: {size_text(plan.boundary_bytes)})",
+              f"MemoryX ({memoryx_where}): {size_text(plan.memoryx_bytes)} fp32 (weights, gradients, "
+              f"{plan.state_tensors} optimizer state tensor(s) per weight), ~{size_text(int(per_system))} per system",
+              f"streamed per step per system: weights in {size_text(plan.streamed_in)}, "
+              f"gradients out {size_text(plan.streamed_out)}"]
     return "\n".join(lines)

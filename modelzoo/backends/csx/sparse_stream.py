@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from modelzoo.backends.csx.plan import Plan, _size
+from modelzoo.backends.csx.plan import Plan, size_text
 from modelzoo.backends.csx.wafer import Wafer
 from modelzoo.models.base import StagedModel
 from modelzoo.training.sparsity import Sparsifier, kept
@@ -115,7 +115,7 @@ def plan_lines(plan: Plan, model: StagedModel, sparsity: Sparsifier, training: b
              f"+ a 1-bit occupancy map",
              f"  {'stage':<24}{'dense weights':>15}{'sparse weights':>16}"]
     for cost, d, s in zip(plan.stages, b.dense_stages, b.sparse_stages):
-        lines.append(f"  {cost.label:<24}{_size(d):>15}{_size(s):>16}")
-    lines.append(f"weights streamed per step per system: dense {_size(b.dense_step)}, sparse {_size(b.sparse_step)} "
+        lines.append(f"  {cost.label:<24}{size_text(d):>15}{size_text(s):>16}")
+    lines.append(f"weights streamed per step per system: dense {size_text(b.dense_step)}, sparse {size_text(b.sparse_step)} "
                  f"({b.sparse_step / max(b.dense_step, 1):.2f}x); gradients out stay dense")
     return "\n".join(lines)
