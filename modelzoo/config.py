@@ -56,8 +56,9 @@ class DataInput(Section):
                                                     "--pack_sequences): whole records back to back, each closed by "
                                                     "[SEP], then [PAD]; a record longer than a window gets windows "
                                                     "of its own. Must match the shards' manifest; with prepare, "
-                                                    "data_dir is prepared packed. Causal models (gpt2, gptj, "
-                                                    "gpt_neox) only.")
+                                                    "data_dir is prepared packed. BERT packs its framed "
+                                                    "records ([CLS] r1 [SEP] [CLS] r2 [SEP] ...); not for a "
+                                                    "classifier (num_labels).")
     document_attention: Optional[bool] = Field(None, description="Each record attends only to itself and its "
                                                                  "positions restart at 0, so a packed batch "
                                                                  "computes exactly the per-record losses of "
@@ -351,9 +352,10 @@ class Params(Section):
                 raise _CrossFieldError((name, "max_seq_length"),
                                        f"{section.max_seq_length} is above model.max_position_embeddings "
                                        f"({self.model.max_position_embeddings})")
-            if section and section.pack_sequences and self.model.name == "bert":
-                raise _CrossFieldError((name, "pack_sequences"), "packed windows are for causal models (gpt2, gptj, "
-                                                                 "gpt_neox); BERT's framed windows do not pack yet")
+            if section and section.pack_sequences and self.model.num_labels is not None:
+                raise _CrossFieldError((name, "pack_sequences"), "a classifier (model.num_labels) labels each "
+                                                                 "window with one record's class; packed windows "
+                                                                 "hold several records")
             if section and self.model.num_labels is not None:
                 for key in ("labels_file", "label_column"):
                     if getattr(section, key) is None:

@@ -14,8 +14,9 @@ import torch
 from modelzoo.backends.csx import CSXBackend
 from modelzoo.backends.resident import ResidentBackend
 from modelzoo.config import ModelConfig, validate_params
-from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for, document_layout
-from modelzoo.data.shards import MANIFEST, ShardSet, ShardWriter
+from modelzoo.data.datasets import (CausalLMDataset, MaskedLMDataset, build_dataloader, dataset_for,
+                                    document_layout)
+from modelzoo.data.shards import MANIFEST, ShardSet
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import ConfigError
 from modelzoo.models import MODELS, build_model
@@ -24,7 +25,6 @@ from modelzoo.models.layers import Attention, Rotary, document_mask, document_ru
 TOK = CodonTokenizer()
 SEP, PAD, UNK = TOK.sep_id, TOK.pad_id, TOK.unk_id
 L = 32
-CAUSAL = sorted(name for name, spec in MODELS.items() if spec.generates)
 # short records, one of exactly L - 1 codons (fits with its [SEP]), one of L (a window of its own),
 # longer ones cut into windows as unpacked; a few [UNK]s, which are never targets
 LENGTHS = [5, 12, 3, 20, 31, 7, 32, 9, 45, 2, 14, 70, 11, 6, 17, 1, 25, 8, 4, 13]
@@ -41,63 +41,21 @@ def make_records(seed: int = 0) -> list[tuple[str, np.ndarray]]:
     return records
 
 
-def windows_of(ids: np.ndarray) -> np.ndarray:
-    """One record, unpacked: consecutive windows of L codons, the last padded."""
-    rows = np.full((-(-len(ids) // L), L), PAD, dtype=np.uint8)
-    rows.reshape(-1)[:len(ids)] = ids
-    return rows
-
-
-def packed_rows(records) -> tuple[np.ndarray, list[int]]:
-    """Records in order, each closed by [SEP], packed greedily into windows (never split when it
-    fits); a record too long for a window gets windows of its own. Returns the rows and, per
-    record, the windows it is listed with (a shared window counts for its first record)."""
-    rows, counts, current, owner = [], [], [], None
-    for k, (_, ids) in enumerate(records):
-        counts.append(0)
-        if len(ids) + 1 > L:
-            if current:
-                rows.append(current)
-                current = []
-            own = windows_of(ids)
-            rows += list(own)
-            counts[k] += len(own)
-            continue
-        if len(current) + len(ids) + 1 > L:
-            rows.append(current)
-            current = []
-        if not current:
-            counts[k] += 1
-        current = current + list(ids) + [SEP]
-    if current:
-        rows.append(current)
-    out = np.full((len(rows), L), PAD, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        out[r, :len(row)] = row
-    return out, counts
-
-
-def write_shards(path, records, packed: bool):
-    with ShardWriter(path, L, TOK) as writer:
-        if packed:
-            rows, counts = packed_rows(records)
-            writer.add_many([rid for rid, _ in records], counts, rows)
-        else:
-            for rid, ids in records:
-                writer.add(rid, windows_of(ids))
-    if packed:  # what prepare_genomes --pack_sequences says in the manifest
-        manifest = json.loads((path / MANIFEST).read_text())
-        manifest["packed"] = True
-        (path / MANIFEST).write_text(json.dumps(manifest))
-    return path
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    """The same records prepared by prepare_genomes one per window and packed (--pack_sequences)."""
+    from data_preparation.prepare_genomes import main as prepare_genomes
     root = tmp_path_factory.mktemp("packing")
-    records = make_records()
-    return {"unpacked": write_shards(root / "unpacked", records, False),
-            "packed": write_shards(root / "packed", records, True)}
+    fasta = root / "records.fasta"
+    fasta.write_text("".join(f">{rid}\n{TOK.decode(ids)}\n" for rid, ids in make_records()))
+    out = {}
+    for kind, flags in (("unpacked", []), ("packed", ["--pack_sequences"])):
+        argv = ["--input", str(fasta), "--output_dir", str(root / kind), "--max_seq_length", str(L),
+                "--split", "1,0,0", "--min_codons", "1", "--num_workers", "1", *flags]
+        assert prepare_genomes(argv) in (0, None)
+        out[kind] = root / kind / "train"
+    assert json.loads((out["packed"] / MANIFEST).read_text())["packed"] is True
+    return out
 
 
 def tiny(name: str, **kw) -> ModelConfig:
@@ -168,10 +126,35 @@ def test_pack_sequences_must_match_the_shards(shards, tmp_path):
         assert "\n" not in message
 
 
-def test_bert_refuses_pack_sequences_in_one_line(shards, tmp_path):
+def test_a_classifier_refuses_pack_sequences_in_one_line(shards, tmp_path):
     with pytest.raises(ConfigError) as e:
-        params_for(shards["packed"], "bert", True, tmp_path)
+        validate_params({"eval_input": {"data_dir": str(shards["packed"]), "batch_size": 3, "max_seq_length": L,
+                                        "pack_sequences": True, "labels_file": "x.tsv", "label_column": "c"},
+                         "model": tiny("bert", num_labels=2).model_dump(exclude_none=True),
+                         "runconfig": {"mode": "eval"}}, check_paths=False)
     assert "eval_input.pack_sequences" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bert_packs_framed_records_whole_with_the_masks_of_unpacked_windows(shards):
+    """[CLS] r1 [SEP] [CLS] r2 [SEP] ...: the framed pieces of unpacked BERT windows, back to back,
+    never split, each masked as it is unpacked; positions restart at every [CLS]."""
+    unpacked = MaskedLMDataset(ShardSet(shards["unpacked"]), seed=3)
+    packed = MaskedLMDataset(ShardSet(shards["packed"]), seed=3, pack_sequences=True)
+    assert len(packed) < len(unpacked)
+    pieces = []
+    for i in range(len(packed)):
+        item = packed[i]
+        for j, at, size in packed.windows.pieces_of(i):
+            assert item["input_ids"][at] == TOK.cls_id and item["position_ids"][at] == 0
+            assert (item["document_ids"][at: at + size] == item["document_ids"][at]).all()
+            pieces.append({k: item[k][at: at + size] for k in ("input_ids", "labels")})
+    assert len(pieces) == len(unpacked)
+    for piece, i in zip(pieces, range(len(unpacked))):
+        alone = unpacked[i]
+        size = len(piece["input_ids"])
+        assert alone["input_ids"][size - 1] == SEP and (alone["input_ids"][size:] == PAD).all()
+        for key in ("input_ids", "labels"):
+            assert torch.equal(piece[key], alone[key][:size]), (i, key)
 
 
 # ------------------------------------------------------------ the models
@@ -242,7 +225,7 @@ def test_document_kernels_agree_with_dropout_off_and_need_no_mask_for_segments()
 # ------------------------------------------------------------ exactness: packed vs unpacked loss
 
 @pytest.mark.parametrize("backend_kind", ["cpu", "csx"])
-@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_packed_eval_loss_equals_unpacked(shards, tmp_path, name, backend_kind):
     losses = {}
     for kind in ("unpacked", "packed"):

@@ -262,43 +262,77 @@ def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int
 # ---------------------------------------------------------------- BERT: framing, masking, labels
 
 class FramedWindows:
-    """Each record's codons re-cut into windows of max_seq_length - 2, framed [CLS] ... [SEP].
+    """Each record's codons re-cut into pieces of max_seq_length - 2, each framed [CLS] ... [SEP].
 
     Shard rows hold max_seq_length codons; BERT needs two of those slots for [CLS] and [SEP].
-    Rather than drop codons, a record's rows are read as one stream (its codons are the first
-    num_tokens of its rows, in order) and cut again, so one shard directory serves GPT and BERT
-    alike. A record's last window may be short; it is padded with [PAD].
+    Rather than drop codons, a record's codons are read as one stream (from its first row, or in
+    packed shards from the row and offset its manifest entry gives) and cut again, so one shard
+    directory serves GPT and BERT alike. Unpacked: a window per framed piece, padded with [PAD].
+    ``packed`` (the shards are packed): framed pieces back to back, as many whole ones as fit,
+    then [PAD] -- a record that fits one window is never split, a longer one's full pieces fill
+    windows of their own. ``pieces_of(i)`` says which pieces window i holds and where.
     """
 
-    def __init__(self, shardset: ShardSet, tokenizer: CodonTokenizer | None = None):
+    def __init__(self, shardset: ShardSet, tokenizer: CodonTokenizer | None = None, packed: bool = False):
         tok = tokenizer or CodonTokenizer()
-        check_packing(shardset, False)
+        check_packing(shardset, packed)
         self.shardset = shardset
         self.length = shardset.max_seq_length
         if self.length < 3:
             raise ConfigError(f"{shardset.data_dir}: max_seq_length {self.length} leaves no room for codons "
                               "between [CLS] and [SEP]")
         self.cls_id, self.sep_id, self.pad_id = tok.cls_id, tok.sep_id, shardset.pad_id
-        body, first_row, windows = self.length - 2, 0, []
+        body, first_row, pieces = self.length - 2, 0, []
         for r, rec in enumerate(shardset.manifest["records"]):
             n = int(rec["num_tokens"])
-            windows += [(r, first_row, start, min(n, start + body)) for start in range(0, n, body)]
+            row, offset = (int(rec["window"]), int(rec["offset"])) if packed else (first_row, 0)
+            pieces += [(r, row, offset, start, min(n, start + body)) for start in range(0, n, body)]
             first_row += int(rec["num_windows"])
-        self.windows = np.array(windows, dtype=np.int64).reshape(-1, 4)  # record, first row, start, end
+        self.pieces = np.array(pieces, dtype=np.int64).reshape(-1, 5)  # record, row, offset, start, end
+        if packed:
+            firsts, used = [], self.length
+            for j, size in enumerate((self.pieces[:, 4] - self.pieces[:, 3] + 2).tolist()):
+                if used + size > self.length:
+                    firsts.append(j)
+                    used = 0
+                used += size
+        else:
+            firsts = list(range(len(self.pieces)))
+        self.firsts = np.array(firsts + [len(self.pieces)], dtype=np.int64)  # window i: pieces firsts[i]:firsts[i+1]
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.firsts) - 1
 
     def record_of(self, i: int) -> int:
-        return int(self.windows[i, 0])
+        """The record of window i (its first piece's, in packed windows)."""
+        return int(self.pieces[self.firsts[i], 0])
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        _, first_row, start, end = (int(x) for x in self.windows[i])
-        lo, hi = start // self.length, (end - 1) // self.length  # the record's rows this window spans
-        stream = np.concatenate([self.shardset[first_row + k] for k in range(lo, hi + 1)])
-        codons = stream[start - lo * self.length: end - lo * self.length]
+    def pieces_of(self, i: int) -> list[tuple[int, int, int]]:
+        """(piece index, its [CLS]'s position in window i, framed length) of every piece window i holds."""
+        out, at = [], 0
+        for j in range(int(self.firsts[i]), int(self.firsts[i + 1])):
+            size = int(self.pieces[j, 4] - self.pieces[j, 3]) + 2
+            out.append((j, at, size))
+            at += size
+        return out
+
+    def frame(self, j: int) -> np.ndarray:
+        """Piece j alone as an unpacked window: [CLS] codons [SEP] [PAD]..."""
+        _, row, offset, start, end = (int(x) for x in self.pieces[j])
+        first, last = (offset + start) // self.length, (offset + end - 1) // self.length  # rows it spans
+        stream = np.concatenate([self.shardset[row + k] for k in range(first, last + 1)])
+        codons = stream[offset + start - first * self.length: offset + end - first * self.length]
         out = np.full(self.length, self.pad_id, dtype=np.int64)
         out[0], out[1:1 + len(codons)], out[1 + len(codons)] = self.cls_id, codons, self.sep_id
+        return out
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        pieces = self.pieces_of(i)
+        if len(pieces) == 1:
+            return self.frame(pieces[0][0])
+        out = np.full(self.length, self.pad_id, dtype=np.int64)
+        for j, at, size in pieces:
+            out[at: at + size] = self.frame(j)[:size]
         return out
 
 
@@ -306,21 +340,28 @@ class MaskedLMDataset(Dataset):
     """BERT masked-codon batches: {input_ids, labels, attention_mask} over framed windows.
 
     Each codon is selected with probability ``mlm_probability`` (never [CLS], [SEP], [PAD] or
-    [UNK], which is no codon to predict; at least one per window that has a codon); a selected codon becomes [MASK] 80% of
-    the time, a random codon 10%, and stays 10%. ``labels`` holds the original codon at selected
-    positions and -100 elsewhere. The draws come from a generator seeded by (seed, epoch, window),
-    so a resumed run sees exactly the masks the uninterrupted run would have.
+    [UNK], which is no codon to predict; at least one per framed piece that has a codon); a
+    selected codon becomes [MASK] 80% of the time, a random codon 10%, and stays 10%. ``labels``
+    holds the original codon at selected positions and -100 elsewhere. The draws come from a
+    generator seeded by (seed, epoch, piece), so a resumed run sees exactly the masks the
+    uninterrupted run would have, and a record's masks are the same packed or not.
+
+    ``pack_sequences``: framed pieces packed into windows (``FramedWindows``); with
+    ``document_attention`` (default: when packed) items also carry ``document_ids`` and
+    ``position_ids``, so each [CLS] r [SEP] attends only to itself, at positions from 0.
     """
 
     def __init__(self, shardset: ShardSet, mlm_probability: float = 0.15, seed: int = 0,
-                 tokenizer: CodonTokenizer | None = None):
+                 tokenizer: CodonTokenizer | None = None, pack_sequences: bool = False,
+                 document_attention: bool | None = None):
         tok = tokenizer or CodonTokenizer()
-        self.windows = FramedWindows(shardset, tok)
+        self.windows = FramedWindows(shardset, tok, packed=pack_sequences)
         self.mlm_probability = mlm_probability
         self.seed = seed & 0xFFFF_FFFF_FFFF_FFFF  # numpy seeds must be non-negative
         self.epoch = 0
         self.mask_id, self.codon_ids = tok.mask_id, tok.codon_ids.astype(np.int64)
         self.never_masked = np.array([tok.cls_id, tok.sep_id, shardset.pad_id, tok.unk_id])
+        self.document_attention = pack_sequences if document_attention is None else document_attention
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -328,9 +369,9 @@ class MaskedLMDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.windows[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def _mask(self, ids: np.ndarray, piece: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, chosen) of one framed piece (as an unpacked window)."""
+        rng = np.random.default_rng([self.seed, self.epoch, piece])
         candidates = ~np.isin(ids, self.never_masked)
         chosen = candidates & (rng.random(len(ids)) < self.mlm_probability)
         if not chosen.any() and candidates.any():
@@ -340,9 +381,22 @@ class MaskedLMDataset(Dataset):
         inputs[chosen & (action < 0.8)] = self.mask_id
         swap = chosen & (action >= 0.8) & (action < 0.9)
         inputs[swap] = rng.choice(self.codon_ids, size=int(swap.sum()))
-        return {"input_ids": torch.from_numpy(inputs),
-                "labels": torch.from_numpy(np.where(chosen, ids, IGNORE_INDEX)),
+        return inputs, chosen
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        inputs, chosen = ids.copy(), np.zeros(len(ids), dtype=bool)
+        for j, at, size in self.windows.pieces_of(i):
+            frame = np.full(len(ids), self.windows.pad_id, dtype=ids.dtype)  # the piece as an unpacked window
+            frame[:size] = ids[at: at + size]
+            piece_inputs, piece_chosen = self._mask(frame, j)
+            inputs[at: at + size], chosen[at: at + size] = piece_inputs[:size], piece_chosen[:size]
+        item = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(np.where(chosen, ids, IGNORE_INDEX)),
                 "attention_mask": torch.from_numpy((ids != self.windows.pad_id).astype(np.int64))}
+        if self.document_attention:
+            ids = torch.from_numpy(ids)
+            item["document_ids"], item["position_ids"] = document_layout(ids, self.windows.sep_id, self.windows.pad_id)
+        return item
 
 
 def read_label_table(path, label_column: str, id_column: str | None = None) -> tuple[dict[str, str], list[str]]:
@@ -415,6 +469,8 @@ def dataset_for(model, section, seed: int) -> tuple[type, dict]:
         return CausalLMDataset, {"pack_sequences": section.pack_sequences,
                                  "document_attention": section.document_attention}
     if model.num_labels is None:
-        return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed}
+        return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed,
+                                 "pack_sequences": section.pack_sequences,
+                                 "document_attention": section.document_attention}
     return SequenceClassificationDataset, {"labels_file": section.labels_file, "label_column": section.label_column,
                                            "id_column": section.id_column, "num_labels": model.num_labels}
