@@ -57,6 +57,7 @@ def test_embed_writes_vectors_ids_and_a_projector(model_dir, records, tmp_path, 
     assert {"projector_config.pbtxt", "tensors.tsv", "metadata.tsv"} <= set(projector)
     assert projector["metadata.tsv"].read_text().splitlines()[0] == "id\tclade"
     assert len(projector["tensors.tsv"].read_text().splitlines()) == 3
+    assert (out / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "PCA map in map.png" in text  # 3 dots
 
     code, text = run(embed, capsys, "--model_dir", model_dir, "--input", GENOMES, "--output_dir", out)
     assert code == 2 and text.count("\n") == 1 and "not empty" in text  # no silent overwrite

@@ -308,6 +308,37 @@ def test_embed_streams_and_gives_the_in_memory_embeddings(gpt2_dir, genes, tmp_p
     assert not (tmp_path / "e2").exists()
 
 
+def test_embed_draws_a_deterministic_map_of_the_labelled_genomes(gpt2_dir, genes, tmp_path, capsys):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("id\tgroup\n" + "".join(f"gene_{k}\t{'AB'[k % 2]}\n" for k in range(10)))
+    out = tmp_path / "emb"
+    argv = embed_argv(gpt2_dir, out, "--labels", labels, "--label_column", "group", source=genes)
+    code, text, err = run(capsys, "embed", *argv)
+    assert code == 0, err
+    assert "with a t-SNE map in map.png" in text
+    first = (out / "map.png").read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "map.png" in (out / OWNER_MARKER).read_text()  # its own file: --overwrite may replace it
+    assert run(capsys, "embed", *argv, "--overwrite")[0] == 0
+    assert (out / "map.png").read_bytes() == first  # a fixed random state: the same picture
+    assert run(capsys, "embed", *argv, "--overwrite", "--no_map")[0] == 0
+    assert not (out / "map.png").exists()
+    assert run(capsys, "embed", *embed_argv(gpt2_dir, tmp_path / "plain", source=genes))[0] == 0
+    assert not (tmp_path / "plain" / "map.png").exists()  # no labels, no map
+
+
+def test_map_legend_groups_rare_labels_and_greys_the_unlabelled():
+    from modelzoo.tools import maps
+
+    labels = ["(none)"] * 3 + ["B"] * 2 + ["A"] * 2 + ["C"] * 5 + [f"rare{k:02d}" for k in range(20)]
+    groups, group_of = maps._groups(labels)
+    assert groups[:3] == ["C", "A", "B"] and groups[-2:] == ["other (6 labels)", "(none)"]
+    assert len(groups) == maps.MAX_GROUPS + 1 and group_of["rare19"] == "other (6 labels)"
+    colours = maps._colours(groups)
+    assert colours["(none)"] == maps.GREY and len(set(colours.values())) == len(groups)
+    assert maps.project(np.ones((3, 4)))[1] == "PCA" and maps.project(np.ones((1, 4)))[0].shape == (1, 2)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_score_streams_and_gives_the_in_memory_scores(name, gpt2_dir, bert_dir, genes, tmp_path, capsys):
     model_dir = {"gpt2": gpt2_dir, "bert": bert_dir}[name]

@@ -5,7 +5,9 @@
 
 OUT gets embeddings.npy (n x hidden_size, float32, in input order), ids.tsv (record id and label
 per row) and a TensorBoard embedding projector: ``tensorboard --logdir OUT``, tab "Projector",
-colour by the label. Records are read and embedded a batch at a time (memory holds the vectors,
+colour by the label. With --labels it also gets map.png: every genome a dot on a 2-D t-SNE map
+of its embedding, coloured by its label (unlabelled ones grey), with a legend of the groups and
+their sizes (deterministic; --no_map skips it, t-SNE of very many genomes takes minutes). Records are read and embedded a batch at a time (memory holds the vectors,
 not the genomes). OUT appears complete or not at all; --overwrite replaces an earlier output of
 this tool only, never a directory holding anything else (or an input).
 """
@@ -23,10 +25,11 @@ from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
 from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
+from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"
 TOOL = "modelzoo.tools.embed"  # the owner named in its output's modelzoo.files.OWNER_MARKER
-NO_LABEL = "(none)"
+MAP = "map.png"
 
 
 def build_parser() -> OneLineParser:
@@ -40,6 +43,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--layer", type=int, default=-1, help="0 = token embeddings, k = after block k, -1 = last block")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean over codons, or [CLS] (BERT)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (autocast)")
+    p.add_argument("--no_map", action="store_true", help="with --labels, do not draw map.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of this tool (never a directory holding other files)")
     return p
@@ -62,8 +66,15 @@ def embed(args) -> str:
                 rows += [[r.id] + ([table.get(r.id, NO_LABEL)] if table is not None else []) for r in records]
         (tmp / "ids.tsv").write_text("\n".join("\t".join(row) for row in [header] + rows) + "\n")
         _write_projector(tmp, np.load(tmp / "embeddings.npy", mmap_mode="r"), rows, header)
+        drawn = table is not None and not args.no_map and rows
+        if drawn:
+            source = Path(lm.source)
+            title = (f"{lm.config.name} {source.parent.name}/{source.name}: layer {args.layer}, {args.pooling} "
+                     f"pooling; colour: {args.label_column}")
+            drawn = draw_map(np.load(tmp / "embeddings.npy"), [row[1] for row in rows], tmp / MAP, title)
     return (f"wrote {len(rows)} embeddings of size {lm.config.hidden_size} from {lm.source} to "
-            f"{args.output_dir} (view: tensorboard --logdir {args.output_dir})")
+            f"{args.output_dir}{f' with a {drawn} map in {MAP}' if drawn else ''} "
+            f"(view: tensorboard --logdir {args.output_dir})")
 
 
 def _label_table(args) -> dict[str, str]:
