@@ -5,6 +5,7 @@
     vectors = lm.embed([genome_a, genome_b])             # (2, hidden_size) numpy
     sequences = lm.generate("ATG", max_codons=300, seed=0, stop_at_stop_codon=True)
     nats = lm.log_likelihood([genome_a])                 # total log-probability per sequence
+    per_codon = lm.codon_log_probs([genome_a])           # [array of each codon's log-probability]
     for records, vectors in lm.embed_stream(read_records("many.fasta.gz")):  # a batch at a time
         ...                                              # (log_likelihood_stream likewise)
 
@@ -20,6 +21,7 @@ fewer framed by [CLS] ... [SEP] for BERT.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -192,25 +194,78 @@ class GenomeLM:
 
         return ((done, scores(*sums)) for done, sums in blocks)
 
+    def codon_log_probs(self, sequences: Sequence, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+        """Log-probability in nats of every codon of each sequence, as ``log_likelihood`` scores
+        it (GPT: given the earlier codons of its window; BERT: masked, from both sides): one
+        float64 array per sequence, one entry per codon as read (index = 0-based codon position),
+        NaN where a codon is not scored (GPT: the first codon; any model: [UNK] codons). So
+        ``np.nansum`` of a sequence's array is its ``log_likelihood``.
+        """
+        return [values for _, arrays in self.codon_log_probs_stream(sequences, batch_size, progress)
+                for values in arrays]
+
+    def codon_log_probs_stream(self, sequences: Iterable, batch_size: int = 8, progress: bool = False
+                               ) -> Iterator[tuple[list, list[np.ndarray]]]:
+        """``codon_log_probs`` for inputs of any length, a batch at a time: yields (sequences, their
+        per-codon arrays) for consecutive runs of the input as soon as they are done (the batches
+        are ``log_likelihood_stream``'s)."""
+        self._need_token_head("codon_log_probs")
+        arrays: collections.deque = collections.deque()  # per sequence read, in order, until yielded
+
+        def items_of(ids):  # each item with the array and the codon index its values fill from
+            values = np.full(len(ids), np.nan)
+            arrays.append(values)
+            located = self._causal_windows_at(ids) if self.is_causal else self._masked_positions_at(ids)
+            return ((values, at, item) for at, item in located)
+
+        def step(items):
+            found = self._causal_codon_scores([x for _, _, x in items]) if self.is_causal else \
+                self._masked_scores([x for _, _, x in items])[0].numpy()[:, None]
+            for (values, at, _), v in zip(items, found):
+                values[at: at + len(v)] = v
+            return [torch.zeros(len(items), dtype=torch.float64)]  # nothing to sum: the values are placed
+
+        blocks = self._per_sequence(sequences, items_of, step, [()], batch_size, progress, "score")
+        return ((done, [arrays.popleft() for _ in done]) for done, _ in blocks)
+
     def _causal_windows(self, ids):
         """Windows overlapping by one codon, so that every codon but the first is scored."""
         stride = max(1, self.context - 1)
         return (ids[s: s + self.context] for s in range(0, max(len(ids) - 1, 1), stride))
 
+    def _causal_windows_at(self, ids):
+        """``_causal_windows``, each with the codon index of its first scored codon (its second)."""
+        return zip(itertools.count(1, max(1, self.context - 1)), self._causal_windows(ids))
+
+    def _causal_codon_scores(self, windows):
+        """Each window's log-probabilities of its codons after the first (NaN: not scored)."""
+        logp, scored = self._causal_log_probs(windows)
+        values = torch.where(scored.bool(), logp.double(), math.nan).numpy()
+        return [v[: len(w) - 1] for v, w in zip(values, windows)]
+
     def _causal_scores(self, windows):
         """Summed log-probability and scored codons of each window (each codon given the ones before it)."""
+        logp, scored = self._causal_log_probs(windows)
+        return (logp * scored).sum(1).double(), scored.sum(1).double()
+
+    def _causal_log_probs(self, windows):
+        """Log-probability of each window's codons after its first, given the ones before (on the
+        CPU), and which of them are scored (1: a codon; 0: [UNK] or padding)."""
         ids, keep = self._padded(windows)
         logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
         targets = ids[:, 1:]
         logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].cpu()
-        scored = keep[:, 1:]
-        return (logp * scored).sum(1).double(), scored.sum(1).double()
+        return logp, keep[:, 1:]
 
     def _masked_positions(self, ids):
         """One item per (window, codon position): that position is masked and scored."""
-        for w in self._windows(ids):
+        return (item for _, item in self._masked_positions_at(ids))
+
+    def _masked_positions_at(self, ids):
+        """``_masked_positions``, each item with the index of its codon in the sequence."""
+        for k, w in enumerate(self._windows(ids)):
             for p in np.flatnonzero(np.isin(w, self.tokenizer.codon_ids)):
-                yield w, p
+                yield k * self.context + int(p) - 1, (w, p)  # p counts [CLS]
 
     def _masked_scores(self, items):
         """Log-probability of each item's codon, masked, from both sides."""

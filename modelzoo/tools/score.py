@@ -1,18 +1,27 @@
 """Score the sequences of a FASTA/GenBank file by their log-likelihood under a trained model.
 
     python -m modelzoo.tools.score --model_dir MD --input genomes.fasta --output scores.tsv
+    python -m modelzoo.tools.score --model_dir MD --input genomes.fasta --output codons.tsv --per_codon
 
 scores.tsv has one row per record: id, scored codons, total log-likelihood (nats), its mean per
-codon and the per-codon perplexity exp(-mean). GPT-2/GPT-J score each codon given the ones
-before it; BERT gives the pseudo-log-likelihood (one masked codon at a time). [UNK] codons (N
-and other ambiguity codes) are not scored. Records are read, scored and written a batch at a
-time (memory holds a batch, not the file); scores.tsv appears complete or not at all.
+codon and the per-codon perplexity exp(-mean). GPT models score each codon given the earlier
+ones of its window; BERT gives the pseudo-log-likelihood (one masked codon at a time). [UNK]
+codons (N and other ambiguity codes) are not scored.
+
+--per_codon writes one row per scored codon instead: id, codon_index (0-based position of the
+codon in the sequence as read, from its first nucleotide), codon (its letters, upper case) and
+log_prob (natural log). A codon that is not scored has no row: [UNK] codons, and under a GPT
+model each sequence's first codon (nothing comes before it); a sequence's log_prob rows sum to
+its log_likelihood. Records are read, scored and written a batch at a time (memory holds a
+batch, not the file); the output appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+
+import numpy as np
 
 from modelzoo.data.sequences import read_records
 from modelzoo.entry import OneLineParser, run_entry
@@ -21,6 +30,7 @@ from modelzoo.inference import add_model_arguments, model_from_args
 
 PROG = "python -m modelzoo.tools.score"
 COLUMNS = ("id", "scored_codons", "log_likelihood", "per_codon_log_likelihood", "perplexity")
+PER_CODON_COLUMNS = ("id", "codon_index", "codon", "log_prob")
 
 
 def build_parser() -> OneLineParser:
@@ -28,6 +38,8 @@ def build_parser() -> OneLineParser:
     add_model_arguments(p)
     p.add_argument("--input", required=True, help="FASTA or GenBank file (plain or .gz)")
     p.add_argument("--output", required=True, help="TSV file to write")
+    p.add_argument("--per_codon", action="store_true",
+                   help="one row per scored codon (id, codon_index, codon, log_prob) instead of one per record")
     return p
 
 
@@ -35,6 +47,15 @@ def score(args) -> str:
     scored = 0
     with output_file(args.output, inputs=[args.input, args.checkpoint_path or args.model_dir]) as out:
         lm = model_from_args(args)
+        if args.per_codon:
+            out.write("\t".join(PER_CODON_COLUMNS) + "\n")
+            blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
+            for records, arrays in blocks:
+                for rec, values in zip(records, arrays):
+                    letters = codons(rec.seq)
+                    out.writelines(f"{rec.id}\t{i}\t{letters[i]}\t{values[i]:.6g}\n" for i in scored_indices(values))
+                scored += len(records)
+            return f"scored the codons of {scored} sequences with {lm.source} -> {args.output}"
         out.write("\t".join(COLUMNS) + "\n")
         blocks = lm.log_likelihood_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
         for records, (totals, counts) in blocks:
@@ -43,6 +64,17 @@ def score(args) -> str:
                 out.write(f"{rec.id}\t{n}\t{total:.4f}\t{mean:.6f}\t{math.exp(-mean):.4f}\n")
             scored += len(records)
     return f"scored {scored} sequences with {lm.source} -> {args.output}"
+
+
+def codons(seq: str) -> list[str]:
+    """A sequence's whole codons as read (from its first nucleotide), upper case."""
+    seq = "".join(seq.split()).upper()
+    return [seq[i: i + 3] for i in range(0, len(seq) - 2, 3)]
+
+
+def scored_indices(values: np.ndarray) -> np.ndarray:
+    """The codon indices that have a log-probability (``GenomeLM.codon_log_probs``: NaN = not scored)."""
+    return np.flatnonzero(~np.isnan(values))
 
 
 def main(argv: list[str] | None = None) -> int:
