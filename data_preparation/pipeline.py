@@ -4,7 +4,7 @@ input order, on as many processes as asked for, in memory that does not grow wit
 The main process reads each file in chunks (``read_record_chunks``: it decompresses and cuts FASTA
 text into blocks of whole records; GenBank is parsed there, by Biopython); ``tokenise`` turns a
 chunk into a ``Chunk`` (parse, tokenise, filter), in worker processes when there are several
-chunks and workers. Chunks come back in input order (``ordered_map``), at most two per worker in
+chunks and workers. Chunks come back in input order (``tokenise_all``), at most two per worker in
 flight, so what a chunk holds is all that is held, and the output cannot depend on the number of
 workers. ``SeenIds`` finds repeated record ids in 8 bytes an id.
 """
@@ -12,11 +12,14 @@ workers. ``SeenIds`` finds repeated record ids in 8 bytes an id.
 from __future__ import annotations
 
 import itertools
+import mmap
 import multiprocessing
+import queue
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -58,7 +61,7 @@ class Chunk:
     hashes: np.ndarray  # uint64 hash of each id (``id_hashes``)
     kept: np.ndarray  # indices into ids of the records kept
     lengths: np.ndarray  # int64 codons of each kept record
-    codons: np.ndarray  # uint8 codon ids of the kept records, back to back
+    codons: np.ndarray  # uint8 codon ids of the kept records, back to back (their number in transit)
     skipped: dict[str, int]  # reason -> records
 
 
@@ -73,6 +76,9 @@ def tokenise(task: tuple[int, FastaBlock | RecordBatch, Limits]) -> Chunk:
     """A chunk's records parsed, tokenised and filtered, in vectorised passes (per-record Python
     work would cost more than the tokenising itself on sets of many short genes)."""
     file, item, limits = task
+    slot = item if isinstance(item, InSlot) else None
+    if slot is not None:  # in a worker: the block is in shared memory
+        item = FastaBlock(_SLOTS.maps[slot.slot][:slot.length], slot.end)
     batch = parse_fasta_block(item.data, item.end) if isinstance(item, FastaBlock) else item
     tok = tokenizer()
     ids, starts, counts = tok.encode_flat(batch.seqs)
@@ -90,6 +96,9 @@ def tokenise(task: tuple[int, FastaBlock | RecordBatch, Limits]) -> Chunk:
     else:
         codons = np.concatenate([ids[a:a + n] for a, n in zip(firsts.tolist(), lengths.tolist())] or
                                 [np.empty(0, np.uint8)])
+    if slot is not None:  # the codons go back the same way (fewer bytes than the block)
+        _SLOTS.maps[slot.slot][:len(codons)] = np.ascontiguousarray(codons).data
+        codons = len(codons)
     return Chunk(file, batch.ids, id_hashes(batch.ids), kept, lengths, codons, skipped)
 
 
@@ -103,23 +112,126 @@ def unk_counts(ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, unk_id: 
     return np.bincount(owner[inside], minlength=len(counts))
 
 
-def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
-    """``map(fn, tasks)``, on ``workers`` processes when there are two tasks or more: results in
-    task order, at most 2 x workers tasks in flight (the reader never runs ahead of the writer by
-    more). Close the iterator (``contextlib.closing``) to stop the workers early."""
+def tokenise_all(tasks: Iterable, workers: int) -> Iterator[Chunk]:
+    """``map(tokenise, tasks)``, on ``workers`` processes when there are two tasks or more: chunks
+    in task order, at most 2 x workers tasks in flight (the reader never runs ahead of the writer
+    by more). Close the iterator (``contextlib.closing``) to stop the workers early.
+
+    With fork, FASTA blocks go to the workers, and codons come back, through anonymous shared
+    memory made before the fork (``SharedSlots``): a pipe would copy each block four times on the
+    way, a quarter of the tokenising's own cost."""
     tasks = iter(tasks)
     head = list(itertools.islice(tasks, 2))
     if workers <= 1 or len(head) < 2:
-        yield from map(fn, itertools.chain(head, tasks))
+        yield from map(tokenise, itertools.chain(head, tasks))
         return
-    with _context().Pool(workers) as pool:
-        pending: deque = deque()
-        for task in itertools.chain(head, tasks):
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    global _SLOTS
+    context = _context()
+    slots = SharedSlots(2 * workers, 2 * CHUNK_BYTES) if context.get_start_method() == "fork" else None
+    _SLOTS = slots  # inherited by the workers the pool forks now
+    try:
+        with context.Pool(workers) as pool:
+            pending: deque = deque()
+            for task in itertools.chain(head, tasks):
+                slot, task = slots.put(task) if slots else (None, task)
+                pending.append((slot, pool.apply_async(tokenise, (task,))))
+                if len(pending) >= 2 * workers:
+                    yield _received(slots, *pending.popleft())
+            while pending:
+                yield _received(slots, *pending.popleft())
+    finally:
+        _SLOTS = None
+        if slots:
+            slots.close()
+
+
+def _received(slots: SharedSlots | None, slot: int | None, result) -> Chunk:
+    chunk = result.get()
+    if slot is not None:
+        chunk.codons = slots.take(slot, chunk.codons)
+    return chunk
+
+
+@dataclass(frozen=True)
+class InSlot:
+    """A FastaBlock whose data lies in shared slot ``slot`` (its first ``length`` bytes)."""
+    slot: int
+    length: int
+    end: int
+
+
+class SharedSlots:
+    """Anonymous shared memory (MAP_SHARED, made before the workers fork, so they map the same
+    pages): a task's FASTA block goes out in a slot and its codons come back in the same one. A
+    slot is the task's until the main process has taken its codons back."""
+
+    def __init__(self, count: int, size: int):
+        self.size = size
+        self.maps = [mmap.mmap(-1, size) for _ in range(count)]  # pages are only used once written
+        self.free = list(range(count))
+
+    def put(self, task: tuple) -> tuple[int | None, tuple]:
+        file, item, limits = task
+        if not isinstance(item, FastaBlock) or len(item.data) > self.size or not self.free:
+            return None, task  # GenBank records, or a block too large: through the pipe
+        slot = self.free.pop()
+        self.maps[slot][:len(item.data)] = item.data
+        return slot, (file, InSlot(slot, len(item.data), item.end), limits)
+
+    def take(self, slot: int, length: int) -> np.ndarray:
+        codons = np.frombuffer(self.maps[slot], dtype=np.uint8, count=length).copy()
+        self.free.append(slot)
+        return codons
+
+    def close(self) -> None:
+        for m in self.maps:
+            m.close()
+
+
+_SLOTS: SharedSlots | None = None  # set in the main process just before the pool forks
+
+
+def read_ahead(items: Iterable, depth: int = 2) -> Iterator:
+    """``items``, produced by a thread of their own up to ``depth`` ahead: with workers, the main
+    process's reading (mostly inflating, which releases the GIL) runs beside its writing. An
+    exception in the thread is raised here; closing this iterator stops the thread."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # noqa: B036 - handed to the consumer, raised there
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="prepare_genomes-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := results.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    exc: BaseException
 
 
 def _context():

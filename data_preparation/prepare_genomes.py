@@ -163,9 +163,10 @@ def _chunks(args, report: dict, stack: contextlib.ExitStack):
     """Tokenised chunks of the inputs in order (``pipeline``), repeated ids renamed or refused;
     counts records read, kept and skipped into ``report``."""
     limits = pipeline.Limits(args.min_codons, args.max_n_fraction)
-    tasks = ((file, item, limits) for file, item in pipeline.chunks_of(args.input, args.features))
     workers = args.num_workers or default_workers()
-    chunks = stack.enter_context(contextlib.closing(pipeline.ordered_map(pipeline.tokenise, tasks, workers)))
+    items = pipeline.chunks_of(args.input, args.features)
+    tasks = ((file, item, limits) for file, item in (pipeline.read_ahead(items) if workers > 1 else items))
+    chunks = stack.enter_context(contextlib.closing(pipeline.tokenise_all(tasks, workers)))
     seen = pipeline.SeenIds(len(args.input))
     read_in_file = [0] * len(args.input)  # records read from each input so far
     progress = stack.enter_context(tqdm(desc="reading", unit=" records", file=sys.stderr, disable=None, delay=2.0))

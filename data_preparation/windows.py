@@ -23,7 +23,7 @@ from modelzoo.data.shards import ShardWriter
 
 GROUP_RECORDS = 1 << 16  # kept records the split is drawn over at a time...
 GROUP_CODONS = 1 << 26  # ...or fewer, once they hold this many codons
-PIECE_CODONS = 1 << 24  # codons cut into windows per allocation
+PIECE_CODONS = 1 << 24  # window positions (bytes) cut per allocation
 
 
 class Groups:
@@ -118,8 +118,10 @@ class SplitOutput:
 
     def add(self, ids: list[str], starts: np.ndarray, lengths: np.ndarray, codons: np.ndarray,
             members: np.ndarray) -> None:
-        # cut into pieces of about PIECE_CODONS codons: the windows of a piece are one allocation
-        piece = np.cumsum(lengths[members]) // PIECE_CODONS
+        # cut into pieces of about PIECE_CODONS positions: the windows of a piece are one allocation
+        size = lengths[members] + 1 if self.packer else window_counts(lengths[members], self.length,
+                                                                      self.min_codons) * self.length
+        piece = np.cumsum(size) // PIECE_CODONS
         for part in np.split(members, np.flatnonzero(np.diff(piece)) + 1) if len(members) else ():
             part_ids = [ids[i] for i in part.tolist()]
             if self.packer is not None:
@@ -146,41 +148,46 @@ class Packer:
         self.fill = 0  # its tokens ([SEP]s included); 0: no window is open
 
     def add(self, ids: list[str], starts: np.ndarray, lengths: np.ndarray, codons: np.ndarray) -> None:
-        L = self.length
+        if not len(lengths):
+            return
+        L, carried = self.length, self.fill
         counts = window_counts(lengths, L, self.min_codons)
-        # where each record goes: rows of this call's block (row 0 is the open window, if any)
-        row, fill = 0, self.fill
-        rows, offsets = [], []
-        for n, k in zip(lengths.tolist(), counts.tolist()):
-            if n < L:  # fits with its [SEP]
-                if fill + n + 1 > L:
-                    row, fill = row + 1, 0
-                rows.append(row)
-                offsets.append(fill)
-                fill += n + 1
-            else:
-                if fill:
-                    row, fill = row + 1, 0
-                rows.append(row)
-                offsets.append(0)
-                row += k
-        total = row + (1 if fill else 0)
+        short = lengths < L  # fits with its [SEP]
+        used = np.where(short, lengths, np.minimum(lengths, counts * L))
+        # Each record takes n + 1 positions, a long one a whole window (L: nothing shares it); the
+        # open window enters first, as an entry of its fill. A window starting at entry a holds the
+        # entries up to nxt[a], so following nxt from 0 gives every window's first entry: a
+        # Python step per window, not per record.
+        size = np.concatenate(([carried] if carried else [], np.where(short, lengths + 1, L))).astype(np.int64)
+        begin = np.cumsum(size) - size
+        nxt = np.searchsorted(begin + size, begin + L, side="right").tolist()
+        firsts, a = [], 0
+        while a < len(nxt):
+            firsts.append(a)
+            a = nxt[a]
+        window = np.searchsorted(firsts, np.arange(len(size)), side="right") - 1
+        offsets = begin - begin[firsts][window]
+        extra = np.zeros(len(firsts), dtype=np.int64)  # rows past the first of a long record's window
+        extra[window[len(size) - len(lengths):][~short]] = counts[~short] - 1
+        first_row = np.arange(len(firsts)) + np.cumsum(extra) - extra
+        rows = first_row[window][len(size) - len(lengths):]
+        offsets = offsets[len(size) - len(lengths):]
+        fill = 0 if not short[-1] else int(begin[-1] + size[-1] - begin[firsts[-1]])
+        total = int(first_row[-1] + extra[-1] + 1)
+
         block = np.full((total, L), self.pad_id, dtype=np.uint8)
-        if self.fill:
+        if carried:
             block[0] = self.open
         flat = block.reshape(-1)
-        used = np.where(lengths < L, lengths, np.minimum(lengths, counts * L))
-        dest = np.array(rows, dtype=np.int64) * L + np.array(offsets, dtype=np.int64)
+        dest = rows * L + offsets
         for d, s, n in zip(dest.tolist(), starts.tolist(), used.tolist()):
             flat[d:d + n] = codons[s:s + n]
-        short = lengths < L
         flat[(dest + lengths)[short]] = self.sep_id
         closed = total - (1 if fill else 0)
         placed = int(used.sum() + short.sum())
-        base = self.writer.num_windows
-        self.writer.add_records(ids, np.where(short, 1, counts), used, window=base + np.array(rows, np.int64),
+        self.writer.add_records(ids, np.where(short, 1, counts), used, window=self.writer.num_windows + rows,
                                 offset=offsets)
-        self.writer.add_rows(block[:closed], self.fill + placed - fill)
+        self.writer.add_rows(block[:closed], carried + placed - fill)
         if fill:
             self.open = block[closed].copy()
         self.fill = fill

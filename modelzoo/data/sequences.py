@@ -140,12 +140,15 @@ def _fasta_blocks(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
     """Decompressed FASTA text in large blocks: (data, end) where data[:end] holds whole records,
     the first starting at data[0] with its '>'. Line endings become '\n' as in Python's universal
     newlines; a CR LF pair cut by a read boundary is held back for the next read. Slicing is
-    avoided where possible: copies of whole genomes are most of the cost here."""
+    avoided where possible: copies of whole genomes are most of the cost here. One chunk is read
+    ahead, so a file of one chunk is one block."""
+    chunks = iter(chunks)
     carry, started = b"", False
+    block = next(chunks, b"")
     while True:
-        block = next(chunks, b"")
+        following = next(chunks, b"") if block else b""
         data, held = carry + block, b""
-        if block and data.endswith(b"\r"):
+        if following and data.endswith(b"\r"):
             data, held = data[:-1], b"\r"
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -154,10 +157,11 @@ def _fasta_blocks(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
             if not data.startswith(b">"):
                 raise ValueError("text before the first '>' record header")
             started = True
-        if not block:
+        if not following:
             yield data, len(data)  # the last record (possibly with an empty sequence)
             return
         cut = data.rfind(b"\n>")
+        block = following
         if cut < 0:
             carry = data + held
             continue

@@ -135,13 +135,10 @@ class ShardWriter:
         writer's also give the window each record starts in and its token offset there."""
         if (window is None) == self.packed or (offset is None) == self.packed:
             raise ValueError("window and offset are given for the records of packed windows, and only then")
-        columns = [np.asarray(c, dtype=np.int64).tolist() for c in (num_windows, num_tokens)]
-        if self.packed:
-            columns += [np.asarray(c, dtype=np.int64).tolist() for c in (window, offset)]
-            entries = map(_packed_record_json, record_ids, *columns)
-        else:
-            entries = map(_record_json, record_ids, *columns)
-        text = ",\n  ".join(entries)
+        columns = [np.asarray(c, dtype=np.int64).tolist()
+                   for c in ((num_windows, num_tokens, window, offset) if self.packed else (num_windows, num_tokens))]
+        template = _PACKED_RECORD if self.packed else _RECORD
+        text = ",\n  ".join(map(template.__mod__, zip(map(_json_string, record_ids), *columns)))
         if text:
             self._records_file.write(",\n  " + text if self.num_records else text)
             self.num_records += len(record_ids)
@@ -172,8 +169,9 @@ class ShardWriter:
                              f"got {windows.dtype} {windows.shape}")
         return windows
 
-    def close(self) -> dict:
-        """Write the last file and the manifest, then move the directory into place."""
+    def close(self) -> None:
+        """Write the last file and the manifest, then move the directory into place (``manifest``
+        reads it back, if wanted: a large set's takes longer to parse than to write)."""
         if self._closed:
             raise RuntimeError("ShardWriter already closed")
         if self._file is not None:
@@ -206,7 +204,6 @@ class ShardWriter:
         self._records_path.unlink()
         self._target.publish()
         self._closed = True
-        return self.manifest
 
     def abort(self) -> None:
         if not self._closed:
@@ -278,16 +275,9 @@ def _manifest_line(item) -> str:
     return f" {json.dumps(key)}: {json.dumps(value)}"
 
 
-def _record_json(rec_id: str, num_windows: int, num_tokens: int) -> str:
-    """json.dumps of a manifest record, several times faster: a gene set has millions."""
-    return f'{{"id": {_json_string(rec_id)}, "num_windows": {num_windows:d}, "num_tokens": {num_tokens:d}}}'
-
-
-def _packed_record_json(rec_id: str, num_windows: int, num_tokens: int, window: int, offset: int) -> str:
-    return (f'{{"id": {_json_string(rec_id)}, "num_windows": {num_windows:d}, "num_tokens": {num_tokens:d}, '
-            f'"window": {window:d}, "offset": {offset:d}}}')
-
-
+# A manifest record, as json.dumps writes it, several times faster: a gene set has millions.
+_RECORD = '{"id": %s, "num_windows": %d, "num_tokens": %d}'
+_PACKED_RECORD = '{"id": %s, "num_windows": %d, "num_tokens": %d, "window": %d, "offset": %d}'
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
 
 
