@@ -8,7 +8,6 @@ devices; the CUDA-only parts are the device choice, TF32 and pinned non-blocking
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,7 @@ from modelzoo.training import optim
 from modelzoo.training.checkpoint import check_model_state
 from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier
+from modelzoo.training.step import OptimizerStep
 
 
 def cpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
@@ -74,6 +74,7 @@ class ResidentBackend(Backend):
         self.optimizer_cfg: OptimizerConfig | None = None
         self.loss_scaler: DynamicLossScaler | None = None
         self.sparsity = None  # training.sparsity.Sparsifier when params.sparsity is set
+        self.step: OptimizerStep | None = None  # unscale, mask, norm, finite check, clip, update, re-mask
 
     def describe(self) -> str:
         _, world = rank_and_world()
@@ -103,6 +104,7 @@ class ResidentBackend(Backend):
             self.sparsity.apply(weights)
         if needs_loss_scaling(model.config):
             self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+        self.step = OptimizerStep(self.optimizer, optimizer_cfg, self.loss_scaler, self.sparsity)
         _, world = rank_and_world()
         if world > 1:
             # DDP starts by broadcasting rank 0's weights, so every rank begins identical.
@@ -137,22 +139,8 @@ class ResidentBackend(Backend):
         _, world = rank_and_world()
         if world > 1:
             dist.all_reduce(total)  # each rank holds its share of the global-batch mean
-        params = list(self.model.parameters())
-        if self.loss_scaler is not None:
-            self.loss_scaler.unscale_(params)
-        if self.sparsity is not None:
-            self.sparsity.mask_gradients(self.model.named_parameters())
-        grad_norm = optim.clip_gradients(params, self.optimizer_cfg.max_gradient_norm)
         # Gradients are identical on every rank after the all-reduce, so all ranks decide alike.
-        apply = self.loss_scaler.update(grad_norm) if self.loss_scaler else math.isfinite(grad_norm)
-        if apply:
-            optim.set_learning_rate(self.optimizer, lr)
-            self.optimizer.step()
-        sparsity = self.sparsity.after_step(self.model.named_parameters(), self.optimizer.state) \
-            if apply and self.sparsity is not None else {}
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(total), "grad_norm": grad_norm, "overflow": self.loss_scaler is not None and not apply,
-                **sparsity}
+        return {"loss": float(total), **self.step(self.model.named_parameters(), lr)}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -179,7 +167,7 @@ class ResidentBackend(Backend):
     def _release(self, failed):
         # the DDP wrapper (its gradient buckets and hooks on the process group) and the optimizer
         # state; the model itself is the caller's
-        self.runner = self.optimizer = self.sparsity = None
+        self.runner = self.optimizer = self.sparsity = self.step = None
 
     def load_state_dict(self, state, states):
         if "model" in states:

@@ -43,10 +43,12 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    @torch.no_grad()
     def unscale_(self, params: Iterable[torch.Tensor]) -> None:
-        """Divide the gradients by the scale in place (before clipping and the optimizer)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        """Divide the parameters' gradients by the scale in place (before clipping and the optimizer)."""
+        self.unscale_grads([p.grad for p in params if p.grad is not None])
+
+    @torch.no_grad()
+    def unscale_grads(self, grads: list[torch.Tensor]) -> None:
         if grads:
             torch._foreach_mul_(grads, 1.0 / self.scale)
 

@@ -3,7 +3,7 @@
 A ``Sparsifier`` holds a boolean mask per sparse weight (by parameter name) and works on plain
 named tensors, their gradients and their optimizer state dicts, so the resident backends call
 it with the model's parameters and the CSX backend with MemoryX's master weights. Per optimizer
-step a backend calls:
+step ``training.step.OptimizerStep`` (which every backend runs) calls:
 
 1. ``mask_gradient(name, grad)`` once the gradient is complete (after an fp16 unscale, before
    clipping): pruned weights are not parameters, so their gradients count in neither the norm
@@ -249,18 +249,6 @@ class Sparsifier:
                      ", ".join(f"{g.label} density {metrics[f'sparsity/{g.label}/density']:.4f}, "
                                f"{int(metrics[f'sparsity/{g.label}/moved'])} weights moved" for g in self.groups))
         return metrics
-
-    # ------------------------------------------------------------ resident-backend conveniences
-
-    def mask_gradients(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, param in named_params:
-            if param.grad is not None:
-                self.mask_gradient(name, param.grad)
-
-    def after_step(self, named_params: Iterable[tuple[str, torch.Tensor]], optimizer_state: dict) -> dict:
-        for name, param in named_params:
-            self.update(name, param.data, optimizer_state.get(param, {}))
-        return self.end_step()
 
     # ------------------------------------------------------------ checkpoints
 

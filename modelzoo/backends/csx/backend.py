@@ -9,7 +9,6 @@ fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from modelzoo.models.base import StagedModel
 from modelzoo.training.checkpoint import check_model_state
 from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier, merge_states
+from modelzoo.training.step import OptimizerStep
 
 log = logging.getLogger("modelzoo")
 PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read")
@@ -112,7 +112,6 @@ class CSXBackend(Backend):
             owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
             self._setup_sparsity(model, owned)
         self.memoryx = MemoryX(owned, store, optimizer_cfg)
-        self.memoryx.sparsity = self.sparsity
         del owned, live
         self.wafer.strip_weights()
         self.uses = {}
@@ -125,9 +124,13 @@ class CSXBackend(Backend):
         # prefetch thread, overlapped with the rest) reading weights out of MemoryX.
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
-        self.loss_scaler = None
-        if optimizer_cfg is not None and needs_loss_scaling(model.config):
-            self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+        self.loss_scaler = self.step = None
+        if optimizer_cfg is not None:
+            if needs_loss_scaling(model.config):
+                self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+            # MemoryX runs the step per stage; the global norm is over every system's stages
+            self.step = self.memoryx.step = OptimizerStep(self.memoryx.optimizer, optimizer_cfg, self.loss_scaler,
+                                                          self.sparsity)
 
     def _open_store(self):
         """RAM, or this system's private directory under memoryx_dir, after removing the ones
@@ -210,21 +213,16 @@ class CSXBackend(Backend):
         stream.close()
         raw.close()
         optimizer_start = time.perf_counter()
-        # Every gradient is in MemoryX: the global norm decides clipping and whether the update
-        # may apply at all (a non-finite one never does), then the stages are updated one by one.
-        norms = self.swarm.global_norms(self.memoryx.norms)
-        total_norm = torch.nn.utils.get_total_norm(norms, foreach=True) if norms else torch.tensor(0.0)
-        grad_norm = float(total_norm)
-        apply = self.loss_scaler.update(grad_norm) if self.loss_scaler else math.isfinite(grad_norm)
+        # Every gradient is in MemoryX (unscaled and masked as it arrived): the global norm over
+        # every system's stages decides clipping and whether the update may apply at all (a
+        # non-finite one never does), then the stages are updated one by one.
+        norm, apply = self.step.decide(self.swarm.global_norms(self.memoryx.norms))
         if apply:
-            clip = self.optimizer_cfg.max_gradient_norm
-            self.memoryx.update([self._owned(self.wafer.stage_names(i)) for i in range(n - 1, -1, -1)], lr, clip,
-                                total_norm)
+            self.memoryx.update([self._owned(self.wafer.stage_names(i)) for i in range(n - 1, -1, -1)], lr, norm)
         self.memoryx.end_step()
         self._account(step_start, optimizer_start, read_before)
-        sparsity = self.sparsity.end_step() if apply and self.sparsity is not None else {}
-        return {"loss": self.swarm.sum(total), "grad_norm": grad_norm,
-                "overflow": self.loss_scaler is not None and not apply, **sparsity}
+        return {"loss": self.swarm.sum(total), "grad_norm": float(norm),
+                "overflow": self.loss_scaler is not None and not apply, **self.step.end(apply)}
 
     def _account(self, step_start: float, optimizer_start: float, read_before: float) -> None:
         now = time.perf_counter()
@@ -257,9 +255,8 @@ class CSXBackend(Backend):
         for name, grad in self.swarm.reduce_gradients(ready).items():
             self.memoryx.add_gradient(name, grad)
         if self._final:
-            unscale = 1.0 / self.loss_scaler.scale if self.loss_scaler else None
             for name in self._owned(list(ready)):
-                self.memoryx.finalize(name, unscale)
+                self.memoryx.finalize(name)
         self._step_phases["gradients_out"] += time.perf_counter() - start
 
     @torch.no_grad()

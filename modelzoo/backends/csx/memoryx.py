@@ -2,12 +2,11 @@
 this system owns, and the optimizer update applied to them.
 
 The update is the resident backends' own: the optimizer comes from ``training.optim`` (same
-torch.optim class, parameter groups and weight-decay rule, learning rate set with
-``set_learning_rate``), and clipping uses torch's ``get_total_norm``/``clip_grads_with_norm_``,
-the two halves of the ``clip_grad_norm_`` the resident backends call. What differs is only
-where tensors live: every parameter has a handle ``nn.Parameter`` the optimizer knows; its data,
-gradient and state are loaded from the store just for the update of its stage and written back
-after (a no-op in RAM, explicit file I/O on disk).
+torch.optim class, parameter groups and weight-decay rule) and the step from ``training.step``
+(unscale, mask, norm, finite check, clip, update, re-mask), which every backend calls. What
+differs is only where tensors live: every parameter has a handle ``nn.Parameter`` the optimizer
+knows; its data, gradient and state are loaded from the store just for the update of its stage
+and written back after (a no-op in RAM, explicit file I/O on disk).
 
 Clipping needs the global norm, i.e. every gradient, before any update, and so does the rule
 that a non-finite gradient is never applied (the fp16 loss scaler skips such steps): per-tensor
@@ -62,7 +61,7 @@ class MemoryX:
         self._state_keys: dict[str, list[str]] = {}  # optimizer state tensors kept in the store
         self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
         self.norms: dict[str, torch.Tensor] = {}  # per-tensor gradient norms of this step
-        self.sparsity = None  # training.sparsity.Sparsifier: masks gradients, then weights after updates
+        self.step = None  # training.step.OptimizerStep over this optimizer: set by the backend
 
     def owns(self, name: str) -> bool:
         return name in self.handles
@@ -82,26 +81,22 @@ class MemoryX:
             total = grad.to(torch.float32, copy=True)
         self.store.put(key, total)
 
-    def finalize(self, name: str, unscale: float | None = None) -> None:
-        """The gradient of ``name`` is complete for this step: undo an fp16 loss scale (as
-        DynamicLossScaler.unscale_ does) and record its norm."""
+    def finalize(self, name: str) -> None:
+        """The gradient of ``name`` is complete for this step: the first part of the optimizer
+        step (unscale, mask) and its norm, for the global norm."""
         key = f"g/{name}"
         if key in self.store:
             grad = self.store.get(key)
-            if unscale is not None:
-                torch._foreach_mul_([grad], unscale)
+            self.norms[name], = self.step.finish_gradients([(name, grad)])
+            if self.step.modifies(name):
                 self.store.put(key, grad)
-            if self.sparsity is not None and self.sparsity.is_sparse(name):
-                self.sparsity.mask_gradient(name, grad)  # before the norm, as the resident backends
-                self.store.put(key, grad)
-            self.norms[name] = torch.nn.utils.get_total_norm([grad], foreach=True)
 
     # ------------------------------------------------------------ the update
 
-    def update(self, stages: list[list[str]], lr: float, max_norm: float | None = None,
-               total_norm: torch.Tensor | None = None) -> None:
-        """One optimizer step over the parameters of each stage in turn (those with a gradient,
-        each once however many stages list it); gradients are then dropped.
+    def update(self, stages: list[list[str]], lr: float, norm: torch.Tensor) -> None:
+        """The rest of the optimizer step (clip with the global ``norm``, update, re-mask) over the
+        parameters of each stage in turn (those with a gradient, each once however many stages
+        list it); gradients are then dropped.
 
         On disk the update is a pipeline: while one stage steps, the next stage's weights,
         gradients and state are read and the previous stage's are written back, each in a
@@ -118,7 +113,7 @@ class MemoryX:
                 loaded = reading.result()
                 if k + 1 < len(stages):
                     reading = submit(self._read_stage, stages[k + 1])
-                updated = self._step_stage(loaded, lr, max_norm, total_norm)
+                updated = self._step_stage(loaded, lr, norm)
                 if writing is not None:
                     writing.result()  # at most one stage waits to be written: RAM stays bounded
                 writing = submit(self._write_stage, updated)
@@ -137,7 +132,7 @@ class MemoryX:
             loaded.append((name, master, self.store.get(f"g/{name}"), state))
         return loaded
 
-    def _step_stage(self, loaded: list[tuple], lr: float, max_norm, total_norm) -> list[tuple]:
+    def _step_stage(self, loaded: list[tuple], lr: float, norm: torch.Tensor) -> list[tuple]:
         """The optimizer step on loaded tensors; returns (name, master, state tensors) to store."""
         params = []
         for name, master, grad, state in loaded:
@@ -151,14 +146,9 @@ class MemoryX:
             params.append((name, handle))
         if not params:
             return []
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, total_norm, foreach=True)
-        optim.set_learning_rate(self.optimizer, lr)
-        self.optimizer.step()
+        self.step.update(params, lr, norm)
         updated = []
         for name, handle in params:
-            if self.sparsity is not None:
-                self.sparsity.update(name, handle.data, self.optimizer.state.get(handle, {}))
             handle.grad = None
             updated.append((name, handle.data, self._unload_state(name, handle)))
             if not self.store.resident:
