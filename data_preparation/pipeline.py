@@ -18,6 +18,8 @@ import queue
 import sys
 import threading
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from modelzoo.data.sequences import FastaBlock, RecordBatch, parse_fasta_block, read_record_chunks
 from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.errors import UserError
 
 CHUNK_BYTES = 1 << 24  # decompressed FASTA per chunk: a worker's unit of work
 _TOKENIZER: CodonTokenizer | None = None  # one per process, made on first use (inherited on fork)
@@ -129,24 +132,29 @@ def tokenise_all(tasks: Iterable, workers: int) -> Iterator[Chunk]:
     context = _context()
     slots = SharedSlots(2 * workers, 2 * CHUNK_BYTES) if context.get_start_method() == "fork" else None
     _SLOTS = slots  # inherited by the workers the pool forks now
+    pool = ProcessPoolExecutor(workers, mp_context=context)
     try:
-        with context.Pool(workers) as pool:
-            pending: deque = deque()
-            for task in itertools.chain(head, tasks):
-                slot, task = slots.put(task) if slots else (None, task)
-                pending.append((slot, pool.apply_async(tokenise, (task,))))
-                if len(pending) >= 2 * workers:
-                    yield _received(slots, *pending.popleft())
-            while pending:
+        pending: deque = deque()
+        for task in itertools.chain(head, tasks):
+            slot, task = slots.put(task) if slots else (None, task)
+            pending.append((slot, pool.submit(tokenise, task)))
+            if len(pending) >= 2 * workers:
                 yield _received(slots, *pending.popleft())
+        while pending:
+            yield _received(slots, *pending.popleft())
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         _SLOTS = None
         if slots:
             slots.close()
 
 
-def _received(slots: SharedSlots | None, slot: int | None, result) -> Chunk:
-    chunk = result.get()
+def _received(slots: SharedSlots | None, slot: int | None, future) -> Chunk:
+    try:
+        chunk = future.result()
+    except BrokenProcessPool:
+        raise UserError("a prepare_genomes worker process died (killed, or out of memory? fewer "
+                        "--num_workers need less)") from None
     if slot is not None:
         chunk.codons = slots.take(slot, chunk.codons)
     return chunk
@@ -276,10 +284,28 @@ def id_hashes(ids: list[str]) -> np.ndarray:
     return np.add.reduceat(terms, ends - lengths)
 
 
+MAX_RUN = 1 << 24  # ids a run of SeenIds grows to: a merge then never holds more than ~2 x 160 MB
+
+
+def _merged(big: tuple[np.ndarray, np.ndarray], small: tuple[np.ndarray, np.ndarray]):
+    """Two sorted (hashes, inputs) runs as one, small inserted into big (no sort: ~2 x their size)."""
+    at = np.searchsorted(big[0], small[0]) + np.arange(len(small[0]))
+    into = np.ones(len(big[0]) + len(small[0]), dtype=bool)
+    into[at] = False
+    out = []
+    for b, s in zip(big, small):
+        merged = np.empty(len(into), dtype=b.dtype)
+        merged[at] = s
+        merged[into] = b
+        out.append(merged)
+    return tuple(out)
+
+
 class SeenIds:
     """The ids seen so far, as 64-bit hashes (``id_hashes``) with the input each came from: 10
     bytes an id (about 1 GB at GenSLM's 110 million genes) instead of a set of strings (about 100),
-    in sorted runs merged as they grow (binary search per batch, each id merged O(log n) times).
+    in sorted runs merged as they grow up to MAX_RUN ids (binary search per batch, each id merged
+    O(log n) times).
     Two distinct ids sharing a hash would be reported as a repeat: odds about n^2 / 2^65, 3e-4
     at 110 million ids."""
 
@@ -304,11 +330,10 @@ class SeenIds:
         fresh = earlier < 0
         if fresh.any():
             self._runs.append((unique[fresh], np.full(int(fresh.sum()), file, dtype=self._file_dtype)))
-            while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-                (h1, f1), (h2, f2) = self._runs.pop(), self._runs.pop()
-                h, f = np.concatenate([h2, h1]), np.concatenate([f2, f1])
-                order = np.argsort(h, kind="stable")  # two sorted runs: a merge
-                self._runs.append((h[order], f[order]))
+            while (len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
+                   and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= MAX_RUN):
+                small, big = self._runs.pop(), self._runs.pop()
+                self._runs.append(_merged(big, small))
         out = []
         for pos in repeats.tolist():  # rare: a Python loop is fine
             key = int(hashes[pos])

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -245,7 +246,9 @@ def test_repeated_ids_across_chunks_and_files(tmp_path, small_chunks, capsys):
     assert f"record id 'g299' already used in {fasta}" in capsys.readouterr().err
 
 
-def test_seen_ids_match_a_set():
+@pytest.mark.parametrize("max_run", [1 << 24, 1500])
+def test_seen_ids_match_a_set(monkeypatch, max_run):
+    monkeypatch.setattr(pipeline, "MAX_RUN", max_run)
     rng = np.random.default_rng(4)
     seen, reference = pipeline.SeenIds(1), {}
     for _ in range(30):
@@ -258,7 +261,9 @@ def test_seen_ids_match_a_set():
                 expected.append((pos, 0, reference[rec_id]))
         assert repeats == expected
     assert len(seen) == len(reference)
-    assert len(seen._runs) <= 12  # merged as it grows
+    assert len(seen._runs) <= 12  # merged as it grows...
+    assert all(len(h) <= max(max_run, 700) for h, _ in seen._runs)  # ...up to MAX_RUN
+    assert all((h[1:] > h[:-1]).all() for h, _ in seen._runs)
 
 
 def test_records_read_back_unchanged_through_genbank_and_fasta(tmp_path, monkeypatch):
@@ -275,3 +280,18 @@ def test_records_read_back_unchanged_through_genbank_and_fasta(tmp_path, monkeyp
            for e in shards.manifest["records"]}
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[k], v[:len(got[k])]) for k, v in expected.items())
+
+
+def _dies(task):
+    os._exit(1)  # a worker killed mid-task (e.g. by the out-of-memory killer)
+
+
+def test_a_dead_worker_is_one_line_and_leaves_nothing(tmp_path, small_chunks, monkeypatch, capsys):
+    fasta = tmp_path / "genes.fa"
+    write_fasta(fasta, np.full(300, 50))
+    monkeypatch.setattr(pipeline, "tokenise", _dies)
+    out = tmp_path / "out"
+    assert main(["--input", str(fasta), "--output_dir", str(out), "--max_seq_length", "64", "--num_workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "worker process died" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.fa"]
