@@ -37,6 +37,8 @@ class PrepareSpec(Section):
                                description="train, val, test fractions of the records.")
     seed: int = Field(0, description="Seed of the record split.")
     features: Optional[str] = Field(None, description="GenBank feature to extract (e.g. CDS); default whole records.")
+    rename_duplicate_ids: bool = Field(False, description="Suffix repeated record ids with #2, #3... instead of "
+                                                          "failing (e.g. genes listed once per start site).")
 
 
 class DataInput(Section):
@@ -316,6 +318,12 @@ class RunConfig(Section):
                                                               "activation memory of one block instead of all, for "
                                                               "about a third more compute. CSX recomputes on its own "
                                                               "(csx.keep_activations).")
+    sharding: Literal["none", "fsdp"] = Field("none", description="CPU/GPU with several ranks: none (DDP: every "
+                                                                  "rank holds the whole model and optimizer "
+                                                                  "state) or fsdp (PyTorch FSDP: parameters, "
+                                                                  "gradients and optimizer state sharded across "
+                                                                  "the ranks, each stage gathered only while it "
+                                                                  "runs). Checkpoints are the same either way.")
     device_memory_gb: Optional[float] = Field(None, gt=0, description="CPU/GPU --compile_only: the memory per rank "
                                                                       "the plan checks against (default: the visible "
                                                                       "GPU's, or the RAM on CPU).")

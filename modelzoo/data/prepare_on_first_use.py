@@ -25,8 +25,9 @@ def prepare_command(section: DataInput, overwrite: bool = False) -> list[str]:
     argv = ["--input", *spec.input, "--output_dir", str(Path(section.data_dir).parent),
             "--max_seq_length", str(section.max_seq_length), "--split", ",".join(map(str, spec.split)),
             "--seed", str(spec.seed)]
-    return (argv + (["--features", spec.features] if spec.features else [])
-            + (["--pack_sequences"] if section.pack_sequences else []) + (["--overwrite"] if overwrite else []))
+    flags = {"--pack_sequences": section.pack_sequences, "--rename_duplicate_ids": spec.rename_duplicate_ids,
+             "--overwrite": overwrite}
+    return argv + (["--features", spec.features] if spec.features else []) + [f for f, on in flags.items() if on]
 
 
 def check_prepared(name: str, section: DataInput) -> None:

@@ -156,22 +156,31 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: l
                       causal: bool, dropout_p: float) -> torch.Tensor:
     """Document attention as one fused SDPA per document: q, k, v (batch, heads, t, head_dim),
     ``runs`` from ``document_runs``. Work and memory grow with each document's own length
-    (sum of n^2, no t x t mask); tokens in no document get a zero output."""
-    b, h, t, d = q.shape
+    (sum of n^2, no t x t mask); tokens in no document get a zero output.
+
+    Rows and documents are cut with unbind and split (whose backward is one stack / cat), not
+    by indexing: an indexed slice's backward writes a zero-filled gradient of the whole tensor
+    per document, which cost more than the attention itself (bench/bench_packing.py).
+    """
+    t = q.shape[2]
     rows = []
-    for row, spans in enumerate(runs):
-        pieces, at = [], 0
+    for qr, kr, vr, spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), runs):
+        sizes, inside, at = [], [], 0
         for begin, end in spans:
             if begin > at:
-                pieces.append(q.new_zeros(1, h, begin - at, d))
-            pieces.append(F.scaled_dot_product_attention(q[row:row + 1, :, begin:end], k[row:row + 1, :, begin:end],
-                                                         v[row:row + 1, :, begin:end], is_causal=causal,
-                                                         dropout_p=dropout_p))
+                sizes.append(begin - at)
+                inside.append(False)
+            sizes.append(end - begin)
+            inside.append(True)
             at = end
         if at < t:
-            pieces.append(q.new_zeros(1, h, t - at, d))
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    return torch.cat(rows) if b > 1 else rows[0]
+            sizes.append(t - at)
+            inside.append(False)
+        pieces = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=causal,
+                                                 dropout_p=dropout_p)[0] if keep else qs.new_zeros(qs.shape)
+                  for qs, ks, vs, keep in zip(qr.split(sizes, 1), kr.split(sizes, 1), vr.split(sizes, 1), inside)]
+        rows.append(torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows)
 
 
 class Attention(nn.Module):
