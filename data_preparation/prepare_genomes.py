@@ -182,7 +182,10 @@ def _chunks(args, report: dict, stack: contextlib.ExitStack):
             if not args.rename_duplicate_ids:
                 raise DataError(f"{path}: duplicate record id {rec_id!r} "
                                 f"(rename_duplicates / --rename_duplicate_ids adds #2, #3...)")
-            chunk.ids[pos] = f"{rec_id}#{times}"
+            renamed = f"{rec_id}#{times}"
+            if seen.add(pipeline.id_hashes([renamed]), chunk.file):
+                raise DataError(f"{path}: record id {rec_id!r} repeats, and {renamed!r}, its new name, is taken")
+            chunk.ids[pos] = renamed
         read_in_file[chunk.file] += len(chunk.ids)
         report["records_read"] += len(chunk.ids)
         report["records_kept"] += len(chunk.kept)

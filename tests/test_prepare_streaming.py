@@ -239,6 +239,12 @@ def test_repeated_ids_across_chunks_and_files(tmp_path, small_chunks, capsys):
         "--rename_duplicate_ids")
     ids = [r["id"] for r in manifest(out)["records"]]
     assert ids == list(records) + ["g3#2", "g3#3"]
+    taken = tmp_path / "taken.fa"
+    taken.write_text(">a\nATGATGATGATGATGATGATGATGATGATG\n>a\nATGATGATGATGATGATGATGATGATGATG\n"
+                     ">a#2\nATGATGATGATGATGATGATGATGATGATG\n")
+    assert main(["--input", str(taken), "--output_dir", str(tmp_path / "t"), "--max_seq_length", "64",
+                 "--rename_duplicate_ids"]) == 2
+    assert "'a#2', its new name, is taken" in capsys.readouterr().err
     copy = tmp_path / "copy.fa"
     copy.write_text(">new\nATGATGATGATGATGATGATGATGATGATG\n>g299\nATGATGATGATGATGATGATGATGATGATG\n")
     assert main(["--input", str(fasta), str(copy), "--output_dir", str(tmp_path / "x"), "--max_seq_length", "64",
