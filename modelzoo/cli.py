@@ -139,7 +139,14 @@ def ranks_requested(device: str, params: Params, check_devices: bool = True) -> 
         if run.activation_checkpointing:
             raise ConfigError("runconfig.activation_checkpointing applies to CPU and GPU; the CSX wafer recomputes "
                               "each stage unless runconfig.csx.keep_activations")
+        if run.sharding != "none":
+            raise ConfigError("runconfig.sharding applies to CPU and GPU; CSX keeps weights and optimizer state in "
+                              "MemoryX, sharded by stage across --num_csx systems")
         return run.num_csx
+    sparsity = params.sparsity if run.mode in ("train", "train_and_eval") else None
+    if run.sharding == "fsdp" and sparsity is not None and sparsity.algorithm != "static":
+        raise ConfigError(f"sparsity.algorithm: {sparsity.algorithm} changes masks from whole tensors, which "
+                          f"runconfig.sharding: fsdp does not hold; use static sparsity, sharding: none, or CSX")
     if run.num_csx != 1:
         raise ConfigError("--num_csx applies to the CSX device only; CPU and GPU take --num_workers_per_node")
     ranks = run.num_workers_per_node or 1
@@ -197,10 +204,10 @@ def make_backend(device: str, params: Params, only_plan: bool = False):
         from modelzoo.backends.csx import csx_backend
         return csx_backend(params)
     from modelzoo.backends.resident import ResidentBackend, cpu_backend, gpu_backend
-    recompute = params.runconfig.activation_checkpointing
+    recompute, sharding = params.runconfig.activation_checkpointing, params.runconfig.sharding
     if only_plan:
-        return ResidentBackend("cuda" if device == "GPU" else "cpu", recompute)
-    return gpu_backend(recompute) if device == "GPU" else cpu_backend(recompute)
+        return ResidentBackend("cuda" if device == "GPU" else "cpu", recompute, sharding)
+    return gpu_backend(recompute, sharding) if device == "GPU" else cpu_backend(recompute, sharding)
 
 
 def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1) -> str:

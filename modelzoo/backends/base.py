@@ -125,6 +125,8 @@ class Recomputed(torch.nn.Module):
 
     def forward(self, batch: dict) -> dict:
         from torch.utils.checkpoint import checkpoint
+        if not torch.is_grad_enabled():  # evaluation (FSDP evaluates through its root, this)
+            return self.model.forward(batch)
         stages = self.model.stages()
         hidden = None
         for stage in stages[:-1]:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from modelzoo.backends.csx.plan import GiB, optimizer_state_tensors, size_text, stage_costs
+from modelzoo.backends.fsdp import shared_stages
 from modelzoo.config import OptimizerConfig
 from modelzoo.models.base import StagedModel
 
-SHARDINGS = ("none",)  # runconfig.sharding values the resident backends build
+SHARDINGS = ("none", "fsdp")  # runconfig.sharding values the resident backends build
 FITS = 0.9  # of the device's memory: the rest is for the CUDA context and the allocator's slack
 
 
@@ -48,9 +49,15 @@ def memory_plan(model: StagedModel, micro_batch: tuple[int, int], ranks: int, op
     states = optimizer_state_tensors(optimizer_cfg) if training else 0
     costs = stage_costs(model, micro_batch, model.config.compute_dtype, training)
     compute_bytes = torch.empty(0, dtype=model.config.compute_dtype).element_size()
-    biggest = max(sum(p.numel() for p in stage.parameters()) for stage in model.stages())
-    if sharding == "fsdp" and ranks > 1:  # one stage's parameters (and gradients) gathered, in compute dtype
-        working = biggest * compute_bytes * (2 if training else 1)
+    if sharding == "fsdp" and ranks > 1:
+        # gathered in the compute dtype (and their unsharded gradients when training): the root
+        # unit's parameters through the whole step (stages sharing a weight, fsdp.shard) and
+        # one other stage's at a time
+        stages, tied = model.stages(), shared_stages(model)
+        root = sum({id(p): p.numel() for i in tied for p in stages[i].parameters()}.values())
+        biggest = max((sum(p.numel() for p in s.parameters()) for i, s in enumerate(stages) if i not in tied),
+                      default=0)
+        working = (root + biggest) * compute_bytes * (2 if training else 1)
     else:  # autocast keeps a low-precision copy of every weight through the forward pass
         working = n * compute_bytes if model.config.mixed_precision else 0
     if not training:
@@ -105,7 +112,7 @@ def resident_plan_text(model: StagedModel, params, ranks: int, device: torch.dev
     section = params.train_input if training else params.eval_input
     accum = params.optimizer.grad_accum_steps if training else 1
     micro = (max(1, section.batch_size // ranks // accum), section.max_seq_length)
-    sharding = getattr(run, "sharding", "none")
+    sharding = run.sharding
     plans = [memory_plan(model, micro, ranks, params.optimizer, s, c, training)
              for s in SHARDINGS for c in (False, True)]
     chosen = next(p for p in plans if (p.sharding, p.activation_checkpointing) == (sharding, run.activation_checkpointing))

@@ -8,12 +8,15 @@ devices; the CUDA-only parts are the device choice, TF32 and pinned non-blocking
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from modelzoo.backends import fsdp
 from modelzoo.backends.base import Backend, Recomputed, autocast, loss_weights, rank_and_world, token_metrics
+from modelzoo.backends.csx.sparse_stream import sum_over_systems
 from modelzoo.config import OptimizerConfig
 from modelzoo.distributed import init_process_group, local_rank
 from modelzoo.errors import ConfigError
@@ -22,12 +25,12 @@ from modelzoo.training import optim
 from modelzoo.training.checkpoint import check_model_state
 from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier
-from modelzoo.training.step import OptimizerStep
+from modelzoo.training.step import OptimizerStep, total_norm
 
 
-def cpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
+def cpu_backend(activation_checkpointing: bool = False, sharding: str = "none") -> "ResidentBackend":
     init_process_group("cpu")
-    return ResidentBackend("cpu", activation_checkpointing)
+    return ResidentBackend("cpu", activation_checkpointing, sharding)
 
 
 def check_cuda_devices(needed: int) -> None:
@@ -40,7 +43,7 @@ def check_cuda_devices(needed: int) -> None:
                           f"are visible; lower --num_workers_per_node")
 
 
-def gpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
+def gpu_backend(activation_checkpointing: bool = False, sharding: str = "none") -> "ResidentBackend":
     """The CUDA device of this rank (LOCAL_RANK), TF32 matmuls on, NCCL when data parallel."""
     index = local_rank()
     check_cuda_devices(index + 1)
@@ -49,7 +52,7 @@ def gpu_backend(activation_checkpointing: bool = False) -> "ResidentBackend":
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     init_process_group("cuda")
-    return ResidentBackend(torch.device("cuda", index), activation_checkpointing)
+    return ResidentBackend(torch.device("cuda", index), activation_checkpointing, sharding)
 
 
 def _sum_gradients(process_group, bucket):
@@ -65,20 +68,25 @@ def _sum_gradients(process_group, bucket):
 
 
 class ResidentBackend(Backend):
-    def __init__(self, device: str | torch.device = "cpu", activation_checkpointing: bool = False):
+    def __init__(self, device: str | torch.device = "cpu", activation_checkpointing: bool = False,
+                 sharding: str = "none"):
         self.device = torch.device(device)
         self.activation_checkpointing = activation_checkpointing
+        self.sharding = sharding  # runconfig.sharding: fsdp shards when there are several ranks
+        self.sharded = False  # FSDP units are in place (fsdp and world > 1)
         self.model: StagedModel | None = None  # the bare model: state dicts and evaluation
-        self.runner: torch.nn.Module | None = None  # what training calls: the DDP wrapper when world > 1
+        self.runner: torch.nn.Module | None = None  # what training calls: the DDP wrapper or FSDP root
         self.optimizer = None
         self.optimizer_cfg: OptimizerConfig | None = None
         self.loss_scaler: DynamicLossScaler | None = None
         self.sparsity = None  # training.sparsity.Sparsifier when params.sparsity is set
         self.step: OptimizerStep | None = None  # unscale, mask, norm, finite check, clip, update, re-mask
+        self._deferred = None  # FSDP: the model's initialisation, replayed into the shards
 
     def describe(self) -> str:
         _, world = rank_and_world()
-        parallel = f", data parallel over {world} ranks ({dist.get_backend()})" if world > 1 else ""
+        how = "fully sharded (FSDP)" if self.sharding == "fsdp" else "data parallel"
+        parallel = f", {how} over {world} ranks ({dist.get_backend()})" if world > 1 else ""
         cfg = self.model.config if self.model is not None else None
         precision = f", {cfg.fp16_type} autocast" if cfg is not None and cfg.mixed_precision else ""
         scaling = ", dynamic loss scaling" if self.loss_scaler is not None else ""
@@ -89,28 +97,65 @@ class ResidentBackend(Backend):
         from modelzoo.backends.memory_plan import resident_plan_text
         return resident_plan_text(model, params, ranks, self.device)
 
+    def _shards(self) -> bool:
+        return self.sharding == "fsdp" and rank_and_world()[1] > 1
+
+    def build_model(self, build, model_cfg):
+        """FSDP: on the meta device, its initialisation replayed one tensor at a time into this
+        rank's shards (csx.deferred_init), so no rank ever holds the whole model."""
+        if not self._shards():
+            return build(model_cfg)
+        from modelzoo.backends.csx.deferred_init import build_deferred
+        model, self._deferred = build_deferred(build, model_cfg)
+        return model
+
     def setup(self, model, optimizer_cfg, sparsity=None):
-        self.model = model.to(self.device)
+        self.sharded = self._shards()
+        deferred = self._deferred if self._deferred is not None and self._deferred.model is model else None
+        self._deferred = None
+        training = optimizer_cfg is not None
+        if deferred is not None and training and sparsity is not None:
+            deferred.materialize()  # masks start from whole weights (magnitude: their top k)
+            deferred = None
+        self.model = model if self.sharded else model.to(self.device)
         # activation checkpointing: the training forward recomputes each stage in backward
-        self.runner = Recomputed(self.model) if self.activation_checkpointing and optimizer_cfg else self.model
+        self.runner = Recomputed(self.model) if self.activation_checkpointing and training else self.model
         self.optimizer_cfg = optimizer_cfg
-        if optimizer_cfg is None:
+        if training:
+            reduce = sum_over_systems if self.sharded else None  # FSDP ranks hold chunks of every mask
+            self.sparsity = build_sparsifier(sparsity, self.model.named_parameters(), reduce)
+            if self.sparsity is not None:
+                weights = dict(self.model.named_parameters())
+                self.sparsity.initialize(weights)
+                self.sparsity.apply(weights)
+        if self.sharded:
+            self._shard(deferred)
+        if not training:
             return
-        self.optimizer = optim.build_optimizer(model.named_parameters(), optimizer_cfg)
-        self.sparsity = build_sparsifier(sparsity, self.model.named_parameters())
-        if self.sparsity is not None:
-            weights = dict(self.model.named_parameters())
-            self.sparsity.initialize(weights)
-            self.sparsity.apply(weights)
+        self.optimizer = optim.build_optimizer(self.model.named_parameters(), optimizer_cfg)
         if needs_loss_scaling(model.config):
             self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
-        self.step = OptimizerStep(self.optimizer, optimizer_cfg, self.loss_scaler, self.sparsity)
-        _, world = rank_and_world()
-        if world > 1:
+        global_norm = partial(fsdp.total_norm_over_ranks, device=self.device) if self.sharded else total_norm
+        self.step = OptimizerStep(self.optimizer, optimizer_cfg, self.loss_scaler, self.sparsity, global_norm)
+        if rank_and_world()[1] > 1 and not self.sharded:
             # DDP starts by broadcasting rank 0's weights, so every rank begins identical.
             on_cuda = self.device.type == "cuda"
             self.runner = DistributedDataParallel(self.runner, device_ids=[self.device.index] if on_cuda else None)
             self.runner.register_comm_hook(None, _sum_gradients)
+
+    def _shard(self, deferred) -> None:
+        """FSDP units over the model; a model built on the meta device gets its values from the
+        replayed initialisation (every rank replays it all and keeps its chunks), a model built
+        in RAM is cut up as it is (every rank built the same one from the same seed)."""
+        cfg = self.model.config
+        fsdp.shard(self.model, self.runner, self.device, cfg.compute_dtype if cfg.mixed_precision else None)
+        params = dict(self.model.named_parameters())
+        if deferred is not None:
+            self.model.to_empty(device=self.device)
+            for name, value in deferred.replay():
+                fsdp.load_(params[name], value)
+        if self.sparsity is not None:
+            self.sparsity.masks = {name: fsdp.shard_of(mask, params[name]) for name, mask in self.sparsity.masks.items()}
 
     def _to_device(self, batch: dict) -> dict:
         if self.device.type != "cuda":
@@ -144,10 +189,11 @@ class ResidentBackend(Backend):
 
     @torch.no_grad()
     def eval_step(self, batch):
-        self.model.eval()
+        module = self.runner if self.sharded else self.model  # FSDP: through its root, which gathers
+        module.eval()
         batch = self._to_device(batch)
         with autocast(self.device.type, self.model.config):
-            out = self.model(batch)
+            out = module(batch)
         return token_metrics(out, batch["labels"])
 
     def _names(self) -> dict[int, str]:
@@ -155,6 +201,8 @@ class ResidentBackend(Backend):
 
     def state_dict(self):
         # From the bare model, never the DDP wrapper: names stay free of a 'module.' prefix.
+        if self.sharded:
+            return self._gathered_state_dict()
         state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
         if self.optimizer is not None:
             state["optimizer"] = optim.optimizer_state_by_name(self.optimizer, self._names())
@@ -164,6 +212,31 @@ class ResidentBackend(Backend):
             state["sparsity"] = self.sparsity.state_dict()
         return state
 
+    def _gathered_state_dict(self) -> dict:
+        """FSDP: the same state as unsharded, every tensor whole on the writer (rank 0), gathered
+        one at a time (every rank joins each all-gather; only the writer keeps a CPU copy). The
+        other ranks get their own shards as the model's values: enough for what they do with it."""
+        keep = rank_and_world()[0] == 0
+        full: dict[int, torch.Tensor] = {}  # a tied weight is gathered once
+        model = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) not in full:
+                full[id(value)] = fsdp.gather(value, keep)
+            model[key] = full[id(value)] if keep else value.detach()
+        state = {"model": model}
+        if self.optimizer is not None:
+            saved = optim.optimizer_state_by_name(self.optimizer, self._names())
+            saved["state"] = {name: {k: fsdp.gather(v, keep) for k, v in values.items()}
+                              for name, values in saved["state"].items()}
+            state["optimizer"] = saved
+        if self.loss_scaler is not None:
+            state["loss_scale"] = self.loss_scaler.state_dict()
+        if self.sparsity is not None:
+            params = dict(self.model.named_parameters())
+            masks = {name: fsdp.gather_mask(mask, params[name], keep) for name, mask in self.sparsity.masks.items()}
+            state["sparsity"] = {**self.sparsity.state_dict(), "masks": masks}
+        return state
+
     def _release(self, failed):
         # the DDP wrapper (its gradient buckets and hooks on the process group) and the optimizer
         # state; the model itself is the caller's
@@ -171,15 +244,35 @@ class ResidentBackend(Backend):
 
     def load_state_dict(self, state, states):
         if "model" in states:
-            expected = {k: v.shape for k, v in self.model.state_dict().items()}
-            check_model_state("checkpoint", state["model"], expected)
-            self.model.load_state_dict(state["model"])
+            live = self.model.state_dict(keep_vars=True)
+            check_model_state("checkpoint", state["model"], {k: v.shape for k, v in live.items()})
+            if self.sharded:  # each rank takes its chunk of every tensor
+                for key, target in live.items():
+                    fsdp.load_(target, state["model"][key])
+            else:
+                self.model.load_state_dict(state["model"])
             if self.sparsity is not None:
-                weights = dict(self.model.named_parameters())
-                self.sparsity.load_state_dict(state.get("sparsity"), weights, with_step="scheduler" in states)
-                self.sparsity.apply(weights)
+                self._load_masks(state, with_step="scheduler" in states)
         if "optimizer" in states and self.optimizer is not None and "optimizer" in state:
-            optim.load_optimizer_state_by_name(self.optimizer, state["optimizer"],
-                                               dict(self.model.named_parameters()))
+            params = dict(self.model.named_parameters())
+            saved = state["optimizer"]
+            if self.sharded:
+                saved = {**saved, "state": {name: {k: fsdp.sharded_like(v, params[name]) for k, v in values.items()}
+                                            for name, values in saved["state"].items()}}
+            optim.load_optimizer_state_by_name(self.optimizer, saved, params)
         if "optimizer" in states and self.loss_scaler is not None and "loss_scale" in state:
             self.loss_scaler.load_state_dict(state["loss_scale"])
+
+    def _load_masks(self, state: dict, with_step: bool) -> None:
+        """Masks from the checkpoint (or fresh ones from its weights), then the weights masked.
+        FSDP: each mask from the whole tensor, one at a time, then cut to this rank's chunk."""
+        weights = dict(self.model.named_parameters())
+        if not self.sharded:
+            self.sparsity.load_state_dict(state.get("sparsity"), weights, with_step=with_step)
+        else:
+            for name, param in weights.items():
+                self.sparsity.load_state_dict(state.get("sparsity"), {name: state["model"][name]}, with_step=with_step)
+                if name in self.sparsity.masks:
+                    self.sparsity.masks[name] = fsdp.shard_of(self.sparsity.masks[name], param)
+            weights = {name: p.to_local() for name, p in weights.items()}
+        self.sparsity.apply(weights)

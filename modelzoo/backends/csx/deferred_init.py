@@ -78,11 +78,14 @@ class DeferredInit:
         self.model = model
         self.calls = calls
         self.rng_state = rng_state
+        # the parameters as built (held: the recorded calls name them by identity), even once a
+        # backend has replaced them (FSDP's sharded parameters)
+        self.params = dict(model.named_parameters())
 
     def replay(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, initialised tensor) for every parameter of the model, each as soon as it is
         final. Leaves the global RNG where the eager build would have left it."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = {id(p): n for n, p in self.params.items()}
         # A parameter's values are made by its calls from its last overwriting one on (modules
         # initialise in their constructors, the model often again after): earlier calls only
         # need to consume the RNG, on scratch tensors, so a parameter is in RAM briefly.
@@ -94,8 +97,7 @@ class DeferredInit:
                 last_call[name] = i
                 if name not in first_call or func.__name__ in _OVERWRITING:
                     first_call[name] = i
-        shapes = {n: p for n, p in self.model.named_parameters()}
-        for name, p in shapes.items():  # never initialised: zeros rather than garbage
+        for name, p in self.params.items():  # never initialised: zeros rather than garbage
             if name not in last_call:
                 yield name, torch.zeros(p.shape, dtype=p.dtype)
         torch.set_rng_state(self.rng_state)
