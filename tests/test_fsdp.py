@@ -165,3 +165,16 @@ def test_what_fsdp_does_not_do_is_one_line(workdir, monkeypatch, capsys):
         "hold; use static sparsity, sharding: none, or CSX")
     assert cli.main(["CSX", "--params", "fsdp.yaml"]) == 2
     assert "runconfig.sharding applies to CPU and GPU" in capsys.readouterr().err
+
+
+def test_csx_reads_an_fsdp_checkpoint(workdir, two_ranks):
+    """The one format: CSX's MemoryX takes an FSDP checkpoint's weights and optimizer state as they are."""
+    from modelzoo.backends.csx import CSXBackend
+    from modelzoo.config import load_params
+    from modelzoo.models import build_model
+    params = load_params(str(workdir / "fsdp_train.yaml"), {"model_dir": str(workdir / "csx")}, check_paths=False)
+    state = checkpoint(two_ranks)
+    with CSXBackend(params) as backend:
+        backend.setup(build_model(params.model), params.optimizer)
+        backend.load_state_dict(state, {"model", "optimizer"})
+        assert_same_state(backend.state_dict(), state)
