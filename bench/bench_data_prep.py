@@ -59,13 +59,12 @@ def genslm_path(path: Path) -> int:
     return windows
 
 
-def our_path(path: Path, options=()) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        args = prepare_genomes.parse_args(["--input", str(path), "--output_dir", f"{tmp}/out",
-                                           "--max_seq_length", str(BLOCK), "--split", "1,0,0",
-                                           "--rename_duplicate_ids", "--num_workers", "1", *options])
-        report = prepare_genomes.prepare(args)
-        return report["splits"]["train"]["windows"]
+def our_path(path: Path, out: Path, options=()) -> int:
+    args = prepare_genomes.parse_args(["--input", str(path), "--output_dir", str(out),
+                                       "--max_seq_length", str(BLOCK), "--split", "1,0,0",
+                                       "--rename_duplicate_ids", "--num_workers", "1", *options])
+    report = prepare_genomes.prepare(args)
+    return report["splits"]["train"]["windows"]
 
 
 def nucleotides(path: Path) -> int:
@@ -85,8 +84,12 @@ def best_times(path: Path, options: list[str], repeats: int) -> list[tuple[float
 
 
 def worker(which: str, path: str, repeats: str, *options: str) -> None:
-    fn = genslm_path if which == "genslm" else lambda p: our_path(p, options)
-    print(json.dumps({"times": [timed(lambda: fn(Path(path))) for _ in range(int(repeats))]}))
+    """Time one path ``repeats`` times in this process (ours writes into a fresh directory each
+    time; deleting it is not timed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [(lambda: genslm_path(Path(path))) if which == "genslm" else
+                (lambda i=i: our_path(Path(path), Path(tmp) / f"out{i}", options)) for i in range(int(repeats))]
+        print(json.dumps({"times": [timed(run) for run in runs]}))
 
 
 def main() -> None:
