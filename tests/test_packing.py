@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from modelzoo.backends.csx import CSXBackend
 from modelzoo.backends.resident import ResidentBackend
-from modelzoo.config import ModelConfig, validate_params
+from modelzoo.config import ModelConfig, load_params, validate_params
 from modelzoo.data.datasets import (CausalLMDataset, MaskedLMDataset, build_dataloader, dataset_for,
                                     document_layout)
 from modelzoo.data.shards import MANIFEST, ShardSet
@@ -290,3 +291,41 @@ def test_training_logs_nonpad_tokens_per_sec(shards, tmp_path):
     nonpad = {e.step: e.value for e in acc.Scalars("nonpad_tokens_per_sec")}
     positions = {e.step: e.value for e in acc.Scalars("tokens_per_sec")}
     assert sorted(nonpad) == [1, 2] and all(0 < nonpad[s] <= positions[s] for s in nonpad)
+
+
+def test_prepare_on_first_use_packs_and_never_reuses_a_dir_prepared_the_other_way(shards, tmp_path):
+    from modelzoo.data.prepare_on_first_use import check_prepared, prepare_command
+    from modelzoo.errors import DataError
+    root = Path(__file__).resolve().parents[1]
+    params = load_params(root / "configs" / "genslm" / "neox_25M_genes_packed_msl2048.yaml", check_paths=False)
+    argv = prepare_command(params.train_input)
+    assert "--pack_sequences" in argv and "--rename_duplicate_ids" in argv
+    unpacked = params.train_input.model_copy(update={"data_dir": str(shards["unpacked"])})
+    with pytest.raises(DataError) as e:
+        check_prepared("train_input", unpacked)
+    assert str(shards["unpacked"]) in str(e.value) and "pack_sequences" in str(e.value)
+    check_prepared("train_input", params.train_input.model_copy(update={"data_dir": str(shards["packed"])}))
+
+
+def test_genslm_recipe_presets_pack_genes_then_fine_tune_on_genomes():
+    root = Path(__file__).resolve().parents[1] / "configs" / "genslm"
+    genes = load_params(root / "neox_25M_genes_packed_msl2048.yaml", check_paths=False)
+    genomes = load_params(root / "neox_25M_sarscov2_finetune_msl10240.yaml", check_paths=False)
+    assert genes.train_input.pack_sequences and genes.eval_input.pack_sequences
+    assert "packed" in genes.train_input.data_dir  # never the unpacked presets' directories
+    assert genomes.train_input.max_seq_length == 10240 and genomes.runconfig.checkpoint_states == {"model"}
+    same = genes.model.model_dump(exclude={"max_position_embeddings"})
+    assert genomes.model.model_dump(exclude={"max_position_embeddings"}) == same
+
+
+def test_a_batch_s_documents_are_read_once_not_per_layer(monkeypatch):
+    import modelzoo.models.layers as layers
+    calls, real = [], layers.document_runs
+    monkeypatch.setattr(layers, "document_runs", lambda documents: calls.append(1) or real(documents))
+    model = build_model(tiny("gpt_neox"))
+    batch = packed_batch([[10, 11, 12], [20, 21]])
+    model(batch)
+    assert len(calls) == 1
+    batch["document_ids"] += 0  # changed in place: read again
+    model(batch)
+    assert len(calls) == 2

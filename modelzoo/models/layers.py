@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Callable, Literal, Optional, Union
 
 import torch
@@ -141,6 +142,24 @@ def document_runs(documents: torch.Tensor) -> list[list[tuple[int, int]]]:
     return runs
 
 
+class _BatchRuns:
+    """``document_runs`` of the batch the layers are running: every attention layer of one forward
+    (and every stage the CSX wafer runs) reads the same ``document_ids`` tensor, so its runs are
+    read from the device once per batch, not once per layer (a host sync each on a GPU)."""
+
+    def __init__(self):
+        self._key, self._runs = None, None
+
+    def __call__(self, documents: torch.Tensor) -> list[list[tuple[int, int]]]:
+        key = (weakref.ref(documents), documents._version)
+        if self._key is None or self._key[0]() is not documents or self._key[1] != key[1]:
+            self._key, self._runs = key, document_runs(documents)
+        return self._runs
+
+
+batch_runs = _BatchRuns()
+
+
 def document_mask(documents: torch.Tensor, causal: bool) -> torch.Tensor:
     """The (batch, 1, t, t) boolean mask of document attention: a token sees the (earlier, when
     causal) tokens of its own document; a token in no document (id < 0) sees only itself, so no
@@ -251,7 +270,7 @@ class Attention(nn.Module):
         # autocast would cast fp32 q/k/v back down to the low-precision dtype
         with torch.autocast(x.device.type, enabled=False) if in_fp32 else contextlib.nullcontext():
             if documents is not None and mask is None:
-                y = segment_attention(q, k, v, document_runs(documents), self.causal, dropout_p)
+                y = segment_attention(q, k, v, batch_runs(documents), self.causal, dropout_p)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         # heads back next to each other, in the projections' dtype: one copy for both (a cast
