@@ -273,19 +273,22 @@ def test_one_training_step_on_the_whole_set_is_the_same_packed(shards, tmp_path,
         assert math.isclose(results["packed"][key], results["unpacked"][key], rel_tol=1e-5), key
 
 
-def test_training_logs_nonpad_tokens_per_sec(shards, tmp_path):
+def test_training_and_eval_on_packed_shards_log_nonpad_tokens_per_sec(shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import yaml
     from modelzoo.cli import main
     model_dir = tmp_path / "md"
     raw = {"train_input": {"data_dir": str(shards["packed"]), "batch_size": 2, "max_seq_length": L,
                            "pack_sequences": True},
+           "eval_input": {"data_dir": str(shards["packed"]), "batch_size": 2, "max_seq_length": L,
+                          "pack_sequences": True},
            "model": tiny("gptj").model_dump(exclude_none=True),
            "optimizer": {"learning_rate": 1e-3},
-           "runconfig": {"model_dir": str(model_dir), "max_steps": 2, "log_steps": 1}}
+           "runconfig": {"mode": "train_and_eval", "model_dir": str(model_dir), "max_steps": 2, "log_steps": 1}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     assert main(["CPU", "--params", str(tmp_path / "p.yaml")]) == 0
-    assert "non-pad tokens/s" in (model_dir / "run.log").read_text()
+    log = (model_dir / "run.log").read_text()
+    assert "non-pad tokens/s" in log and "eval at step 2" in log
     acc = EventAccumulator(str(model_dir / "train"))
     acc.Reload()
     nonpad = {e.step: e.value for e in acc.Scalars("nonpad_tokens_per_sec")}
