@@ -142,6 +142,10 @@ def ranks_requested(device: str, params: Params, check_devices: bool = True) -> 
         if run.sharding != "none":
             raise ConfigError("runconfig.sharding applies to CPU and GPU; CSX keeps weights and optimizer state in "
                               "MemoryX, sharded by stage across --num_csx systems")
+        if check_devices:  # a CUDA wafer: one GPU per system on this machine
+            from modelzoo.backends.csx.link import check_wafer_device
+            here = launched_local_world_size() if launched_world_size() > 1 else run.num_csx
+            check_wafer_device(run.csx.wafer_device, here)
         return run.num_csx
     sparsity = params.sparsity if run.mode in ("train", "train_and_eval") else None
     if run.sharding == "fsdp" and sparsity is not None and sparsity.algorithm != "static":

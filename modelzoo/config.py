@@ -278,6 +278,12 @@ class CSXConfig(Section):
                                    "keeping only stage inputs and recomputing the stage in backward: about a "
                                    "third less compute, but activation memory of a resident run. Weights still "
                                    "stream in again for backward.")
+    wafer_device: Literal["cpu", "cuda"] = Field("cpu", description="Where the wafer's stages compute: the CPU, or "
+                                                                    "this system's CUDA device (--num_csx N: N "
+                                                                    "GPUs), MemoryX staying in host RAM or on "
+                                                                    "disk; weights stream in and gradients out on "
+                                                                    "a separate CUDA stream, overlapped with "
+                                                                    "compute.")
     wafer_memory_gb: float = Field(40.0, gt=0, description="Memory of the emulated wafer; a stage that cannot "
                                                            "fit is refused at compile time.")
 

@@ -155,7 +155,8 @@ class ResidentBackend(Backend):
             for name, value in deferred.replay():
                 fsdp.load_(params[name], value)
         if self.sparsity is not None:
-            self.sparsity.masks = {name: fsdp.shard_of(mask, params[name]) for name, mask in self.sparsity.masks.items()}
+            masks = self.sparsity.masks
+            self.sparsity.masks = {name: fsdp.shard_of(mask, params[name]) for name, mask in masks.items()}
 
     def _to_device(self, batch: dict) -> dict:
         if self.device.type != "cuda":

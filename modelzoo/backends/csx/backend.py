@@ -4,12 +4,15 @@ Per step: weights stream from MemoryX to the wafer stage by stage (cast to the c
 prefetched in the background), the wafer keeps only boundary activations and recomputes each
 stage for its backward, gradients stream back (summed over systems by SwarmX) and accumulate in
 fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py, swarmx.py.
+The wafer computes on the CPU or on this system's GPU (csx.wafer_device); link.py moves weights
+and gradients between it and MemoryX, which stays in host RAM or on disk either way.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ import torch.distributed as dist
 
 from modelzoo.backends.base import Backend, loss_weights, token_metrics
 from modelzoo.backends.csx.deferred_init import build_deferred
+from modelzoo.backends.csx.link import Link, check_wafer_device
 from modelzoo.backends.csx.memoryx import MemoryX
 from modelzoo.backends.csx.plan import check_fits, format_plan, make_plan
 from modelzoo.backends.csx.prefetch import Prefetcher
@@ -27,6 +31,7 @@ from modelzoo.backends.csx.streamed_state import StreamedState
 from modelzoo.backends.csx.swarmx import CHECKPOINT_WAIT, SwarmX
 from modelzoo.backends.csx.wafer import Wafer
 from modelzoo.config import Params
+from modelzoo.distributed import local_rank
 from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel
 from modelzoo.training.checkpoint import check_model_state
@@ -56,6 +61,9 @@ class CSXBackend(Backend):
         self.sparsity = self.sparse_stream = None
         self._deferred = None
         self.store = self.prefetcher = None  # what close() releases, once setup() made them
+        # where the wafer computes: the CPU, or this system's GPU (MemoryX stays in host RAM or on disk)
+        self.device = torch.device("cuda", local_rank()) if self.cfg.wafer_device == "cuda" else torch.device("cpu")
+        self.link: Link | None = None
         self._session: ShardedCheckpoint | None = None  # a sharded checkpoint the writer may still stream
 
     def build_model(self, build, model_cfg):
@@ -67,7 +75,8 @@ class CSXBackend(Backend):
 
     def describe(self) -> str:
         where = "RAM" if self.cfg.memoryx == "ram" else f"disk ({self.memoryx_dir})"
-        return (f"CSX weight streaming: {self.systems} system(s), MemoryX in {where}, "
+        wafer = f", wafer on {self.device}" if self.device.type != "cpu" else ""
+        return (f"CSX weight streaming: {self.systems} system(s){wafer}, MemoryX in {where}, "
                 f"prefetch depth {self.cfg.prefetch_depth}")
 
     def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
@@ -91,7 +100,12 @@ class CSXBackend(Backend):
         self.optimizer_cfg = optimizer_cfg
         self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
         self.plan(model, optimizer_cfg=optimizer_cfg)  # refuse a model that cannot fit before touching anything
-        self.wafer = Wafer(model, keep_activations=self.cfg.keep_activations)
+        if self.device.type == "cuda":
+            check_wafer_device("cuda", self.device.index + 1)
+            torch.cuda.set_device(self.device)
+        self.link = Link(self.device)
+        self._outbox: deque = deque()  # gradients on their way to host memory (link.to_host)
+        self.wafer = Wafer(model, keep_activations=self.cfg.keep_activations, device=self.device)
         n = len(self.wafer.stages)
         stage_names = [self.wafer.stage_names(i) for i in range(n)]
         self.swarm = SwarmX(stage_names)
@@ -166,15 +180,16 @@ class CSXBackend(Backend):
             read = self.sparse_stream.wrap(read)
         start = time.perf_counter()
         weights = self.swarm.broadcast_weights(self.wafer.stage_names(stage), read, self.wafer.shapes, dtype)
+        sent = self.link.to_wafer(weights)  # a CUDA wafer: the copy starts on the inbound stream
         self.phase_seconds["weights_read"] += time.perf_counter() - start
-        return weights
+        return sent
 
     def _timed(self, stream):
         """The weight stream, counting the time the wafer waits for it."""
         while True:
             start = time.perf_counter()
             try:
-                weights = next(stream)
+                weights = self.link.ready(next(stream))
             except StopIteration:
                 return
             finally:
@@ -209,7 +224,8 @@ class CSXBackend(Backend):
             self._final = k == len(micro_batches) - 1
             self._uses_left = dict(self.uses)
             self._pending: dict[str, torch.Tensor] = {}
-            total += self.wafer.forward_backward(mb, weight, stream, self._gradients_out, scale)
+            total += self.wafer.forward_backward(self.link.batch(mb), weight, stream, self._gradients_out, scale)
+            self._collect_gradients()
         stream.close()
         raw.close()
         optimizer_start = time.perf_counter()
@@ -241,9 +257,24 @@ class CSXBackend(Backend):
         return [n for n in names if self.memoryx.owns(n)]
 
     def _gradients_out(self, stage: int, grads: dict[str, torch.Tensor | None]) -> None:
-        """Gradients leaving the wafer: a tied weight's uses are summed per micro-batch (as
-        autograd does in one backward pass), then reduced over systems into MemoryX."""
+        """Gradients leaving the wafer. On a CUDA wafer they reach host memory on a stream of
+        their own and are taken in one stage later, while the next stage computes."""
         start = time.perf_counter()
+        self._outbox.append(self.link.to_host(grads))
+        while len(self._outbox) > self.link.in_flight:
+            self._arrive(self._outbox.popleft()())
+        self._step_phases["gradients_out"] += time.perf_counter() - start
+
+    def _collect_gradients(self) -> None:
+        """The gradients still on their way out when a micro-batch's backward pass ends."""
+        start = time.perf_counter()
+        while self._outbox:
+            self._arrive(self._outbox.popleft()())
+        self._step_phases["gradients_out"] += time.perf_counter() - start
+
+    def _arrive(self, grads: dict[str, torch.Tensor | None]) -> None:
+        """A stage's gradients in host memory: a tied weight's uses are summed per micro-batch
+        (as autograd does in one backward pass), then reduced over systems into MemoryX."""
         ready = {}
         for name, grad in grads.items():
             if grad is not None:
@@ -257,14 +288,14 @@ class CSXBackend(Backend):
         if self._final:
             for name in self._owned(list(ready)):
                 self.memoryx.finalize(name)
-        self._step_phases["gradients_out"] += time.perf_counter() - start
 
     @torch.no_grad()
     def eval_step(self, batch):
         self._wait_for_checkpoint_writer()
         self.wafer.train(False)
         stream = self.prefetcher.stream(range(len(self.wafer.stages)))
-        out = self.wafer.forward(batch, stream)
+        batch = self.link.batch(batch)
+        out = self.wafer.forward(batch, map(self.link.ready, stream))
         stream.close()
         return token_metrics(out, batch["labels"])
 
@@ -292,7 +323,7 @@ class CSXBackend(Backend):
                 optimizer = optimizer or {"type": part["optimizer"]["type"], "state": {}}
                 optimizer["state"].update(part["optimizer"]["state"])
         buffers = self.model.state_dict()
-        state = {"model": {k: (masters[self.param_keys[k]] if k in self.param_keys else buffers[k].detach())
+        state = {"model": {k: (masters[self.param_keys[k]] if k in self.param_keys else buffers[k].detach().cpu())
                            for k in self.expected}}
         if optimizer is not None:
             state["optimizer"] = optimizer

@@ -24,6 +24,7 @@ the resident backends step for step. Nothing here knows which model it runs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -38,9 +39,12 @@ GradientSink = Callable[[int, dict[str, torch.Tensor | None]], None]
 
 
 class Wafer:
-    def __init__(self, model: StagedModel, keep_activations: bool = False):
+    def __init__(self, model: StagedModel, keep_activations: bool = False, device: torch.device | str = "cpu"):
+        """``device``: where the stages compute (the weights, batches and buffers it is handed
+        are there: csx.link moves them)."""
         self.model = model
         self.keep_activations = keep_activations
+        self.device = torch.device(device)
         self.stages = model.stages()
         names = {id(p): n for n, p in model.named_parameters()}
         # stage -> [(name inside the stage, MemoryX name)]; a tied weight appears in several stages
@@ -60,13 +64,16 @@ class Wafer:
                     if id(p) not in meta:
                         meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
                     module._parameters[key] = meta[id(p)]
+            for key, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[key] = b.to(self.device)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
     def run(self, i: int, weights: dict[str, torch.Tensor], hidden, batch: dict):
         bound = {local: weights[name] for local, name in self.bindings[i]}
-        with autocast("cpu", self.model.config):
+        with autocast(self.device.type, self.model.config):
             return functional_call(self.stages[i], bound, (hidden, batch))
 
     # ------------------------------------------------------------ execution
@@ -97,14 +104,13 @@ class Wafer:
         with torch.no_grad():
             for i in range(last):
                 boundary.append(hidden)
-                rng_states.append(torch.get_rng_state())
+                rng_states.append(_rng_state(self.device))
                 hidden = self.run(i, next(weights), hidden, batch)
 
         loss, grad_hidden = self._differentiate(last, next(weights), hidden, batch, None,
                                                 (loss_weight, loss_scale), gradients_out)
         for i in range(last - 1, -1, -1):
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(rng_states[i])
+            with _rng_restored(self.device, rng_states[i]):
                 _, grad_hidden = self._differentiate(i, next(weights), boundary[i], batch, grad_hidden,
                                                      None, gradients_out)
             boundary[i] = None  # the wafer frees each boundary activation once it is used
@@ -151,6 +157,23 @@ class Wafer:
             else:
                 outputs, grad_outputs, loss = _differentiable_outputs(out), grad_out, None
         return loss, _backward(i, outputs, grad_outputs, inputs, leaves, gradients_out)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout on ``device`` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def _rng_restored(device: torch.device, state: torch.Tensor):
+    """Run with the generator of ``device`` at ``state``; it is left as it was before."""
+    on_cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_cuda else [], device_type="cuda"):
+        if on_cuda:
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
 
 
 def _differentiable_outputs(out) -> list[torch.Tensor]:
