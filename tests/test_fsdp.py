@@ -178,3 +178,11 @@ def test_csx_reads_an_fsdp_checkpoint(workdir, two_ranks):
         backend.setup(build_model(params.model), params.optimizer)
         backend.load_state_dict(state, {"model", "optimizer"})
         assert_same_state(backend.state_dict(), state)
+
+
+def test_fsdp_evaluates_a_checkpoint(workdir, one_rank, two_ranks):
+    """mode eval: the model sharded without an optimizer, evaluated through the FSDP root."""
+    run_py(workdir, "--params", "fsdp.yaml", "--model_dir", "eval-only", "--mode", "eval", "--checkpoint_path",
+           str(two_ranks / f"checkpoint_{STEPS}.mdl"), "--num_workers_per_node", "2")
+    for tag in ("loss", "accuracy"):
+        assert_same_curve(scalars(workdir / "eval-only", "eval", tag), scalars(one_rank, "eval", tag), [STEPS])

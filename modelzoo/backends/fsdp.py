@@ -89,13 +89,26 @@ def load_(target: torch.Tensor, value: torch.Tensor) -> None:
         target.to_local().copy_(shard_of(value, target))
 
 
+@torch.no_grad()
 def gather(value, keep: bool):
     """The full tensor of a DTensor (every rank must call it: an all-gather), on the CPU where
     ``keep`` (the checkpoint writer), else None; anything else as it is."""
     if not is_sharded(value):
         return value.detach().cpu() if torch.is_tensor(value) and keep else value
-    full = value.full_tensor()
+    full = value.detach().full_tensor()
+    if hasattr(full, "wait"):  # an AsyncCollectiveTensor: the all-gather may still be running
+        full = full.wait()
     return full.cpu() if keep else None
+
+
+def quiesce() -> None:
+    """Before the process group goes: a barrier, during which this thread does not hold the GIL.
+
+    Gloo's worker threads drop a finished collective's tensors after the caller has moved on;
+    FSDP's all-gather buffers were made in Python, so letting go of them takes the GIL. A worker
+    still waiting for it when the interpreter exits is killed inside C++ and aborts the process
+    ("terminate called without an active exception", about one run in ten on 2 CPU ranks)."""
+    dist.barrier()
 
 
 def gather_mask(mask: torch.Tensor, like: torch.Tensor, keep: bool):

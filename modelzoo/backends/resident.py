@@ -241,6 +241,8 @@ class ResidentBackend(Backend):
     def _release(self, failed):
         # the DDP wrapper (its gradient buckets and hooks on the process group) and the optimizer
         # state; the model itself is the caller's
+        if self.sharded and not failed:
+            fsdp.quiesce()
         self.runner = self.optimizer = self.sparsity = self.step = None
 
     def load_state_dict(self, state, states):
