@@ -45,8 +45,19 @@ def leftovers(memoryx_dir: Path) -> list[Path]:
     return sorted(memoryx_dir.rglob("*")) if memoryx_dir.exists() else []
 
 
+_EARLIER_THREADS: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _threads_of_earlier_tests():
+    """Threads other tests' backends left running are not this test's to account for."""
+    _EARLIER_THREADS.clear()
+    _EARLIER_THREADS.update(threading.enumerate())
+
+
 def memoryx_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("memoryx")]
+    """MemoryX threads started during this test and still running."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("memoryx") and t not in _EARLIER_THREADS]
 
 
 def interrupted_lines(stderr: str) -> list[str]:
