@@ -46,11 +46,12 @@ def _tmp_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True) -> Iterator:
-    """Open a temporary file beside ``path``; on a clean exit it is flushed, fsynced and renamed
-    over ``path``; on any error (or interrupt) it is removed and ``path`` is untouched."""
+def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True, tmp: Path | None = None) -> Iterator:
+    """Open a temporary file beside ``path`` (``tmp``, default a hidden per-process name); on a
+    clean exit it is flushed, fsynced and renamed over ``path``; on any error (or interrupt) it is
+    removed and ``path`` is untouched."""
     path = Path(path)
-    tmp = _tmp_file(path)
+    tmp = tmp or _tmp_file(path)
     try:
         with open(tmp, mode) as f:
             yield f

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from modelzoo.errors import CheckpointError
+import modelzoo.files
 from modelzoo.training import checkpoint as ckpt
 from test_reliability_common import (REPO, error_line, one_line_error, run_cli, shards,  # noqa: F401
                                      tensorboard_scalars, tiny_params)
@@ -44,6 +45,7 @@ def trained(tmp_path, shards, capsys, **runconfig) -> tuple[Path, Path]:
 
 SLOW_WRITER = textwrap.dedent("""
     import sys, time, torch
+    import modelzoo.files
     from modelzoo.training import checkpoint as ckpt
     model_dir = sys.argv[1]
     ckpt.save_checkpoint(model_dir, 2, {"model": {"w": torch.ones(4)}, "step": 2})
@@ -57,7 +59,7 @@ SLOW_WRITER = textwrap.dedent("""
                 self.f.write(data[i:i + 4096]); self.f.flush(); time.sleep(0.01)
         def __getattr__(self, name): return getattr(self.f, name)
 
-    ckpt.open = lambda path, mode: SlowFile(open(path, mode))
+    modelzoo.files.open = lambda path, mode: SlowFile(open(path, mode))  # what checkpoints write through
     ckpt.save_checkpoint(model_dir, 4, {"model": {"w": torch.randn(200_000)}, "step": 4})
 """)
 
@@ -203,7 +205,8 @@ def failing_open(fail_when: str, err: int):
 
 @pytest.mark.parametrize("fail_when", ["checkpoint_4.mdl.tmp", "checkpoint_4.mdl.sha256.tmp"])
 def test_disk_full_mid_checkpoint(tmp_path, shards, capsys, monkeypatch, fail_when):
-    monkeypatch.setattr(ckpt, "open", failing_open(fail_when, errno.ENOSPC), raising=False)
+    # checkpoints are written through modelzoo.files.atomic_file
+    monkeypatch.setattr(modelzoo.files, "open", failing_open(fail_when, errno.ENOSPC), raising=False)
     params = tiny_params(tmp_path, shards, max_steps=6)
     code, _, err = run_cli(capsys, "CPU", "--params", params)
     line = error_line(err)

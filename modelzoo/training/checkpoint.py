@@ -11,7 +11,6 @@ code, whoever wrote it. The seal detects corruption and truncation; it does not 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from modelzoo.errors import CheckpointError
-from modelzoo.files import fsync_dir
+from modelzoo.files import atomic_file, fsync_dir
 
 log = logging.getLogger("modelzoo")
 _NAME = re.compile(r"^checkpoint_(\d+)\.mdl$")
@@ -38,20 +37,10 @@ def _seal_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-@contextlib.contextmanager
 def _atomic_file(path: Path):
-    """Write ``path.tmp``, fsync, rename over ``path``; on any error the temporary file goes.
-    (Not modelzoo.files.atomic_file: a crash leaves ``checkpoint_*.tmp``, which pruning tidies.)"""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """modelzoo.files.atomic_file writing ``path.tmp``: a crash leaves ``checkpoint_*.tmp``,
+    which pruning tidies."""
+    return atomic_file(path, tmp=path.with_name(path.name + ".tmp"))
 
 
 def save_checkpoint(model_dir: str | Path, step: int, state: dict) -> Path:
