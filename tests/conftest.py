@@ -44,6 +44,17 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread: for tests of tiny tensors, where on a busy machine waking OpenMP
+    workers costs more than the math."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _pristine_modelzoo_logger():
     """A run in the test process configures the "modelzoo" logger (its own handlers, no

@@ -14,12 +14,7 @@ from modelzoo.training.checkpoint import save_checkpoint
 from tests.conftest import GENOMES, tiny_params, write_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP wake-ups cost more than the math on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
 
 
 @pytest.fixture(scope="module")

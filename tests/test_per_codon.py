@@ -23,12 +23,7 @@ from tests.conftest import GENOMES, tiny_params, write_params
 CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP wake-ups cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
 
 
 def random_lm(name: str) -> GenomeLM:

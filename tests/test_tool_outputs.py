@@ -32,12 +32,7 @@ TOOLS = {"prepare_genomes": prepare_genomes, "embed": embed, "score": score, "ge
          "convert_checkpoint": convert_checkpoint}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP wake-ups cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
 
 
 def random_model_dir(root: Path, name: str) -> Path:
