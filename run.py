@@ -1,8 +1,7 @@
 """Model Zoo entry point: python run.py {CPU,GPU,CSX} --params configs/....yaml [flags]."""
 
-import sys
-
 from modelzoo.cli import main
+from modelzoo.distributed import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -91,3 +92,17 @@ def launch_local(num_processes: int, cli_args: list[str]) -> int:
 
 def cuda_device() -> torch.device:
     return torch.device("cuda", local_rank())
+
+
+def exit_process(code: int) -> None:
+    """End this process with ``code``. A rank of a distributed run (its work done, the backend
+    closed, every file flushed) skips interpreter finalisation: gloo's worker threads may still be
+    releasing tensors made in Python there (FSDP's all-gathers), which aborts the process
+    ('terminate called without an active exception', SIGABRT) after the run succeeded."""
+    if launched_world_size() <= 1:
+        sys.exit(code)
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
