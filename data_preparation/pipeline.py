@@ -42,9 +42,11 @@ def tokenizer() -> CodonTokenizer:
 
 @dataclass(frozen=True)
 class Limits:
-    """Which records preparation keeps (prepare_genomes' --min_codons and --max_n_fraction)."""
+    """How preparation reads records and which it keeps (prepare_genomes' --min_codons,
+    --max_n_fraction and --reading_frame)."""
     min_codons: int
     max_n_fraction: float
+    reading_frame: str = "as_read"
 
     def reasons(self, counts: np.ndarray, unknown: np.ndarray) -> dict[str, np.ndarray]:
         """Why each record is skipped: reason -> mask (a record is counted under its first reason)."""
@@ -84,7 +86,7 @@ def tokenise(task: tuple[int, FastaBlock | RecordBatch, Limits]) -> Chunk:
         item = FastaBlock(_SLOTS.maps[slot.slot][:slot.length], slot.end)
     batch = parse_fasta_block(item.data, item.end) if isinstance(item, FastaBlock) else item
     tok = tokenizer()
-    ids, starts, counts = tok.encode_flat(batch.seqs)
+    ids, starts, counts = tok.encode_flat(batch.seqs, limits.reading_frame)
     unknown = unk_counts(ids, starts, counts, tok.unk_id)
     rejected = np.zeros(len(counts), dtype=bool)
     skipped = {}

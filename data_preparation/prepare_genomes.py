@@ -14,6 +14,8 @@ is padded with [PAD], or dropped when shorter than --min_codons. --pack_sequence
 window with whole records back to back, each followed by one [SEP], then [PAD]: a record that fits
 (codons + 1 <= max_seq_length) is never split across two windows; a longer one gets windows of its
 own, cut as above, with no [SEP] (``windows.Packer``; the manifest says "packed": true).
+--reading_frame longest_orf reads each record from the frame of its longest stop-free run of
+codons (``CodonTokenizer``), so genomes trimmed differently at the 5' end share one frame.
 
 Memory does not grow with the input (apart from 10 bytes a record id, to find repeated ids):
 records are read, tokenised and written a chunk and a group at a time, on --num_workers processes
@@ -37,7 +39,7 @@ from data_preparation import pipeline, windows
 from data_preparation.pipeline import unk_counts as _unk_counts  # noqa: F401 (tests use the old name)
 from data_preparation.windows import windows_of  # noqa: F401
 from modelzoo.data.shards import ShardWriter, file_sha256, shard_files
-from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.data.tokenizer import READING_FRAMES, CodonTokenizer
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import DataError, UserError
 from modelzoo.files import output_dir
@@ -61,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip shorter records; drop a trailing window shorter than this")
     p.add_argument("--rename_duplicate_ids", action="store_true",
                    help="suffix repeated record ids with #2, #3... instead of failing")
+    p.add_argument("--reading_frame", choices=READING_FRAMES, default="as_read",
+                   help="as_read: codons from each record's first nucleotide; longest_orf: drop 0-2 leading "
+                        "nucleotides to put the record's longest stop-free run of codons in frame")
     p.add_argument("--pack_sequences", action="store_true",
                    help="fill each window with whole records back to back, each followed by [SEP]")
     p.add_argument("--num_workers", type=int, default=None,
@@ -121,7 +126,7 @@ def _prepare_into(tmp_root: Path, args, fracs) -> dict:
                          "group_codons": windows.GROUP_CODONS},
         "features": args.features, "max_n_fraction": args.max_n_fraction,
         "min_codons": args.min_codons, "rename_duplicate_ids": args.rename_duplicate_ids,
-        "pack_sequences": args.pack_sequences,
+        "pack_sequences": args.pack_sequences, "reading_frame": args.reading_frame,
     }
     report = {"records_read": 0, "records_kept": 0, "skipped": Counter(), "splits": {}}
     with contextlib.ExitStack() as stack:
@@ -162,7 +167,7 @@ def _prepare_into(tmp_root: Path, args, fracs) -> dict:
 def _chunks(args, report: dict, stack: contextlib.ExitStack):
     """Tokenised chunks of the inputs in order (``pipeline``), repeated ids renamed or refused;
     counts records read, kept and skipped into ``report``."""
-    limits = pipeline.Limits(args.min_codons, args.max_n_fraction)
+    limits = pipeline.Limits(args.min_codons, args.max_n_fraction, args.reading_frame)
     workers = args.num_workers or default_workers()
     items = pipeline.chunks_of(args.input, args.features)
     tasks = ((file, item, limits) for file, item in (pipeline.read_ahead(items) if workers > 1 else items))

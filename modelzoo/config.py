@@ -61,6 +61,12 @@ class DataInput(Section):
                                                     "data_dir is prepared packed. BERT packs its framed "
                                                     "records ([CLS] r1 [SEP] [CLS] r2 [SEP] ...); not for a "
                                                     "classifier (num_labels).")
+    reading_frame: Literal["as_read", "longest_orf"] = Field(
+        "as_read", description="Where codons start in each record: as_read (its first nucleotide) or longest_orf "
+                               "(0-2 leading nucleotides dropped to put its longest stop-free run of codons in "
+                               "frame: SARS-CoV-2 genomes, trimmed differently at the 5' end, then all read in "
+                               "ORF1ab's frame). Must match the shards' manifest; with prepare, data_dir is "
+                               "prepared so. Inference (GenomeLM, embed, score) reads sequences the same way.")
     document_attention: Optional[bool] = Field(None, description="Each record attends only to itself and its "
                                                                  "positions restart at 0, so a packed batch "
                                                                  "computes exactly the per-record losses of "
@@ -374,6 +380,10 @@ class Params(Section):
                 for key in ("labels_file", "label_column"):
                     if getattr(section, key) is None:
                         raise _CrossFieldError((name, key), "required when model.num_labels is set (classifier)")
+        if self.train_input and self.eval_input and self.train_input.reading_frame != self.eval_input.reading_frame:
+            raise _CrossFieldError(("eval_input", "reading_frame"),
+                                   f"{self.eval_input.reading_frame} differs from train_input.reading_frame "
+                                   f"({self.train_input.reading_frame}): a model is evaluated on what it reads")
         return self
 
     def to_yaml(self) -> str:

@@ -10,8 +10,9 @@
         ...                                              # (log_likelihood_stream likewise)
 
 Sequences are nucleotide strings (or ``Record``s from ``modelzoo.data.sequences.read_records``,
-whose ids then name the record in errors), read in frame from their first nucleotide with
-``CodonTokenizer``'s rules. Codons with N or another ambiguity code become [UNK]: the model sees
+whose ids then name the record in errors), read with ``CodonTokenizer``'s rules in the reading
+frame the model was trained on (its train_input.reading_frame: from the first nucleotide, or in
+the frame of the longest stop-free run of codons; ``GenomeLM.reading_frame``). Codons with N or another ambiguity code become [UNK]: the model sees
 them as input, but they are neither pooled into embeddings nor scored (no codon was observed).
 
 Genomes longer than the model's context are cut into windows the way training cut them:
@@ -51,8 +52,10 @@ class GenomeLM:
     """A trained model (GPT-2, GPT-J, GPT-NeoX, BERT) with its codon tokenizer, in eval mode, gradients off."""
 
     def __init__(self, model: StagedModel, config: ModelConfig, source: str = "<model>", step: int | None = None,
-                 device: str | torch.device = "cpu", tokenizer: CodonTokenizer | None = None):
+                 device: str | torch.device = "cpu", tokenizer: CodonTokenizer | None = None,
+                 reading_frame: str = "as_read"):
         self.model = model.to(device).eval()
+        self.reading_frame = reading_frame
         self.config = config
         self.source, self.step = source, step
         self.device = torch.device(device)
@@ -85,7 +88,8 @@ class GenomeLM:
             dtype = getattr(torch, dtype)
         if dtype is not None:
             model = model.to(dtype)
-        return cls(model, config, source=str(path), step=state.get("step"), device=device)
+        return cls(model, config, source=str(path), step=state.get("step"), device=device,
+                   reading_frame=_reading_frame(state))
 
     @property
     def is_causal(self) -> bool:
@@ -197,7 +201,8 @@ class GenomeLM:
     def codon_log_probs(self, sequences: Sequence, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
         """Log-probability in nats of every codon of each sequence, as ``log_likelihood`` scores
         it (GPT: given the earlier codons of its window; BERT: masked, from both sides): one
-        float64 array per sequence, one entry per codon as read (index = 0-based codon position),
+        float64 array per sequence, one entry per codon as read (index = 0-based codon position in
+        the model's reading frame, ``codons``),
         NaN where a codon is not scored (GPT: the first codon; any model: [UNK] codons). So
         ``np.nansum`` of a sequence's array is its ``log_likelihood``.
         """
@@ -385,10 +390,19 @@ class GenomeLM:
         """Each sequence as given, with its codon ids."""
         for k, item in enumerate(sequences):
             name, seq = (item.id, item.seq) if hasattr(item, "seq") else (f"#{k}", item)
-            ids = self.tokenizer.encode(seq).astype(np.int64)
+            ids = self.tokenizer.encode(seq, self.reading_frame).astype(np.int64)
             if not np.isin(ids, self.tokenizer.codon_ids).any():
                 raise DataError(f"sequence {name}: no whole A/C/G/T codon to read")
             yield item, ids
+
+    def codons(self, seq: str | bytes) -> tuple[list[str], int]:
+        """A sequence's whole codons as this model reads them (upper case letters, in its reading
+        frame), and the nucleotides dropped before the first (0 unless reading_frame longest_orf)."""
+        if isinstance(seq, bytes):
+            seq = seq.decode("latin-1")
+        seq = "".join(seq.split()).upper()
+        offset = self.tokenizer.frame_offset(seq, self.reading_frame)
+        return [seq[i: i + 3] for i in range(offset, len(seq) - 2, 3)], offset
 
     def _windows(self, ids: np.ndarray) -> Iterator[np.ndarray]:
         """The model-sized windows of one sequence (framed [CLS] ... [SEP] for BERT)."""
@@ -470,6 +484,14 @@ def _model_config(state: dict, path: Path) -> ModelConfig:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise CheckpointError(f"{path}: saved params model.{where}: {first['msg']}") from None
+
+
+def _reading_frame(state: dict) -> str:
+    """The reading frame of the saved params' training (else evaluation) data; as_read for
+    checkpoints from before the setting."""
+    raw = yaml.safe_load(state["params"])
+    section = raw.get("train_input") or raw.get("eval_input") or {}
+    return section.get("reading_frame", "as_read")
 
 
 def _pad(windows: Iterable[np.ndarray], pad_id: int) -> np.ndarray:

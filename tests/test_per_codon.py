@@ -90,26 +90,32 @@ def test_codon_index_is_the_codon_scored(name, sequences):
         assert values[i] == pytest.approx(float(logits.float().log_softmax(-1)[ids[i]]), abs=1e-5), i
 
 
-def test_score_per_codon_writes_one_row_per_scored_codon(sequences, tmp_path, capsys):
+@pytest.mark.parametrize("reading_frame", ["as_read", "longest_orf"])
+def test_score_per_codon_writes_one_row_per_scored_codon(sequences, tmp_path, capsys, reading_frame):
     lm = random_lm("gpt2")
     model_dir = tmp_path / "md"
     model_dir.mkdir()
     from modelzoo.training.checkpoint import save_checkpoint
-    save_checkpoint(model_dir, 1, {"model": lm.model.state_dict(), "step": 1,
-                                   "params": yaml.safe_dump({"model": lm.config.model_dump()})})
+    params = {"model": lm.config.model_dump(), "train_input": {"reading_frame": reading_frame}}
+    save_checkpoint(model_dir, 1, {"model": lm.model.state_dict(), "step": 1, "params": yaml.safe_dump(params)})
     fasta = tmp_path / "seqs.fasta"
     fasta.write_text("".join(f">s{k} description\n{seq}\n" for k, seq in enumerate(sequences)))
     out = tmp_path / "codons.tsv"
     assert score.main(["--model_dir", str(model_dir), "--input", str(fasta), "--output", str(out),
                        "--per_codon", "--batch_size", "4"]) == 0, capsys.readouterr().err
     header, *rows = [line.split("\t") for line in out.read_text().splitlines()]
-    assert header == ["id", "codon_index", "codon", "log_prob"]
+    assert header == ["id", "codon_index", "codon", "log_prob", "start"]
+    lm.reading_frame = reading_frame  # as GenomeLM.load gives it from the saved params
     arrays = lm.codon_log_probs(sequences)
     expected = [(f"s{k}", i) for k, a in enumerate(arrays) for i in np.flatnonzero(np.isfinite(a))]
     assert [(r[0], int(r[1])) for r in rows] == expected  # scored codons only, in order
-    for sid, i, codon, logp in rows:
-        seq, i = sequences[int(sid[1:])], int(i)
-        assert codon == seq[3 * i: 3 * i + 3].upper() and "N" not in codon
+    offsets = [lm.tokenizer.frame_offset(seq, reading_frame) for seq in sequences]
+    if reading_frame == "longest_orf":
+        assert any(offsets), "no test sequence reads in another frame: the case is not covered"
+    for sid, i, codon, logp, start in rows:
+        seq, i, start = sequences[int(sid[1:])], int(i), int(start)
+        assert start == offsets[int(sid[1:])] + 3 * i
+        assert codon == seq[start: start + 3].upper() and "N" not in codon
         assert float(logp) == pytest.approx(arrays[int(sid[1:])][i], rel=1e-5, abs=1e-6)
     assert not any(r[0] == f"s{k}" and r[1] == "0" for k in range(len(sequences)) for r in rows)
     totals = lm.log_likelihood(sequences)

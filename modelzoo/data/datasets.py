@@ -31,6 +31,15 @@ def nonpad_tokens(batch: dict) -> int:
     return int((batch["input_ids"] != PAD_ID).sum())
 
 
+def check_reading_frame(shardset: ShardSet, reading_frame: str) -> None:
+    """An input section's ``reading_frame`` must be the one the shards were prepared with."""
+    prepared = shardset.manifest.get("created_by", {}).get("options", {}).get("reading_frame", "as_read")
+    if prepared != reading_frame:
+        raise ConfigError(f"reading_frame is {reading_frame} but the shards in {shardset.data_dir} were prepared "
+                          f"with reading_frame {prepared} (prepare_genomes --reading_frame): set reading_frame: "
+                          f"{prepared}, or prepare {reading_frame} shards into another directory")
+
+
 def check_packing(shardset: ShardSet, pack_sequences: bool) -> None:
     """An input section's ``pack_sequences`` must say what its shards hold (manifest ``packed``)."""
     packed = bool(shardset.manifest.get("packed", False))
@@ -243,10 +252,13 @@ def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int
                      num_workers: int = 0, rank: int = 0, world_size: int = 1,
                      max_seq_length: int | None = None, dataset_cls=CausalLMDataset,
                      dataset_kwargs: dict | None = None, verify: bool = True,
-                     pad_last: bool = False) -> GenomeDataLoader:
+                     pad_last: bool = False, reading_frame: str | None = None) -> GenomeDataLoader:
     """Open a shard directory and return this rank's endless, resumable batch iterator
-    (``pad_last``: the last partial batch too, for evaluation)."""
+    (``pad_last``: the last partial batch too, for evaluation; ``reading_frame``: the one the
+    shards must have been prepared with)."""
     shards = ShardSet(data_dir, verify=verify)
+    if reading_frame is not None:
+        check_reading_frame(shards, reading_frame)
     if max_seq_length is not None and max_seq_length != shards.max_seq_length:
         raise ConfigError(f"max_seq_length {max_seq_length} in the params does not match the "
                           f"shards in {data_dir} (max_seq_length {shards.max_seq_length})")

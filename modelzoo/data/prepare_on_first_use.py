@@ -24,7 +24,7 @@ def prepare_command(section: DataInput, overwrite: bool = False) -> list[str]:
     spec = section.prepare
     argv = ["--input", *spec.input, "--output_dir", str(Path(section.data_dir).parent),
             "--max_seq_length", str(section.max_seq_length), "--split", ",".join(map(str, spec.split)),
-            "--seed", str(spec.seed)]
+            "--seed", str(spec.seed), "--reading_frame", section.reading_frame]
     flags = {"--pack_sequences": section.pack_sequences, "--rename_duplicate_ids": spec.rename_duplicate_ids,
              "--overwrite": overwrite}
     return argv + (["--features", spec.features] if spec.features else []) + [f for f, on in flags.items() if on]

@@ -13,6 +13,13 @@ Normalisation rules (both encoders apply them, and a test checks they give ident
   digits, non-ASCII) becomes [UNK];
 * a trailing partial codon (1 or 2 nucleotides) is dropped.
 
+Reading frame (``reading_frame``): ``as_read`` starts the first codon at the first nucleotide.
+``longest_orf`` first drops 0, 1 or 2 leading nucleotides, whichever puts the longest open reading
+frame (the longest run of codons without a stop codon TAA/TAG/TGA) in frame, ties going to the
+fewest dropped. Genomes trimmed differently at their 5' end then share one frame: in SARS-CoV-2
+it is ORF1ab's (two thirds of the genome), where read as-is about half the genomes of a set sit
+in one of the two other frames and every one of their codons differs. A gene (CDS) is read as is.
+
 ``decode`` is lossy on purpose: [UNK] comes back as ``NNN`` (we cannot know which letters it held)
 and the other special tokens ([CLS], [SEP], [PAD], [MASK]) are skipped.
 """
@@ -37,6 +44,9 @@ _WHITESPACE = b" \t\n\r\v\f"
 _FILLERS = {0: b"", 1: bytes([_INVALID]) * 2, 2: bytes([_INVALID])}  # completes a codon left with 1 or 2 bases
 _WHITESPACE_RE = re.compile(r"[ \t\n\r\v\f]+")
 _NON_NUCLEOTIDE_RE = re.compile(r"[^ACGTUacgtu]")
+READING_FRAMES = ("as_read", "longest_orf")
+# codon indices (over base codes, see _codon_index) of the stop codons TAA, TAG, TGA
+_STOP_INDICES = np.array([(3 * _CODES + a) * _CODES + b for a, b in ((0, 0), (0, 2), (2, 0))], dtype=np.uint8)
 
 
 def _base_codes() -> bytes:
@@ -92,20 +102,24 @@ class CodonTokenizer:
             self._decode_table[tid] = np.frombuffer(codon.encode(), dtype=np.uint8)
         self._decode_table[self.unk_id] = np.frombuffer(b"NNN", dtype=np.uint8)
 
-    def encode(self, seq: str | bytes) -> np.ndarray:
+    def encode(self, seq: str | bytes, reading_frame: str = "as_read") -> np.ndarray:
         """Nucleotides -> uint8 codon ids, one per whole codon (see the module docstring)."""
-        return self._codon_ids(self._codes(seq))
+        return self._codon_ids(self._codes(seq, reading_frame))
 
-    def encode_many(self, seqs) -> list[np.ndarray]:
+    def encode_many(self, seqs, reading_frame: str = "as_read") -> list[np.ndarray]:
         """``encode`` of each sequence, in one vectorised pass over all of them (much faster than
         one call per sequence for many short ones, e.g. the genes of a bacterial genome)."""
-        ids, starts, counts = self.encode_flat(seqs)
+        ids, starts, counts = self.encode_flat(seqs, reading_frame)
         return [ids[a:a + n] for a, n in zip(starts.tolist(), counts.tolist())]  # views
 
-    def encode_flat(self, seqs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def frame_offset(self, seq: str | bytes, reading_frame: str = "as_read") -> int:
+        """Leading nucleotides (not counting whitespace) ``encode`` drops to reach the frame."""
+        return self._frame_offset(self._codes(seq), reading_frame)
+
+    def encode_flat(self, seqs, reading_frame: str = "as_read") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``encode`` of each sequence as one array: sequence i is ``ids[starts[i]:starts[i] +
         counts[i]]`` (between sequences may lie an [UNK] left from a partial codon: skip it)."""
-        pieces = [self._codes(seq) for seq in seqs]
+        pieces = [self._codes(seq, reading_frame) for seq in seqs]
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         whole = -(-lengths // 3)  # codons including a completed partial one
         if (lengths % 3).any():  # complete partial codons with invalid bases rather than copying sequences
@@ -113,22 +127,31 @@ class CodonTokenizer:
         ids = self._codon_ids(b"".join(pieces))
         return ids, np.cumsum(whole) - whole, lengths // 3
 
-    def _codes(self, seq: str | bytes) -> bytes:
-        """One byte per nucleotide: base code 0-3 or _INVALID; whitespace removed."""
+    def _codes(self, seq: str | bytes, reading_frame: str = "as_read") -> bytes:
+        """One byte per nucleotide: base code 0-3 or _INVALID; whitespace removed; starting at
+        the reading frame."""
         if isinstance(seq, str):
             # 'replace' keeps one byte per character, so a non-ASCII letter is one bad nucleotide.
             seq = seq.encode("ascii", errors="replace")
-        return seq.translate(self._base_codes, _WHITESPACE)
+        codes = seq.translate(self._base_codes, _WHITESPACE)
+        return codes[self._frame_offset(codes, reading_frame):] if reading_frame != "as_read" else codes
+
+    @staticmethod
+    def _frame_offset(codes: bytes, reading_frame: str) -> int:
+        if reading_frame == "as_read":
+            return 0
+        if reading_frame != "longest_orf":
+            raise ValueError(f"reading_frame {reading_frame!r}: expected one of {', '.join(READING_FRAMES)}")
+        longest = []
+        for offset in range(3):
+            stops = np.flatnonzero(np.isin(_codon_index(codes[offset:]), _STOP_INDICES))
+            n = (len(codes) - offset) // 3
+            longest.append(int(np.diff(stops, prepend=-1, append=n).max()) - 1)
+        return max(range(3), key=lambda offset: (longest[offset], -offset))
 
     def _codon_ids(self, codes: bytes) -> np.ndarray:
-        n = len(codes) // 3
-        triples = np.frombuffer(codes, dtype=np.uint8, count=3 * n).reshape(n, 3)
-        index = triples[:, 0] * _CODES  # uint8 arithmetic is exact: the largest index is 124
-        index += triples[:, 1]
-        index *= _CODES
-        index += triples[:, 2]
         # bytes.translate is a byte -> byte table lookup several times faster than numpy's take
-        return np.frombuffer(bytearray(index).translate(self._code_table), dtype=np.uint8)
+        return np.frombuffer(bytearray(_codon_index(codes)).translate(self._code_table), dtype=np.uint8)
 
     def encode_with_tokenizers(self, seq: str) -> list[int]:
         """Slow reference path through the ``tokenizers`` library, same rules as ``encode``."""
@@ -147,3 +170,14 @@ class CodonTokenizer:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         keep = ~np.isin(ids, self._special_ids) | (ids == self.unk_id)
         return self._decode_table[ids[keep]].tobytes().decode("ascii")
+
+
+def _codon_index(codes: bytes) -> np.ndarray:
+    """(c0 * 5 + c1) * 5 + c2 of each whole codon of base codes (uint8: the largest is 124)."""
+    n = len(codes) // 3
+    triples = np.frombuffer(codes, dtype=np.uint8, count=3 * n).reshape(n, 3)
+    index = triples[:, 0] * _CODES
+    index += triples[:, 1]
+    index *= _CODES
+    index += triples[:, 2]
+    return index

@@ -143,7 +143,7 @@ def draw_log_probs(log_probs: np.ndarray, path: str | Path, title: str,
             ax.annotate(shown[k][1], (at[k], y[k]), xytext=(6, -3), textcoords="offset points", fontsize=8,
                         color="#d62728", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     ax.margins(x=0.01, y=0.06)
-    ax.set_xlabel("codon index (0-based, as read)")
+    ax.set_xlabel("codon index (0-based, in the model's reading frame)")
     ax.set_ylabel("log-probability (nats)")
     ax.set_title(title, fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)

@@ -4,7 +4,7 @@
         --output_dir OUT
 
 Each genome of --input is compared with the one record of --reference codon by codon by position
-(both read in frame from their first nucleotide): codon i against codon i. OUT gets
+(both read in the model's reading frame, ``GenomeLM.codons``): codon i against codon i. OUT gets
 
 - differences.tsv: one row per codon that differs: id, codon_index (0-based), reference_codon,
   codon, log_prob (the genome's codon under the model, natural log, as ``score --per_codon``
@@ -37,7 +37,6 @@ from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import output_dir
 from modelzoo.inference import add_model_arguments, model_from_args
 from modelzoo.tools.maps import draw_log_probs
-from modelzoo.tools.score import codons
 
 PROG = "python -m modelzoo.tools.mutations"
 TOOL = "modelzoo.tools.mutations"
@@ -77,8 +76,8 @@ def mutations(args) -> str:
         raise ConfigError(f"--max_plots {args.max_plots}: must be >= 0")
     inputs = [args.input, args.reference, args.checkpoint_path or args.model_dir]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
-        ref_id, reference = _reference(args.reference)
         lm = model_from_args(args)
+        ref_id, reference = _reference(args.reference, lm)
         genomes, found, skipped, plots = 0, 0, [], 0
         with open(tmp / TABLE, "w") as out:
             out.write("\t".join(COLUMNS) + "\n")
@@ -86,7 +85,7 @@ def mutations(args) -> str:
             for records, arrays in blocks:
                 for rec, values in zip(records, arrays):
                     genomes += 1
-                    letters = codons(rec.seq)
+                    letters, _ = lm.codons(rec.seq)
                     if len(letters) != len(reference):
                         skipped.append(f"{rec.id} ({len(letters)} codons)")
                         continue
@@ -113,12 +112,12 @@ def mutations(args) -> str:
             f"{lm.source} -> {Path(args.output_dir) / TABLE} and {plots} plots{note}")
 
 
-def _reference(path) -> tuple[str, list[str]]:
+def _reference(path, lm) -> tuple[str, list[str]]:
     records = list(itertools.islice(read_records(path), 2))
     if len(records) != 1:
         raise DataError(f"--reference {path}: holds {'more than one record' if records else 'no record'}; "
                         f"give one reference genome")
-    return records[0].id, codons(records[0].seq)
+    return records[0].id, lm.codons(records[0].seq)[0]
 
 
 def _plot_name(number: int, record_id: str) -> str:

@@ -9,8 +9,10 @@ ones of its window; BERT gives the pseudo-log-likelihood (one masked codon at a 
 codons (N and other ambiguity codes) are not scored.
 
 --per_codon writes one row per scored codon instead: id, codon_index (0-based position of the
-codon in the sequence as read, from its first nucleotide), codon (its letters, upper case) and
-log_prob (natural log). A codon that is not scored has no row: [UNK] codons, and under a GPT
+codon in the sequence as the model reads it: from its first nucleotide, or in the frame of its
+longest stop-free run for a model trained with reading_frame longest_orf), codon (its letters,
+upper case), log_prob (natural log) and start (0-based position of the codon's first nucleotide
+in the record, whitespace not counted). A codon that is not scored has no row: [UNK] codons, and under a GPT
 model each sequence's first codon (nothing comes before it); a sequence's log_prob rows sum to
 its log_likelihood. Records are read, scored and written a batch at a time (memory holds a
 batch, not the file); the output appears complete or not at all.
@@ -30,7 +32,7 @@ from modelzoo.inference import add_model_arguments, model_from_args
 
 PROG = "python -m modelzoo.tools.score"
 COLUMNS = ("id", "scored_codons", "log_likelihood", "per_codon_log_likelihood", "perplexity")
-PER_CODON_COLUMNS = ("id", "codon_index", "codon", "log_prob")
+PER_CODON_COLUMNS = ("id", "codon_index", "codon", "log_prob", "start")
 
 
 def build_parser() -> OneLineParser:
@@ -39,7 +41,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--input", required=True, help="FASTA or GenBank file (plain or .gz)")
     p.add_argument("--output", required=True, help="TSV file to write")
     p.add_argument("--per_codon", action="store_true",
-                   help="one row per scored codon (id, codon_index, codon, log_prob) instead of one per record")
+                   help="one row per scored codon (id, codon_index, codon, log_prob, start) instead of one per record")
     return p
 
 
@@ -52,8 +54,9 @@ def score(args) -> str:
             blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
             for records, arrays in blocks:
                 for rec, values in zip(records, arrays):
-                    letters = codons(rec.seq)
-                    out.writelines(f"{rec.id}\t{i}\t{letters[i]}\t{values[i]:.6g}\n" for i in scored_indices(values))
+                    letters, offset = lm.codons(rec.seq)
+                    out.writelines(f"{rec.id}\t{i}\t{letters[i]}\t{values[i]:.6g}\t{offset + 3 * i}\n"
+                                   for i in scored_indices(values))
                 scored += len(records)
             return f"scored the codons of {scored} sequences with {lm.source} -> {args.output}"
         out.write("\t".join(COLUMNS) + "\n")
@@ -64,12 +67,6 @@ def score(args) -> str:
                 out.write(f"{rec.id}\t{n}\t{total:.4f}\t{mean:.6f}\t{math.exp(-mean):.4f}\n")
             scored += len(records)
     return f"scored {scored} sequences with {lm.source} -> {args.output}"
-
-
-def codons(seq: str) -> list[str]:
-    """A sequence's whole codons as read (from its first nucleotide), upper case."""
-    seq = "".join(seq.split()).upper()
-    return [seq[i: i + 3] for i in range(0, len(seq) - 2, 3)]
 
 
 def scored_indices(values: np.ndarray) -> np.ndarray:

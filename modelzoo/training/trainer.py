@@ -87,7 +87,8 @@ class Trainer:
         return build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed,
                                 num_workers=cfg.num_workers, rank=self.rank, world_size=self.world,
                                 max_seq_length=cfg.max_seq_length, dataset_cls=dataset_cls,
-                                dataset_kwargs=dataset_kwargs, verify=verify, pad_last=whole)
+                                dataset_kwargs=dataset_kwargs, verify=verify, pad_last=whole,
+                                reading_frame=cfg.reading_frame)
 
     def open_datasets(self, mode: str, verify: bool = True) -> None:
         """Open the shard directories the mode reads, checking their manifests against the params
