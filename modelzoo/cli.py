@@ -138,7 +138,7 @@ def ranks_requested(device: str, params: Params, check_devices: bool = True) -> 
             raise ConfigError("--num_workers_per_node applies to CPU and GPU; CSX takes --num_csx")
         if run.activation_checkpointing:
             raise ConfigError("runconfig.activation_checkpointing applies to CPU and GPU; the CSX wafer recomputes "
-                              "each stage unless runconfig.csx.keep_activations")
+                              "each stage when its activations do not fit (runconfig.csx.keep_activations)")
         if run.sharding != "none":
             raise ConfigError("runconfig.sharding applies to CPU and GPU; CSX keeps weights and optimizer state in "
                               "MemoryX, sharded by stage across --num_csx systems")

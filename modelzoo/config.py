@@ -279,11 +279,12 @@ class CSXConfig(Section):
                                                          "exit, on error or SIGTERM/SIGINT, or at the next start on "
                                                          "the same host after a kill.")
     prefetch_depth: int = Field(1, ge=0, description="Stages whose weights stream in ahead of compute.")
-    keep_activations: bool = Field(False, description="Keep each stage's activations on the wafer between its "
-                                   "forward and backward pass (as Cerebras weight streaming does) instead of "
-                                   "keeping only stage inputs and recomputing the stage in backward: about a "
-                                   "third less compute, but activation memory of a resident run. Weights still "
-                                   "stream in again for backward.")
+    keep_activations: Union[Literal["auto"], bool] = Field(
+        "auto", description="Keep each stage's activations on the wafer between its forward and backward pass (as "
+        "Cerebras weight streaming does) instead of keeping only stage inputs and recomputing the stage in "
+        "backward: about a third less compute, but activation memory of a resident run. auto: keep them when the "
+        "plan that keeps them fits wafer_memory_gb, else recompute (the run log and --compile_only say which and "
+        "why); true / false force either. Weights stream in again for backward either way.")
     wafer_device: Literal["cpu", "cuda"] = Field("cpu", description="Where the wafer's stages compute: the CPU, or "
                                                                     "this system's CUDA device (--num_csx N: N "
                                                                     "GPUs), MemoryX staying in host RAM or on "
@@ -329,6 +330,7 @@ class RunConfig(Section):
                                                               "(dropout masks identical), so long sequences fit: "
                                                               "activation memory of one block instead of all, for "
                                                               "about a third more compute. CSX recomputes on its own "
+                                                              "when activations do not fit its wafer "
                                                               "(csx.keep_activations).")
     sharding: Literal["none", "fsdp"] = Field("none", description="CPU/GPU with several ranks: none (DDP: every "
                                                                   "rank holds the whole model and optimizer "

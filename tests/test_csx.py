@@ -80,8 +80,9 @@ def assert_close_curves(a, b, rel=1e-5):
 
 @pytest.mark.parametrize("model_name", sorted(n for n in MODELS if n != "bert") + ["bert"] * ("bert" in MODELS))
 def test_csx_loss_curve_equals_cpu(data_dir, model_name):
-    """fp32, dropout, clipping, warm-up + cosine schedule, 2 micro-batches: 20 steps agree."""
-    params = make_params(data_dir, model_name)
+    """fp32, dropout, clipping, warm-up + cosine schedule, 2 micro-batches, each stage recomputed
+    in backward: 20 steps agree."""
+    params = make_params(data_dir, model_name, csx={"keep_activations": False})
     cpu, _ = train("cpu", params)
     csx, _ = train("csx", params)
     assert cpu[0][0] != cpu[-1][0]  # it trains
@@ -149,8 +150,9 @@ def _continue(kind, params, state):
     return curve
 
 
-def test_mixed_precision_trains_close_to_cpu(data_dir):
-    params = make_params(data_dir, mixed=True, dropout=0.0)
+@pytest.mark.parametrize("keep", [True, False])
+def test_mixed_precision_trains_close_to_cpu(data_dir, keep):
+    params = make_params(data_dir, mixed=True, dropout=0.0, csx={"keep_activations": keep})
     cpu, _ = train("cpu", params, steps=5)
     csx, _ = train("csx", params, steps=5)
     assert_close_curves(cpu, csx, rel=3e-2)  # bf16 copies of the weights vs autocast: close, not equal
@@ -175,7 +177,8 @@ def test_compile_only_prints_plan_and_refuses_oversize_stage(data_dir, tmp_path,
     path.write_text(yaml.safe_dump(raw))
     assert cli_main(["CSX", "--params", str(path), "--compile_only"]) == 0
     out = capsys.readouterr().out
-    for words in ("CSX plan", "2 GPT2Block", "peak wafer memory", "MemoryX", "streamed per step"):
+    for words in ("CSX plan", "2 GPT2Block", "peak wafer memory", "MemoryX", "streamed per step",
+                  "activations: kept on the wafer between forward and backward (auto: the plan that keeps them needs"):
         assert words in out
     raw["runconfig"]["csx"] = {"wafer_memory_gb": 1e-5}
     path.write_text(yaml.safe_dump(raw))
@@ -197,3 +200,51 @@ def test_plan_counts_kept_activations(data_dir):
     first = [p.stages[0] for p in (plans[False], plans[True])]
     assert first[1].peak_bytes == first[0].peak_bytes - first[0].saved_bytes + kept
     assert plans[True].peak.peak_bytes > plans[False].peak.peak_bytes
+
+
+def _wafer_between_the_two_plans(params) -> float:
+    """A wafer_memory_gb that the recompute plan fits and the plan keeping activations does not."""
+    from modelzoo.backends.csx.plan import GiB, make_plan
+    model = build_model(params.model)
+    peaks = [make_plan(model, (2, SEQ), 2, 1, 1, params.optimizer, keep_activations=keep).peak.peak_bytes
+             for keep in (False, True)]
+    assert peaks[0] < peaks[1]
+    return (peaks[0] + peaks[1]) / 2 / GiB
+
+
+@pytest.mark.parametrize("wafer", ["default", "small"])
+def test_auto_keeps_activations_when_they_fit(data_dir, tmp_path, wafer):
+    """keep_activations auto (the default): kept when the plan keeping them fits the wafer, each
+    stage recomputed in backward when only that fits; the run log says which and why, and either
+    way the run trains like the resident backend."""
+    import yaml
+    csx = {} if wafer == "default" else {"wafer_memory_gb": _wafer_between_the_two_plans(make_params(data_dir))}
+    params = make_params(data_dir, csx=csx, tmp=tmp_path / "m", max_steps=1)
+    assert params.runconfig.csx.keep_activations == "auto"
+    csx_curve, backend = train("csx", params, steps=5)
+    cpu_curve, _ = train("cpu", params, steps=5)
+    assert_close_curves(cpu_curve, csx_curve)
+    kept = wafer == "default"
+    assert backend.wafer.keep_activations is kept
+    said = ("activations: kept on the wafer between forward and backward (auto: the plan that keeps them needs"
+            if kept else "activations: recomputed in backward from each stage's input (auto: keeping them would "
+                         f"need {backend.activations.split('need ')[1]}")
+    assert said in backend.describe() and "GiB" in backend.describe()
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(params.to_yaml())))
+    assert cli_main(["CSX", "--params", str(path)]) == 0
+    assert said in (tmp_path / "m" / "run.log").read_text()  # the line that describes the run
+
+
+def test_forced_keep_activations_is_said_and_the_recompute_plan_must_still_fit(data_dir):
+    params = make_params(data_dir, csx={"keep_activations": False})
+    backend = make_backend("csx", params)
+    backend.setup(build_model(params.model), params.optimizer)
+    assert not backend.wafer.keep_activations
+    assert "activations: recomputed in backward from each stage's input (runconfig.csx.keep_activations: false)" \
+        in backend.describe()
+    backend.close()
+    from modelzoo.errors import ConfigError
+    with pytest.raises(ConfigError, match="runconfig.csx.wafer_memory_gb: stage"):  # auto falls back, then refuses
+        make_backend("csx", make_params(data_dir, csx={"wafer_memory_gb": 1e-5})).setup(
+            build_model(params.model), params.optimizer)

@@ -60,10 +60,11 @@ class CSXBackend(Backend):
         self.sparsity_cfg = params.sparsity if self.training else None
         self.sparsity = self.sparse_stream = None
         self._deferred = None
-        self.store = self.prefetcher = None  # what close() releases, once setup() made them
+        self.store = self.prefetcher = self.memoryx = None  # what close() releases, once setup() made them
         # where the wafer computes: the CPU, or this system's GPU (MemoryX stays in host RAM or on disk)
         self.device = torch.device("cuda", local_rank()) if self.cfg.wafer_device == "cuda" else torch.device("cpu")
         self.link: Link | None = None
+        self.keep_activations, self.activations = False, ""  # the plan's choice (csx.keep_activations)
         self._session: ShardedCheckpoint | None = None  # a sharded checkpoint the writer may still stream
 
     def build_model(self, build, model_cfg):
@@ -76,20 +77,32 @@ class CSXBackend(Backend):
     def describe(self) -> str:
         where = "RAM" if self.cfg.memoryx == "ram" else f"disk ({self.memoryx_dir})"
         wafer = f", wafer on {self.device}" if self.device.type != "cpu" else ""
+        # once setup() has made the plan: whether the wafer keeps activations, and why
+        activations = f"; {self.activations}" if self.activations else ""
         return (f"CSX weight streaming: {self.systems} system(s){wafer}, MemoryX in {where}, "
-                f"prefetch depth {self.cfg.prefetch_depth}")
+                f"prefetch depth {self.cfg.prefetch_depth}{activations}")
 
     def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
         """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
         plan = make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
                          optimizer_cfg or self.optimizer_cfg, training=self.training,
-                         keep_activations=self.cfg.keep_activations)
+                         keep_activations=self.cfg.keep_activations, wafer_memory_gb=self.cfg.wafer_memory_gb,
+                         device_memory=self._device_memory())
+        self.keep_activations, self.activations = plan.keep_activations, plan.activations
         text = format_plan(plan, self.cfg.wafer_memory_gb, self.cfg.memoryx)
         if self.sparsity_cfg is not None:
             text += "\n" + plan_lines(plan, model, build_sparsifier(self.sparsity_cfg, model.named_parameters()),
                                       self.training)
         check_fits(plan, self.cfg.wafer_memory_gb)
         return text
+
+    def _device_memory(self) -> tuple[str, float] | None:
+        """(name, GiB) of the memory the wafer's activations live in: this host's RAM for a CPU
+        wafer (the emulated wafer may be configured larger than it), the GPU's for a CUDA one."""
+        from modelzoo.backends.memory_plan import device_memory_bytes  # it imports csx.plan, hence csx
+        total = device_memory_bytes(self.device, None)
+        name = "RAM" if self.device.type == "cpu" else f"{self.device} memory"
+        return None if total is None else (name, total / 2 ** 30)
 
     # ------------------------------------------------------------ setup
 
@@ -105,7 +118,7 @@ class CSXBackend(Backend):
             torch.cuda.set_device(self.device)
         self.link = Link(self.device)
         self._outbox: deque = deque()  # gradients on their way to host memory (link.to_host)
-        self.wafer = Wafer(model, keep_activations=self.cfg.keep_activations, device=self.device)
+        self.wafer = Wafer(model, keep_activations=self.keep_activations, device=self.device)
         n = len(self.wafer.stages)
         stage_names = [self.wafer.stage_names(i) for i in range(n)]
         self.swarm = SwarmX(stage_names)

@@ -8,7 +8,7 @@ its backward (counted with ``saved_tensors_hooks``), which is exactly what the w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.func import functional_call
@@ -44,6 +44,8 @@ class Plan:
     state_tensors: int  # optimizer state tensors per parameter
     streamed_in: int  # weight bytes streamed per step per system
     streamed_out: int  # gradient bytes streamed per step per system
+    keep_activations: bool = False  # stages keep their autograd activations until their backward
+    activations: str = ""  # which of the two and why, for the run log and --compile_only
 
     @property
     def peak(self) -> StageCost:
@@ -64,9 +66,45 @@ def optimizer_state_tensors(cfg: OptimizerConfig | None) -> int:
 
 def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: int, prefetch_depth: int,
               systems: int, optimizer_cfg: OptimizerConfig | None, training: bool = True,
-              keep_activations: bool = False) -> Plan:
-    dtype = model.config.compute_dtype
-    costs = stage_costs(model, micro_batch, dtype, training)
+              keep_activations: bool | str = False, wafer_memory_gb: float | None = None,
+              device_memory: tuple[str, float] | None = None) -> Plan:
+    """The plan; ``keep_activations`` "auto" keeps activations when the plan that keeps them fits
+    ``wafer_memory_gb`` and ``device_memory`` ((name, GiB) of the device the wafer computes on, e.g.
+    the host's RAM for a CPU wafer, when known) and recomputes each stage in backward otherwise;
+    true / false force either (check_fits then says whether the chosen plan fits at all)."""
+    costs = stage_costs(model, micro_batch, model.config.compute_dtype, training)
+    assemble = lambda keep: _assemble(model, [replace(c) for c in costs], micro_batch, micro_batches,  # noqa: E731
+                                      prefetch_depth, systems, optimizer_cfg, training, keep)
+    if not training:
+        return assemble(False)
+    if keep_activations != "auto":
+        plan = assemble(bool(keep_activations))
+        plan.activations = (f"activations: {_KEPT if plan.keep_activations else _RECOMPUTED} "
+                            f"(runconfig.csx.keep_activations: {str(plan.keep_activations).lower()})")
+        return plan
+    if wafer_memory_gb is None:
+        raise ValueError("keep_activations='auto' decides against wafer_memory_gb: pass it")
+    limits = [(wafer_memory_gb, f"the wafer's {wafer_memory_gb:g} GiB")]
+    if device_memory is not None and device_memory[1] < wafer_memory_gb:
+        limits.append((device_memory[1], f"the {device_memory[1]:.1f} GiB of {device_memory[0]} the wafer runs in"))
+    kept = assemble(True)
+    need = size_text(kept.peak.peak_bytes)
+    over = [where for gb, where in limits if kept.peak.peak_bytes > gb * GiB]
+    if not over:
+        kept.activations = f"activations: {_KEPT} (auto: the plan that keeps them needs {need} of {limits[-1][1]})"
+        return kept
+    plan = assemble(False)
+    plan.activations = f"activations: {_RECOMPUTED} (auto: keeping them would need {need} of {over[0]})"
+    return plan
+
+
+_KEPT = "kept on the wafer between forward and backward"
+_RECOMPUTED = "recomputed in backward from each stage's input"
+
+
+def _assemble(model: StagedModel, costs: list[StageCost], micro_batch: tuple[int, int], micro_batches: int,
+              prefetch_depth: int, systems: int, optimizer_cfg: OptimizerConfig | None, training: bool,
+              keep_activations: bool) -> Plan:
     n = len(costs)
     boundary = sum(c.output_bytes for c in costs[:-1])
     # keep_activations: every stage but the last holds what autograd saved until its backward
@@ -83,8 +121,8 @@ def make_plan(model: StagedModel, micro_batch: tuple[int, int], micro_batches: i
     weights = sum(c.weight_bytes for c in costs)
     streamed_in = micro_batches * (weights + (weights - costs[-1].weight_bytes if training else 0))
     streamed_out = micro_batches * weights if training else 0
-    return Plan(costs, micro_batch, micro_batches, dtype, prefetch_depth, systems, boundary, memoryx, states,
-                streamed_in, streamed_out)
+    return Plan(costs, micro_batch, micro_batches, model.config.compute_dtype, prefetch_depth, systems, boundary,
+                memoryx, states, streamed_in, streamed_out, keep_activations and training)
 
 
 def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.dtype,
@@ -163,4 +201,6 @@ def format_plan(plan: Plan, wafer_memory_gb: float, memoryx_where: str) -> str:
               f"{plan.state_tensors} optimizer state tensor(s) per weight), ~{size_text(int(per_system))} per system",
               f"streamed per step per system: weights in {size_text(plan.streamed_in)}, "
               f"gradients out {size_text(plan.streamed_out)}"]
+    if plan.activations:
+        lines.append(plan.activations)
     return "\n".join(lines)
