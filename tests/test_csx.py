@@ -248,3 +248,79 @@ def test_forced_keep_activations_is_said_and_the_recompute_plan_must_still_fit(d
     with pytest.raises(ConfigError, match="runconfig.csx.wafer_memory_gb: stage"):  # auto falls back, then refuses
         make_backend("csx", make_params(data_dir, csx={"wafer_memory_gb": 1e-5})).setup(
             build_model(params.model), params.optimizer)
+
+
+@pytest.mark.parametrize("memoryx", ["disk", "ram"])
+def test_the_update_overlaps_the_next_forward(data_dir, tmp_path, memoryx):
+    """MemoryX updates the stages in the background, in forward order, and the next step's
+    forward of a stage waits only for that stage's update: stage 0 of step 2 computes while the
+    last stage's update of step 1 is held back (released only once stage 0 has run: a
+    synchronous update would time out here), and no stage computes on weights its update has not
+    written. The losses are those of a run without the hold."""
+    import threading
+    params = make_params(data_dir, dropout=0.0, accum=1,
+                         csx={"memoryx": memoryx, "memoryx_dir": str(tmp_path / "mx")})
+    expected, _ = train("csx", params, steps=3)
+    torch.manual_seed(params.runconfig.seed)
+    backend = make_backend("csx", params)
+    backend.setup(build_model(params.model), params.optimizer)
+    stages = [set(backend.wafer.stage_names(i)) for i in range(len(backend.wafer.stages))]
+    events, step, step_2_began, held = [], [0], threading.Event(), []
+    train_step, run, write = backend.train_step, backend.wafer.run, backend.memoryx._write_stage
+
+    def counted_step(*args):
+        step[0] += 1
+        return train_step(*args)
+
+    def recorded_run(i, *args):
+        events.append(("run", step[0], i))
+        if step[0] == 2 and i == 0:
+            step_2_began.set()
+        return run(i, *args)
+
+    def held_write(updated, names):
+        if not held and names and set(names) <= stages[-1]:  # the first update's last stage
+            held.append(step_2_began.wait(timeout=120))
+        write(updated, names)
+        events.append(("written", set(names)))
+
+    backend.train_step, backend.wafer.run, backend.memoryx._write_stage = counted_step, recorded_run, held_write
+    curve, _ = train("csx", params, steps=3, backend=backend)
+    backend.close()
+    assert curve == expected
+    assert held == [True], "step 2's forward did not start before step 1's update had finished"
+    first_run = {e[2]: k for k, e in reversed(list(enumerate(events))) if e[:2] == ("run", 2)}
+    first_write = {name: k for k, e in reversed(list(enumerate(events))) if e[0] == "written" for name in e[1]}
+    for i, names in enumerate(stages):  # step 1's update wrote each stage before step 2 computed with it
+        assert max(first_write[name] for name in names) < first_run[i], i
+    last = max(first_write[name] for name in stages[-1] - stages[0])
+    assert last > first_run[0]  # ...and was still writing the last stage while step 2 computed stage 0
+    assert backend.phase_seconds["optimizer_update"] > 0
+
+
+def test_a_failed_update_is_raised_by_the_next_step_and_close_does_not_hang(data_dir, tmp_path):
+    """An update fails in the background (e.g. the disk is full): the next step raises that error,
+    so does every later access (MemoryX is half updated), and close() still stops the threads and
+    removes the files."""
+    import threading
+    params = make_params(data_dir, dropout=0.0, csx={"memoryx": "disk", "memoryx_dir": str(tmp_path / "mx")})
+    earlier = set(threading.enumerate())  # other tests' backends may still hold theirs
+    _, backend = train("csx", params, steps=1)
+    backend.memoryx.wait()  # step 1's update is done: the next one fails
+    step, calls = backend.memoryx._step_stage, []
+
+    def failing(loaded, lr, norm):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (injected)")
+        return step(loaded, lr, norm)
+
+    backend.memoryx._step_stage = failing
+    train("csx", params, steps=1, backend=backend)  # its update runs after the step has returned
+    with pytest.raises(OSError, match="injected"):
+        train("csx", params, steps=1, backend=backend)
+    with pytest.raises(OSError, match="injected"):
+        backend.state_dict()
+    backend.close(failed=True)
+    assert not [t.name for t in set(threading.enumerate()) - earlier if t.name.startswith("memoryx")]
+    assert not list((tmp_path / "mx").rglob("*.bin"))

@@ -10,6 +10,7 @@ and gradients between it and MemoryX, which stays in host RAM or on disk either 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from modelzoo.training.sparsity import build_sparsifier, merge_states
 from modelzoo.training.step import OptimizerStep
 
 log = logging.getLogger("modelzoo")
-PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read")
+PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read", "optimizer_update")
 
 
 class CSXBackend(Backend):
@@ -147,8 +148,10 @@ class CSXBackend(Backend):
                 self.uses[name] = self.uses.get(name, 0) + 1
         self.prefetcher = Prefetcher(self._fetch, self.cfg.prefetch_depth)
         # Seconds per phase, summed over steps: compute on the wafer, waiting for weights that the
-        # prefetch did not hide, writing gradients into MemoryX, the optimizer update, and (in the
-        # prefetch thread, overlapped with the rest) reading weights out of MemoryX.
+        # prefetch did not hide, writing gradients into MemoryX, waiting for the optimizer (the
+        # global norm, and the next forward waiting for an update still running), and, overlapped
+        # with the rest, reading weights out of MemoryX (prefetch thread) and the optimizer update
+        # (MemoryX's thread; counted in the step during which it finished).
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self.timed_steps = 0
         self.loss_scaler = self.step = None
@@ -197,16 +200,20 @@ class CSXBackend(Backend):
         self.phase_seconds["weights_read"] += time.perf_counter() - start
         return sent
 
-    def _timed(self, stream):
-        """The weight stream, counting the time the wafer waits for it."""
-        while True:
+    def _timed(self, stream, order: list[int]):
+        """The weight stream of stages ``order``, counting the time the wafer waits for it: as
+        optimizer while the update of the stage's weights (started by the previous step) was
+        still running, as weights_wait after."""
+        for stage in order:
             start = time.perf_counter()
             try:
                 weights = self.link.ready(next(stream))
-            except StopIteration:
-                return
             finally:
-                self._step_phases["weights_wait"] += time.perf_counter() - start
+                waited = time.perf_counter() - start
+                updated = self.memoryx.ready_at(self._owned(self.wafer.stage_names(stage)))
+                stalled = min(max(updated - start, 0.0), waited)
+                self._step_phases["optimizer"] += stalled
+                self._step_phases["weights_wait"] += waited - stalled
             yield weights
 
     # ------------------------------------------------------------ steps
@@ -229,9 +236,10 @@ class CSXBackend(Backend):
         scale = self.loss_scaler.scale if self.loss_scaler else None
         step_start = time.perf_counter()
         self._step_phases = dict.fromkeys(PHASES, 0.0)
-        read_before = self.phase_seconds["weights_read"]
-        raw = self.prefetcher.stream(Wafer.train_order(n) * len(micro_batches))
-        stream = self._timed(raw)
+        before = self.phase_seconds["weights_read"], self.memoryx.update_seconds
+        order = Wafer.train_order(n) * len(micro_batches)
+        raw = self.prefetcher.stream(order)
+        stream = self._timed(raw, order)
         total = 0.0
         for k, (mb, weight) in enumerate(zip(micro_batches, weights)):
             self._final = k == len(micro_batches) - 1
@@ -244,22 +252,28 @@ class CSXBackend(Backend):
         optimizer_start = time.perf_counter()
         # Every gradient is in MemoryX (unscaled and masked as it arrived): the global norm over
         # every system's stages decides clipping and whether the update may apply at all (a
-        # non-finite one never does), then the stages are updated one by one.
+        # non-finite one never does), then the stages are updated one by one, in the background
+        # and in forward order: the next step's forward of stage k waits only for stage k's update.
         norm, apply = self.step.decide(self.swarm.global_norms(self.memoryx.norms))
         if apply:
-            self.memoryx.update([self._owned(self.wafer.stage_names(i)) for i in range(n - 1, -1, -1)], lr, norm)
-        self.memoryx.end_step()
-        self._account(step_start, optimizer_start, read_before)
+            self.memoryx.start_update([self._owned(self.wafer.stage_names(i)) for i in range(n)], lr, norm)
+            if self.sparsity is not None:
+                self.memoryx.wait()  # new masks and the sparsity schedule (step.end) follow the whole update
+        else:
+            self.memoryx.discard_gradients()
+        self._account(step_start, optimizer_start, *before)
         return {"loss": self.swarm.sum(total), "grad_norm": float(norm),
                 "overflow": self.loss_scaler is not None and not apply, **self.step.end(apply)}
 
-    def _account(self, step_start: float, optimizer_start: float, read_before: float) -> None:
+    def _account(self, step_start: float, optimizer_start: float, read_before: float, update_before: float) -> None:
         now = time.perf_counter()
         phases = self._step_phases
-        phases["optimizer"] = now - optimizer_start
-        phases["compute"] = optimizer_start - step_start - phases["weights_wait"] - phases["gradients_out"]
+        stalled = phases["optimizer"]  # so far: the wafer waiting for weights the update had not written
+        phases["compute"] = optimizer_start - step_start - phases["weights_wait"] - phases["gradients_out"] - stalled
+        phases["optimizer"] = stalled + now - optimizer_start
         phases["weights_read"] = self.phase_seconds["weights_read"] - read_before
-        for k in ("compute", "weights_wait", "gradients_out", "optimizer"):
+        phases["optimizer_update"] = self.memoryx.update_seconds - update_before
+        for k in ("compute", "weights_wait", "gradients_out", "optimizer", "optimizer_update"):
             self.phase_seconds[k] += phases[k]
         self.timed_steps += 1
         # a line per step where steps take long enough for it to matter (large models)
@@ -369,21 +383,24 @@ class CSXBackend(Backend):
             self.loss_scaler.load_state_dict(state["loss_scale"])
 
     def _release(self, failed):
-        """Serve a checkpoint the writer still streams (unless failing), stop the prefetch thread,
-        remove the disk MemoryX directory."""
-        try:
+        """Serve a checkpoint the writer still streams (unless failing), stop the prefetch thread
+        and MemoryX's update thread (which write into and read from the store), then remove the
+        disk MemoryX directory; each step runs whatever the ones before raise."""
+        with contextlib.ExitStack() as steps:  # callbacks run last to first
+            if self.store is not None:
+                steps.callback(self.store.close)
+            if self.memoryx is not None:
+                steps.callback(self.memoryx.close, failed)
+            if self.prefetcher is not None:
+                steps.callback(self.prefetcher.close, wait=not failed)
             if not failed:
                 self._wait_for_checkpoint_writer()
             elif self._session is not None:
                 self._session.finish(failed=True)
-        finally:
-            if self.prefetcher is not None:
-                self.prefetcher.close(wait=not failed)
-            if self.store is not None:
-                self.store.close()
 
 
 def describe_phases(phases: dict[str, float]) -> str:
     return (f"compute {phases['compute']:.1f} s, waiting for weights {phases['weights_wait']:.1f} s, "
             f"gradients to MemoryX {phases['gradients_out']:.1f} s, optimizer {phases['optimizer']:.1f} s "
-            f"(weights read from MemoryX {phases['weights_read']:.1f} s, overlapped with compute)")
+            f"(weights read from MemoryX {phases['weights_read']:.1f} s, optimizer update "
+            f"{phases['optimizer_update']:.1f} s, overlapped with compute)")

@@ -13,10 +13,18 @@ that a non-finite gradient is never applied (the fp16 loss scaler skips such ste
 norms are taken as each gradient becomes final, the gradients wait in MemoryX until the
 backward pass has finished, then the stages are updated one by one. This is exact: the same
 norm, clip coefficient and optimizer arithmetic as one resident step.
+
+The update runs in a thread of its own, beside the next step's forward pass: stages are updated
+in forward order, and a weight read (``read``, what the wafer streams in) waits only for the
+update of its own stage, so the next step's stage 0 computes while later stages still update.
+Everything else that touches the state (gradients, checkpoints, loading) waits for the whole
+update (``wait``); an update that fails is raised by every later read or wait.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -35,6 +43,10 @@ def _run_now(fn, *args) -> Future:
     done = Future()
     done.set_result(fn(*args))
     return done
+
+
+class UpdateCancelled(Exception):
+    """The update stopped between stages because MemoryX is closing after a failure (its files go)."""
 
 
 def _released(shape: torch.Size) -> torch.Tensor:
@@ -62,17 +74,30 @@ class MemoryX:
         self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
         self.norms: dict[str, torch.Tensor] = {}  # per-tensor gradient norms of this step
         self.step = None  # training.step.OptimizerStep over this optimizer: set by the backend
+        # the update in the background: names it has not written yet, when each was written
+        # (perf_counter), its failure, and its total running time (seconds, over all steps)
+        self._updated = threading.Condition()
+        self._updating: set[str] = set()
+        self._ready_at: dict[str, float] = {}
+        self._failure: BaseException | None = None
+        self._cancelled = False
+        self._running: Future | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self.update_seconds = 0.0
 
     def owns(self, name: str) -> bool:
         return name in self.handles
 
     def read(self, name: str) -> torch.Tensor:
-        """The fp32 master weight (in RAM: the master itself; on disk: a fresh copy)."""
+        """The fp32 master weight (in RAM: the master itself; on disk: a fresh copy), once the
+        update in flight has written it."""
+        self._wait_for(name)
         return self.store.get(f"w/{name}")
 
     # ------------------------------------------------------------ gradients
 
     def add_gradient(self, name: str, grad: torch.Tensor) -> None:
+        self._wait_for(name)  # the last update has read and dropped the previous gradient
         key = f"g/{name}"
         if key in self.store:
             total = self.store.get(key)
@@ -93,32 +118,93 @@ class MemoryX:
 
     # ------------------------------------------------------------ the update
 
-    def update(self, stages: list[list[str]], lr: float, norm: torch.Tensor) -> None:
+    def start_update(self, stages: list[list[str]], lr: float, norm: torch.Tensor) -> None:
         """The rest of the optimizer step (clip with the global ``norm``, update, re-mask) over the
         parameters of each stage in turn (those with a gradient, each once however many stages
-        list it); gradients are then dropped.
+        list it, with the first), started in the background; gradients are dropped as each stage
+        is written. ``stages`` in the order the next forward pass streams them in: ``read``
+        of a weight waits for its own stage only.
 
         On disk the update is a pipeline: while one stage steps, the next stage's weights,
         gradients and state are read and the previous stage's are written back, each in a
         background thread (file I/O and torch's foreach kernels release the GIL), so the
         optimizer costs about max(read, step, write) per stage rather than their sum."""
+        self.wait()
         seen: set[str] = set()
         stages = [[n for n in names if not (n in seen or seen.add(n))] for names in stages]
-        background = not self.store.resident
-        with ThreadPoolExecutor(2, thread_name_prefix="memoryx-update") if background else nullcontext() as pool:
-            submit = pool.submit if background else _run_now
-            reading = submit(self._read_stage, stages[0]) if stages else None
-            writing = None
-            for k in range(len(stages)):
-                loaded = reading.result()
-                if k + 1 < len(stages):
-                    reading = submit(self._read_stage, stages[k + 1])
-                updated = self._step_stage(loaded, lr, norm)
+        self.norms.clear()
+        with self._updated:
+            self._updating = set(seen)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="memoryx-optimizer")
+        self._running = self._worker.submit(self._update, stages, lr, norm)
+
+    def _update(self, stages: list[list[str]], lr: float, norm: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            background = not self.store.resident
+            with ThreadPoolExecutor(2, thread_name_prefix="memoryx-update") if background else nullcontext() as pool:
+                submit = pool.submit if background else _run_now
+                reading = submit(self._read_stage, stages[0]) if stages else None
+                writing = None
+                for k in range(len(stages)):
+                    loaded = reading.result()
+                    if self._cancelled:
+                        raise UpdateCancelled("MemoryX closed during its update")
+                    if k + 1 < len(stages):
+                        reading = submit(self._read_stage, stages[k + 1])
+                    updated = self._step_stage(loaded, lr, norm)
+                    if writing is not None:
+                        writing.result()  # at most one stage waits to be written: RAM stays bounded
+                    writing = submit(self._write_stage, updated, stages[k])
                 if writing is not None:
-                    writing.result()  # at most one stage waits to be written: RAM stays bounded
-                writing = submit(self._write_stage, updated)
-            if writing is not None:
-                writing.result()
+                    writing.result()
+        except BaseException as e:  # noqa: B036 - kept for whoever reads next, never lost
+            with self._updated:
+                self._failure = e
+                self._updated.notify_all()
+        finally:
+            self.update_seconds += time.perf_counter() - start
+
+    def _wait_for(self, name: str) -> None:
+        """Until the update in flight has written ``name`` (at once when it is not updating)."""
+        with self._updated:
+            while name in self._updating and self._failure is None:
+                self._updated.wait()
+            if self._failure is not None:
+                raise self._failure
+
+    def ready_at(self, names: list[str]) -> float:
+        """When the last update wrote the latest of ``names`` (time.perf_counter; 0 if never)."""
+        return max((self._ready_at.get(n, 0.0) for n in names), default=0.0)
+
+    def wait(self) -> None:
+        """Until the update in flight has finished; raises its failure (and so does every later
+        call: MemoryX holds a half-updated state then)."""
+        running = self._running
+        if running is not None:
+            running.exception()  # _update keeps its failure itself
+            self._running = None
+        if self._failure is not None:
+            raise self._failure
+
+    def discard_gradients(self) -> None:
+        """A step whose update does not apply (non-finite gradients): drop its gradients."""
+        self.wait()
+        self.norms.clear()
+        for name in self.handles:
+            self.store.pop(f"g/{name}")
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the update thread before the store goes: an update in flight finishes (with
+        ``failed`` it stops after the stage it is on: the files are about to be removed), and
+        without ``failed`` its failure is raised here."""
+        self._cancelled = failed
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
+        if not failed:
+            self.wait()
 
     def _read_stage(self, names: list[str]) -> list[tuple]:
         """(name, master or None in RAM, gradient, optimizer state tensors) of each parameter
@@ -155,17 +241,21 @@ class MemoryX:
                 handle.data = _released(handle.shape)
         return updated
 
-    def _write_stage(self, updated: list[tuple]) -> None:
+    def _write_stage(self, updated: list[tuple], names: list[str]) -> None:
+        """Store a stage's updated tensors; then its ``names`` may be read (a gradient left
+        over, which should not happen, must not leak into the next step either)."""
         for name, master, tensors in updated:
-            self.store.pop(f"g/{name}")
             self.store.put(f"w/{name}", master)
             for k, v in tensors.items():
                 self.store.put(f"s/{name}/{k}", v)
-
-    def end_step(self) -> None:
-        self.norms.clear()
-        for name in self.handles:  # a gradient left over (should not happen) must not leak into the next step
+        for name in names:
             self.store.pop(f"g/{name}")
+        now = time.perf_counter()
+        with self._updated:
+            for name in names:
+                self._ready_at[name] = now
+            self._updating.difference_update(names)
+            self._updated.notify_all()
 
     def _unload_state(self, name: str, handle: nn.Parameter) -> dict[str, torch.Tensor]:
         """Take the parameter's optimizer state out of the optimizer: small values stay in RAM,
@@ -183,6 +273,7 @@ class MemoryX:
 
         On disk the tensors are snapshots (``DiskStore.snapshot``): lazily mapped, read-only in
         spirit, never loaded unless touched; ``snapshots()`` lists them for a streamed save."""
+        self.wait()
         take = (lambda key: self.store.get(key)) if self.store.resident else self._snapshot
         self._taken: list = []
         state = {"model": {name: take(f"w/{name}") for name in self.handles}}
@@ -208,6 +299,7 @@ class MemoryX:
         return taken
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.wait()
         for name, value in weights.items():
             if self.store.resident:
                 self.read(name).copy_(value)  # keeps the handle and the store aliased
@@ -220,6 +312,7 @@ class MemoryX:
         one parameter at a time (a checkpoint larger than RAM arrives memory-mapped)."""
         if self.optimizer is None:
             return
+        self.wait()
         for name, handle in self.handles.items():
             self.optimizer.state.pop(handle, None)
             for k in self._state_keys.pop(name, ()):
