@@ -159,8 +159,8 @@ def ieee_fp32(monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("csx", [{}, {"keep_activations": True}, {"prefetch_depth": 0},
-                                 {"memoryx": "disk", "prefetch_depth": 2}], ids=["ram", "kept", "depth0", "disk"])
+@pytest.mark.parametrize("csx", [{}, {"keep_activations": False}, {"prefetch_depth": 0},
+                                 {"memoryx": "disk", "prefetch_depth": 2}], ids=["ram", "recompute", "depth0", "disk"])
 def test_csx_on_cuda_equals_csx_on_cpu(data_dir, tmp_path, ieee_fp32, csx):
     """fp32, clipping, 2 micro-batches, tied weights: the wafer on the GPU (weights in and gradients
     out on streams of their own) follows the CPU wafer's losses and gradient norms."""
