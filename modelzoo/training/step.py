@@ -112,7 +112,10 @@ class OptimizerStep:
         named_params = list(named_params)
         norms = self.finish_gradients([(n, local(p.grad)) for n, p in named_params if p.grad is not None])
         norm, apply = self.decide(norms)
+        # read before the update is queued: decide has waited for the norm already, so on a GPU
+        # this waits for nothing, where after the update it would wait for the whole optimizer step
+        grad_norm = float(norm)
         if apply:
             self.update(named_params, lr, norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "overflow": self.loss_scaler is not None and not apply, **self.end(apply)}
+        return {"grad_norm": grad_norm, "overflow": self.loss_scaler is not None and not apply, **self.end(apply)}
