@@ -114,18 +114,28 @@ def run(args: argparse.Namespace) -> int:
     # closed however the run ends (an error, SIGTERM): its threads stop, its files go
     with make_backend(args.device, params, only_plan) as backend:
         torch.manual_seed(params.runconfig.seed)
+        from modelzoo.backends.base import precision_on
         from modelzoo.models import build_model
+        # mixed precision where it pays on this device: the model is built with the config it computes in
+        model_cfg, precision_note = precision_on(params.model, compute_device(args.device, params))
         if only_plan:
             with torch.device("meta"):  # shapes only: 25B plans instantly
-                model = build_model(params.model)
+                model = build_model(model_cfg)
         else:
-            model = backend.build_model(build_model, params.model)
+            model = backend.build_model(build_model, model_cfg)
         if only_plan:
             if args.validate_only:
                 check_data(params, backend)
-            print(summary(params, model, backend, args.compile_only, max(ranks, launched_world_size())))
+            ranks_planned = max(ranks, launched_world_size())
+            print(summary(params, model, backend, args.compile_only, ranks_planned, precision_note))
             return 0
-        return execute(params, model, backend)
+        return execute(params, model, backend, precision_note)
+
+
+def compute_device(device: str, params: Params) -> str:
+    """Where the run's math happens: 'cuda' for GPU and for a CSX wafer on a GPU, else 'cpu'."""
+    on_gpu = device == "GPU" or (device == "CSX" and params.runconfig.csx.wafer_device == "cuda")
+    return "cuda" if on_gpu else "cpu"
 
 
 def ranks_requested(device: str, params: Params, check_devices: bool = True) -> int:
@@ -214,10 +224,13 @@ def make_backend(device: str, params: Params, only_plan: bool = False):
     return gpu_backend(recompute, sharding) if device == "GPU" else cpu_backend(recompute, sharding)
 
 
-def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1) -> str:
+def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1,
+            precision_note: str | None = None) -> str:
     n = sum(p.numel() for p in model.parameters())
     lines = [f"params OK: {params.model.name}, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32), "
              f"backend {backend.describe()}"]
+    if precision_note:
+        lines.append(precision_note)
     plan = backend.plan(model, params, ranks) if compile_only else None
     if plan:
         lines.append(plan)
@@ -233,15 +246,15 @@ def model_dir_errors(model_dir: Path):
         raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
 
 
-def execute(params: Params, model, backend) -> int:
+def execute(params: Params, model, backend, precision_note: str | None = None) -> int:
     from modelzoo.training.metrics import close_logging
     try:
-        return _execute(params, model, backend)
+        return _execute(params, model, backend, precision_note)
     finally:
         close_logging()  # run.log closed: a caller (a notebook, a test) may start another run
 
 
-def _execute(params: Params, model, backend) -> int:
+def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     from modelzoo.training.metrics import setup_logging
     from modelzoo.training.trainer import Trainer
     from modelzoo.backends.base import rank_and_world
@@ -255,6 +268,8 @@ def _execute(params: Params, model, backend) -> int:
     resuming = model_dir.is_dir()
     with model_dir_errors(model_dir):
         setup_logging(model_dir if resuming else None, rank)
+    if precision_note:
+        log.info(precision_note)
     trainer = Trainer(params, backend, model_dir)
     trainer.open_datasets(mode)
     training = mode in ("train", "train_and_eval")

@@ -101,9 +101,18 @@ class ModelConfig(Section):
                                                                                "when mixed_precision is on.")
     attention_in_fp32: Literal[True, False, "auto"] = Field(
         "auto", description="With mixed_precision: compute attention (scores, softmax, weighted values) in fp32 "
-                            "(true) or in fp16_type (false). auto: fp32 on CPUs without AMX tiles, whose "
-                            "bf16/fp16 matmul and attention kernels run at about half their fp32 rate; "
-                            "fp16_type on AMX CPUs and GPUs. fp32 is also the more accurate.")
+                            "(true) or in fp16_type (false). auto: fp32 on CPUs that multiply matrices no faster "
+                            "in fp16_type than in fp32 (measured once per process, about 0.1 s; e.g. Intel CPUs "
+                            "with AVX-512 BF16 but no AMX, where it runs at about half the fp32 rate), whose "
+                            "low-precision attention kernels are slower too; fp16_type on other CPUs (AMX, AMD "
+                            "Zen 4) and GPUs. fp32 is also the more accurate.")
+    mixed_precision_on_cpu: Literal[True, False, "auto"] = Field(
+        "auto", description="With mixed_precision, where a run computes on the CPU (run.py CPU; CSX with "
+                            "csx.wafer_device cpu): in fp16_type (true) or in fp32 (false). auto: in fp16_type "
+                            "where this CPU multiplies matrices faster in it than in fp32 (measured once at the "
+                            "start, about 0.1 s: AMX CPUs and AMD Zen 4 do; Intel CPUs with AVX-512 BF16 but no "
+                            "AMX run it at about half the fp32 rate), else in fp32; the run log says which in one "
+                            "line. GPUs always compute in fp16_type.")
     rotary_dim: Optional[int] = Field(None, gt=0, description="GPT-J only: dimensions of each head that get "
                                                               "rotary embeddings (default head_dim / 4, as GenSLM).")
     rotary_pct: Optional[float] = Field(None, gt=0, le=1, description="gpt_neox only: fraction of each head that "

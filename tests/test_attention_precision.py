@@ -1,5 +1,6 @@
 """model.attention_in_fp32: "auto" (the default) computes attention in fp32 under low-precision
-autocast on CPUs without AMX tiles and in the autocast dtype elsewhere; true and false force it."""
+autocast on CPUs that multiply matrices no faster in that dtype than in fp32 (a measured figure,
+replaced here) and in the autocast dtype elsewhere; true and false force it."""
 
 import copy
 
@@ -39,37 +40,37 @@ def sdpa_dtypes(monkeypatch, model) -> tuple[set, torch.Tensor]:
 def test_the_choice_follows_setting_device_and_dtype(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    monkeypatch.setattr(layers, "_cpu_has_amx", lambda dtype: False)
+    monkeypatch.setattr(layers, "cpu_matmul_speedup", lambda dtype: 0.5)
     assert attention_in_fp32("auto", cpu, bf16) and attention_in_fp32("auto", cpu, fp16)
     assert not attention_in_fp32("auto", cuda, bf16)
     assert not attention_in_fp32("auto", cpu, fp32) and not attention_in_fp32(True, cpu, fp32)  # nothing to cast
     assert attention_in_fp32(True, cuda, bf16) and not attention_in_fp32(False, cpu, bf16)
-    monkeypatch.setattr(layers, "_cpu_has_amx", lambda dtype: dtype == bf16)
+    monkeypatch.setattr(layers, "cpu_matmul_speedup", lambda dtype: 2.0 if dtype == bf16 else 0.5)
     assert not attention_in_fp32("auto", cpu, bf16) and attention_in_fp32("auto", cpu, fp16)
     assert attention_in_fp32(True, cpu, bf16)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_auto_is_applied_by_every_model(monkeypatch, name):
-    """Default config: fp32 attention without AMX, bf16 with it; auto equals the forced setting
-    it resolves to, to the bit."""
+    """Default config: fp32 attention where bf16 matmuls are slower, bf16 where faster; auto equals
+    the forced setting it resolves to, to the bit."""
     model = tiny(name)
     assert model.config.attention_in_fp32 == "auto"
-    monkeypatch.setattr(layers, "_cpu_has_amx", lambda dtype: False)
-    seen, auto_no_amx = sdpa_dtypes(monkeypatch, model)
+    monkeypatch.setattr(layers, "cpu_matmul_speedup", lambda dtype: 0.5)
+    seen, auto_slower = sdpa_dtypes(monkeypatch, model)
     assert seen == {(torch.float32, torch.float32)}
-    monkeypatch.setattr(layers, "_cpu_has_amx", lambda dtype: True)
-    seen, auto_amx = sdpa_dtypes(monkeypatch, model)
+    monkeypatch.setattr(layers, "cpu_matmul_speedup", lambda dtype: 2.0)
+    seen, auto_faster = sdpa_dtypes(monkeypatch, model)
     assert seen == {(torch.bfloat16, torch.bfloat16)}
-    for forced, expected in ((True, auto_no_amx), (False, auto_amx)):
+    for forced, expected in ((True, auto_slower), (False, auto_faster)):
         twin = tiny(name, attention_in_fp32=forced)
         twin.load_state_dict(model.state_dict())
         assert torch.equal(sdpa_dtypes(monkeypatch, twin)[1], expected)
-    assert not torch.equal(auto_no_amx, auto_amx)  # the choice changes the numbers: it was really made
+    assert not torch.equal(auto_slower, auto_faster)  # the choice changes the numbers: it was really made
 
 
 def test_fp32_attention_trains_under_bf16_autocast(monkeypatch):
-    monkeypatch.setattr(layers, "_cpu_has_amx", lambda dtype: False)
+    monkeypatch.setattr(layers, "cpu_matmul_speedup", lambda dtype: 0.5)
     model = tiny("gptj").train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model({"input_ids": IDS, "labels": IDS})["loss"]

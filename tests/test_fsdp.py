@@ -120,7 +120,7 @@ def test_mixed_precision_follows_one_rank(workdir, fp16_type):
     """Gathered weights in the compute dtype, fp32 gradient reduction and masters (fp16: with the
     dynamic loss scale, which ends where one rank's does). Not bit-equal to autocast over fp32
     weights (norms and embeddings see rounded weights), so within 2%."""
-    extra = {"model": {"mixed_precision": True, "fp16_type": fp16_type}}
+    extra = {"model": {"mixed_precision": True, "fp16_type": fp16_type, "mixed_precision_on_cpu": True}}
     write_params(workdir / f"{fp16_type}-none.yaml", mode="train", extra=extra)
     write_params(workdir / f"{fp16_type}-fsdp.yaml", mode="train", sharding="fsdp", extra=extra)
     run_py(workdir, "--params", f"{fp16_type}-none.yaml", "--model_dir", f"{fp16_type}-one")

@@ -155,7 +155,8 @@ def test_without_loss_scaling_a_non_finite_gradient_is_never_applied():
 
 def test_fp16_run_skips_overflowing_steps_and_keeps_training(shards_msl64, tmp_path, capsys):
     params = tiny_params(shards_msl64, tmp_path / "run", max_steps=3, checkpoint_steps=0)
-    params["model"].update(mixed_precision=True, fp16_type="float16", dropout_rate=0.0)
+    # fp16 even on a CPU without AMX tiles for it (where mixed_precision_on_cpu: auto would compute in fp32)
+    params["model"].update(mixed_precision=True, fp16_type="float16", mixed_precision_on_cpu=True, dropout_rate=0.0)
     params["optimizer"].update(initial_loss_scale=2.0 ** 40, max_loss_scale=2.0 ** 40)
     assert cli.main(["CPU", "--params", str(write_params(tmp_path / "p.yaml", params))]) == 0
     state = torch.load(tmp_path / "run" / "checkpoint_3.mdl", weights_only=False)

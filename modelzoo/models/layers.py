@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import time
 import weakref
 from typing import Callable, Literal, Optional, Union
 
@@ -95,25 +95,54 @@ def position_offset(batch: dict) -> int:
     return 0 if cache is None else cache.offset
 
 
-@functools.cache
-def _cpu_has_amx(dtype: torch.dtype) -> bool:
-    """Whether this CPU has AMX tiles for ``dtype`` (torch's private probes; unknown = no)."""
-    probe = "_is_amx_fp16_supported" if dtype == torch.float16 else "_is_amx_tile_supported"
-    return bool(getattr(torch.cpu, probe, lambda: False)())
+# dtype -> how many times its fp32 rate this CPU multiplies matrices at in that dtype; filled by
+# cpu_matmul_speedup, and settled by a distributed run so that every rank decides alike
+cpu_matmul_speedups: dict[torch.dtype, float] = {}
+
+
+def cpu_matmul_speedup(dtype: torch.dtype) -> float:
+    """How many times its fp32 rate this CPU multiplies matrices at in ``dtype`` (bf16 or fp16),
+    measured once per process: the best of three 1024^3 products in each, alternating (about
+    0.1 s). AMX tiles do not decide it: an Intel Xeon with AVX-512 BF16 but no AMX multiplied in
+    bf16 at about half its fp32 rate, an AMD EPYC (Zen 4, AVX-512 BF16, no AMX) at about 2.2 times it
+    (bench/results/throughput.md, whole_path.md)."""
+    if dtype not in cpu_matmul_speedups:
+        cpu_matmul_speedups[dtype] = _measure_matmul_speedup(dtype)
+    return cpu_matmul_speedups[dtype]
+
+
+def _measure_matmul_speedup(dtype: torch.dtype) -> float:
+    from torch.utils._python_dispatch import _disable_current_modes
+    # real CPU tensors, in fp32 and dtype as asked, whatever the caller runs under (a memory plan's
+    # fake tensors, the meta device, autocast), drawn from their own generator (the run's random
+    # streams stay where they were)
+    with _disable_current_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.rand(1024, 1024, generator=generator, device="cpu") for _ in range(2))
+        operands = {torch.float32: (a, b), dtype: (a.to(dtype), b.to(dtype))}
+        best = dict.fromkeys(operands, float("inf"))
+        for trial in range(4):  # the first round warms the kernels up
+            for kind, (x, y) in operands.items():
+                start = time.perf_counter()
+                torch.mm(x, y)
+                if trial:
+                    best[kind] = min(best[kind], time.perf_counter() - start)
+    return best[torch.float32] / best[dtype]
 
 
 def attention_in_fp32(setting: Union[bool, Literal["auto"]], device: torch.device, dtype: torch.dtype) -> bool:
     """Whether attention on q/k/v of ``dtype`` on ``device`` computes in fp32 (model.attention_in_fp32).
 
-    "auto" picks fp32 on CPUs without AMX tiles: there bf16/fp16 matmuls (and the flash-attention
-    kernel built on them) run at about half the fp32 rate, so fp32 attention is both faster and
-    more accurate. Elsewhere (AMX CPUs, GPUs) it keeps the low-precision dtype.
+    "auto" picks fp32 on CPUs that multiply matrices no faster in ``dtype`` than in fp32
+    (``cpu_matmul_speedup``): there the bf16/fp16 flash-attention kernels, built on those
+    matmuls, are slower too, so fp32 attention is both faster and more accurate. Elsewhere (AMX
+    CPUs, AMD Zen 4, GPUs) it keeps the low-precision dtype.
     """
     if dtype == torch.float32 or setting is False:
         return False
     if setting is True:
         return True
-    return device.type == "cpu" and not _cpu_has_amx(dtype)
+    return device.type == "cpu" and cpu_matmul_speedup(dtype) <= 1.0
 
 
 def token_positions(batch: dict, length: int, device) -> torch.Tensor:
