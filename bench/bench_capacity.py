@@ -306,7 +306,8 @@ def main() -> None:
     # Adam's first steps move every weight by about the learning rate: at 1e-4 and 1e-5 the 2.5B
     # model's loss went up (4.88 -> 12.66 and -> 6.74 at step 2); 1e-6 is where a warm-up starts
     p.add_argument("--lr", type=float, default=1e-6)
-    # Without AMX (as on this machine's CPU) fp32 matmuls outrun bf16 ones: see bench_throughput's peak rows.
+    # On a CPU whose bf16 matmuls are slower than fp32 (the Xeon these ran on) fp32 outruns bf16: see
+    # bench_throughput's peak rows (an AMD Zen 4 is the other way round: bench_whole_path).
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CSX runs: compute precision")
     p.add_argument("--budget_gib", type=float, default=18.0, help="RAM one training process may use here")
     p.add_argument("--confirm", action="store_true", help="resident: also train the predicted largest GPT-J")

@@ -5,7 +5,7 @@ MSL 2048, 4096 and 10,240; throughput and peak memory.
 
 Every (model, MSL) trains in its own process (one warm-up step, then --steps timed steps), so
 its peak RSS is its own; the processes alternate ours (default attention_in_fp32: auto, which is
-fp32 attention on a CPU without AMX) / ours with attention forced to bf16 / NeoX at each MSL. Peak memory has to grow linearly with MSL (attention through the flash kernel,
+fp32 attention on a CPU whose bf16 matmuls are slower than fp32) / ours with attention forced to bf16 / NeoX at each MSL. Peak memory has to grow linearly with MSL (attention through the flash kernel,
 no L x L matrix): the table gives the peak RSS added per token over the shortest MSL, which stays
 constant when it does. Writes bench/results/long_sequence.md.
 """

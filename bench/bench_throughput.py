@@ -13,8 +13,8 @@ steps each); the best step of each side is kept, since load from other processes
 a step down. The bf16 and fp32 matmul peaks are measured in the same processes, between steps.
 Model FLOPs utilisation (MFU) = model FLOPs per step / CPU seconds of the step / the matmul
 peak (per CPU second) of the step's precision. Our model runs with its default
-model.attention_in_fp32 ('auto': fp32 attention math on CPUs without AMX, the autocast dtype
-elsewhere); in bf16 it also runs with the opposite forced setting, a third side in the same
+model.attention_in_fp32 ('auto': fp32 attention math on CPUs whose bf16 matmuls are slower than
+fp32, the autocast dtype elsewhere); in bf16 it also runs with the opposite forced setting, a third side in the same
 alternation (attention_in_fp32: false was the behaviour before 'auto'). Each row says which
 precision each side's attention really computed in (recorded during the warm-up step).
 Writes bench/results/throughput.md.
