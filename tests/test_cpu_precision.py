@@ -133,3 +133,14 @@ def test_compile_only_plans_what_the_run_computes_in(shards_msl64, tmp_path, spe
     assert any(FORCE in line for line in decided)
     assert [line for line in decided if FORCE not in line] == fp32
     assert "memory plan per rank" in "\n".join(fp32)
+
+
+def test_ranks_settle_on_one_figure(monkeypatch):
+    """With several ranks the figure is their mean, and attention's auto reads that figure too."""
+    monkeypatch.setattr(layers, "cpu_matmul_speedups", {torch.bfloat16: 0.9})  # this rank measured 0.9
+    monkeypatch.setattr(base, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(base.dist, "all_reduce", lambda total: total.add_(1.3))  # the other rank measured 1.3
+    decided, note = base.precision_on(config(mixed_precision=True), "cpu")
+    assert decided.mixed_precision and "measured 1.10x" in note
+    assert layers.cpu_matmul_speedups[torch.bfloat16] == pytest.approx(1.1)
+    assert not layers.attention_in_fp32("auto", torch.device("cpu"), torch.bfloat16)
