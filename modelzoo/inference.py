@@ -45,7 +45,8 @@ from modelzoo.models.layers import KVCache
 from modelzoo.training import checkpoint as ckpt
 
 STOP_CODONS = ("TAA", "TAG", "TGA")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("surprise", "mean", "cls")
+SURPRISE_LAYER = 0  # the layer surprise pooling reads by default: which codons surprised the model
 
 
 class GenomeLM:
@@ -103,14 +104,19 @@ class GenomeLM:
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, sequences: Sequence, layer: int | Sequence[int] = -1, pooling: str = "mean",
+    def embed(self, sequences: Sequence, layer: int | Sequence[int] | None = None, pooling: str | None = None,
               batch_size: int = 8, bf16: bool = False, progress: bool = False) -> np.ndarray:
         """One vector per sequence: (n, hidden_size) float32.
 
         layer: index into the boundary activations (0 = embeddings, k = after block k, -1 = last
-            block); a list of layers gives (len(layers), n, hidden_size) from one pass.
-        pooling: "mean" averages the layer over every codon position of every window; "cls"
-            (BERT) averages the [CLS] position over the windows.
+            block); a list of layers gives (len(layers), n, hidden_size) from one pass. Default:
+            0 for surprise pooling, else -1.
+        pooling: "surprise" (GPT models; their default) weights each codon's activation by the
+            square of its surprisal under the model, -log p(codon | the codons before it), so the
+            vector is about the codons the model did not expect (a variant's mutations against the
+            genomes it learned) rather than the thousands every genome shares; "mean" averages the
+            layer over every codon position of every window; "cls" (BERT) averages the [CLS]
+            position over the windows. Default: surprise for GPT models, mean for BERT.
         """
         blocks = [vectors for _, vectors in self.embed_stream(sequences, layer, pooling, batch_size, bf16, progress)]
         if blocks:
@@ -118,7 +124,7 @@ class GenomeLM:
         width = self.config.hidden_size
         return np.zeros((0, width) if isinstance(layer, int) else (len(layer), 0, width), dtype=np.float32)
 
-    def embed_stream(self, sequences: Iterable, layer: int | Sequence[int] = -1, pooling: str = "mean",
+    def embed_stream(self, sequences: Iterable, layer: int | Sequence[int] | None = None, pooling: str | None = None,
                      batch_size: int = 8, bf16: bool = False, progress: bool = False
                      ) -> Iterator[tuple[list, np.ndarray]]:
         """``embed`` for inputs of any length (an iterator of records, say), a batch of windows
@@ -126,6 +132,9 @@ class GenomeLM:
         as given and their vectors (``embed``'s layout), as soon as they are done. The batches,
         and so the vectors, are those ``embed`` gives for the whole input."""
         num_states = self.config.num_hidden_layers + 1
+        pooling = pooling or self.default_pooling
+        if layer is None:
+            layer = SURPRISE_LAYER if pooling == "surprise" else -1
         layers = [layer] if isinstance(layer, int) else list(layer)
         for k in layers:
             if not -num_states <= k < num_states:
@@ -134,18 +143,25 @@ class GenomeLM:
             raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         if pooling == "cls" and self.is_causal:
             raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
+        if pooling == "surprise" and not self.is_causal:
+            raise ConfigError(f"pooling 'surprise' needs a GPT model; this is {self.config.name} (use 'mean' or 'cls')")
+        if pooling == "surprise":
+            self._need_token_head("pooling 'surprise'")
         wanted = [k % num_states for k in layers]
 
         def step(windows):
             ids, keep = self._padded(windows)
             with self._autocast(bf16):
-                states = self._states(ids, max(wanted) + 1)
-            pooled = []
-            for k in wanted:
-                hidden = states[k].float().cpu()
-                pooled.append(hidden[:, 0] if pooling == "cls" else (hidden * keep[..., None]).sum(1))
-            weights = torch.ones(len(windows)) if pooling == "cls" else keep.sum(1)
-            return torch.stack(pooled, 1).double(), weights.double()
+                states = self._states(ids, len(self.model.stages()) if pooling == "surprise" else max(wanted) + 1)
+            if pooling == "cls":
+                weights = torch.zeros_like(keep)
+                weights[:, 0] = 1
+            elif pooling == "surprise":
+                weights = self._surprise_weights(ids, states[-1]["logits"], keep)
+            else:
+                weights = keep
+            pooled = [(states[k].float().cpu() * weights[..., None]).sum(1) for k in wanted]
+            return torch.stack(pooled, 1).double(), weights.sum(1).double()
 
         blocks = self._per_sequence(sequences, self._windows, step, [(len(wanted), self.config.hidden_size), ()],
                                     batch_size, progress, "embed")
@@ -155,6 +171,20 @@ class GenomeLM:
             return vectors[:, 0] if isinstance(layer, int) else vectors.transpose(1, 0, 2)
 
         return ((done, mean(*totals)) for done, totals in blocks)
+
+    @property
+    def default_pooling(self) -> str:
+        return "surprise" if self.is_causal and self.config.num_labels is None else "mean"
+
+    @staticmethod
+    def _surprise_weights(ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per codon position: its surprisal squared, (-log p(codon | earlier codons of the window))^2,
+        on the CPU; the first codon of a window (nothing predicts it) and non-codons get none. A
+        small floor keeps a sequence the model predicts perfectly at its mean."""
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        weights = torch.zeros_like(keep)
+        weights[:, 1:] = logp.square() * keep[:, 1:]
+        return weights + 1e-6 * keep
 
     def _states(self, ids: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
         """The activations after each of the first ``n_stages`` stages (the first: token embeddings)."""

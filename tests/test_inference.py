@@ -63,10 +63,35 @@ def test_causal_embedding_is_the_mean_over_every_codon_of_every_window(name):
     ids = ids_of(genome)
     states = [lm.model.hidden_states({"input_ids": ids[:, s: s + CONTEXT]})[-1][0] for s in (0, 16, 32)]
     expected = torch.cat(states).mean(0).numpy()
-    got = lm.embed([genome, random_genome(3, seed=1)], batch_size=2)
+    got = lm.embed([genome, random_genome(3, seed=1)], pooling="mean", batch_size=2)
     assert got.shape == (2, 32) and got.dtype == np.float32
     np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lm.embed([genome], batch_size=1)[0], got[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lm.embed([genome], pooling="mean", batch_size=1)[0], got[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_surprise_pooling_weights_each_codon_by_its_squared_surprisal(name):
+    """A GPT's default embedding: layer 0 (codon embeddings) averaged with weights
+    (-log p(codon | the codons before it in its window))^2; a window's first codon has no weight."""
+    lm = make_lm(name)
+    genome = random_genome(16)[:24] + "NNN" + random_genome(2 * CONTEXT + 5, seed=2)[27:]
+    ids = ids_of(genome)
+    sums, total = 0, 0
+    for s in (0, 16, 32):
+        window = ids[:, s: s + CONTEXT]
+        states = lm.model.hidden_states({"input_ids": window})
+        logp = lm.model({"input_ids": window})["logits"][0, :-1].log_softmax(-1)
+        surprisal = -logp.gather(-1, window[0, 1:, None])[:, 0]
+        weights = torch.cat([torch.zeros(1), surprisal.square()])
+        weights[window[0] == TOK.unk_id] = 0  # [UNK] is neither pooled
+        sums = sums + (states[0][0] * weights[:, None]).sum(0)
+        total = total + weights.sum()
+    expected = (sums / total).numpy()
+    np.testing.assert_allclose(lm.embed([genome], batch_size=2)[0], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(lm.embed([genome], pooling="surprise", layer=0)[0], expected, rtol=1e-4, atol=1e-6)
+    assert lm.default_pooling == "surprise"
+    with pytest.raises(ConfigError, match="needs a GPT model"):
+        make_lm("bert").embed(["ATGAAA"], pooling="surprise")
 
 
 def test_unknown_codons_are_seen_but_not_pooled():
@@ -75,7 +100,8 @@ def test_unknown_codons_are_seen_but_not_pooled():
     states = lm.model.hidden_states({"input_ids": ids_of(genome)})[1][0]  # layer 1
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
-    np.testing.assert_allclose(lm.embed([genome], layer=1)[0], states[keep].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lm.embed([genome], layer=1, pooling="mean")[0], states[keep].mean(0).numpy(),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="no whole A/C/G/T codon"):
         lm.embed(["NNNNNN"])
 
@@ -94,9 +120,9 @@ def test_bert_windows_are_framed_and_cls_pooling_averages_windows():
 
 def test_embed_rejects_bad_layer_and_pooling():
     lm = make_lm("gpt2")
-    both = lm.embed(["ATGAAACCC", "CCCGGG"], layer=[0, -1])
+    both = lm.embed(["ATGAAACCC", "CCCGGG"], layer=[0, -1], pooling="mean")
     assert both.shape == (2, 2, 32) and not np.allclose(both[0], both[1])
-    np.testing.assert_allclose(both[1], lm.embed(["ATGAAACCC", "CCCGGG"], layer=2), rtol=1e-6)
+    np.testing.assert_allclose(both[1], lm.embed(["ATGAAACCC", "CCCGGG"], layer=2, pooling="mean"), rtol=1e-6)
     with pytest.raises(ConfigError, match="layers 0..2"):
         lm.embed(["ATG"], layer=3)
     with pytest.raises(ConfigError, match="needs a BERT"):

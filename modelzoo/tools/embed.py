@@ -24,7 +24,7 @@ from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
-from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
+from modelzoo.inference import POOLINGS, SURPRISE_LAYER, add_model_arguments, model_from_args
 from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"
@@ -40,8 +40,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--labels", help="TSV with a header row: one row per record id, e.g. its variant")
     p.add_argument("--label_column", help="--labels column shown in the projector")
     p.add_argument("--id_column", help="--labels column holding the record id (default: the first)")
-    p.add_argument("--layer", type=int, default=-1, help="0 = token embeddings, k = after block k, -1 = last block")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean over codons, or [CLS] (BERT)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="0 = token embeddings, k = after block k, -1 = last block (default: 0 with surprise "
+                        "pooling, else -1)")
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="surprise: codons weighted by their squared surprisal (GPT default); mean over codons "
+                        "(BERT default); or [CLS] (BERT)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (autocast)")
     p.add_argument("--no_map", action="store_true", help="with --labels, do not draw map.png")
     p.add_argument("--overwrite", action="store_true",
@@ -69,7 +73,9 @@ def embed(args) -> str:
         drawn = table is not None and not args.no_map and rows
         if drawn:
             source = Path(lm.source)
-            title = (f"{lm.config.name} {source.parent.name}/{source.name}: layer {args.layer}, {args.pooling} "
+            pooling = args.pooling or lm.default_pooling
+            layer = args.layer if args.layer is not None else (SURPRISE_LAYER if pooling == "surprise" else -1)
+            title = (f"{lm.config.name} {source.parent.name}/{source.name}: layer {layer}, {pooling} "
                      f"pooling; colour: {args.label_column}")
             drawn = draw_map(np.load(tmp / "embeddings.npy"), [row[1] for row in rows], tmp / MAP, title)
     return (f"wrote {len(rows)} embeddings of size {lm.config.hidden_size} from {lm.source} to "
