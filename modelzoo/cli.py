@@ -296,5 +296,6 @@ def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # how run.py's --num_workers_per_node / --num_csx ranks start
+    from modelzoo.distributed import exit_process
+    exit_process(main())
