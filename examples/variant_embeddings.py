@@ -55,7 +55,7 @@ SKIP_LABEL = "unassigned"
 RESULTS = ROOT / "bench" / "results" / "variant_embeddings.md"
 MAP = "variant_embeddings_map.png"  # beside --output
 KMER_SIZES = (4, 5, 6, 7)
-CDS_CODONS = 400  # about the N gene (419 codons), and within the model's 512-codon context
+CDS_CODONS = 400  # about the N gene (419 codons); generation slides its window past the model's context
 TOK = CodonTokenizer()
 
 

@@ -31,7 +31,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -78,7 +77,8 @@ class GenomeLM:
         elif not path.exists():
             raise CheckpointError(f"{path}: no such model_dir or checkpoint file")
         state = ckpt.load_checkpoint(path)
-        config = _model_config(state, path)
+        saved = _saved_params(state, path)
+        config = _model_config(saved, path)
         model = build_model(config)
         with_shapes = {k: v.shape for k, v in model.state_dict().items()}
         ckpt.check_model_state(path, state["model"], with_shapes)
@@ -90,7 +90,7 @@ class GenomeLM:
         if dtype is not None:
             model = model.to(dtype)
         return cls(model, config, source=str(path), step=state.get("step"), device=device,
-                   reading_frame=_reading_frame(state))
+                   reading_frame=_reading_frame(saved))
 
     @property
     def is_causal(self) -> bool:
@@ -134,7 +134,7 @@ class GenomeLM:
         num_states = self.config.num_hidden_layers + 1
         pooling = pooling or self.default_pooling
         if layer is None:
-            layer = SURPRISE_LAYER if pooling == "surprise" else -1
+            layer = self.default_layer(pooling)
         layers = [layer] if isinstance(layer, int) else list(layer)
         for k in layers:
             if not -num_states <= k < num_states:
@@ -175,6 +175,12 @@ class GenomeLM:
     @property
     def default_pooling(self) -> str:
         return "surprise" if self.is_causal and self.config.num_labels is None else "mean"
+
+    @staticmethod
+    def default_layer(pooling: str) -> int:
+        """The layer ``embed`` pools by default: the codon embeddings for surprise pooling (which
+        codons surprised the model), else the last block."""
+        return SURPRISE_LAYER if pooling == "surprise" else -1
 
     @staticmethod
     def _surprise_weights(ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -503,23 +509,30 @@ class GenomeLM:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
-def _model_config(state: dict, path: Path) -> ModelConfig:
-    """The model section of the params saved in the checkpoint (the data paths may be gone)."""
+def _saved_params(state: dict, path: Path) -> dict:
+    """The params saved in the checkpoint, as a mapping with a model section (the data paths may be gone)."""
     try:
         raw = yaml.safe_load(state["params"])
-        return ModelConfig.model_validate(raw["model"])
     except (KeyError, TypeError, yaml.YAMLError):
-        raise CheckpointError(f"{path}: checkpoint holds no params with a model section") from None
+        raw = None
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise CheckpointError(f"{path}: checkpoint holds no params with a model section")
+    return raw
+
+
+def _model_config(raw: dict, path: Path) -> ModelConfig:
+    """The saved params' model section."""
+    try:
+        return ModelConfig.model_validate(raw["model"])
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise CheckpointError(f"{path}: saved params model.{where}: {first['msg']}") from None
 
 
-def _reading_frame(state: dict) -> str:
+def _reading_frame(raw: dict) -> str:
     """The reading frame of the saved params' training (else evaluation) data; as_read for
     checkpoints from before the setting."""
-    raw = yaml.safe_load(state["params"])
     section = raw.get("train_input") or raw.get("eval_input") or {}
     return section.get("reading_frame", "as_read")
 

@@ -24,7 +24,7 @@ from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
-from modelzoo.inference import POOLINGS, SURPRISE_LAYER, add_model_arguments, model_from_args
+from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
 from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"
@@ -74,7 +74,7 @@ def embed(args) -> str:
         if drawn:
             source = Path(lm.source)
             pooling = args.pooling or lm.default_pooling
-            layer = args.layer if args.layer is not None else (SURPRISE_LAYER if pooling == "surprise" else -1)
+            layer = args.layer if args.layer is not None else lm.default_layer(pooling)
             title = (f"{lm.config.name} {source.parent.name}/{source.name}: layer {layer}, {pooling} "
                      f"pooling; colour: {args.label_column}")
             drawn = draw_map(np.load(tmp / "embeddings.npy"), [row[1] for row in rows], tmp / MAP, title)
