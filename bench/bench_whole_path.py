@@ -318,16 +318,6 @@ def profile_table(runs: dict) -> str:
     return markdown_table(rows)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU model unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is the warm-up)")
@@ -357,8 +347,8 @@ def main() -> None:
     runs = run_sides(jobs, args.steps, args.rounds)
     tokens = tokens_per_step(preset("gpt_neox"))
     header = (f"GenSLM-25M, MSL 2048, batch 2, {args.rounds} rounds of {args.steps} optimizer steps per side (the "
-              f"first of each run is the warm-up; best step kept), every side in its own process; {machine()}, "
-              f"{cpu_name()}: its bf16 matmuls measured {speedup:.2f}x the fp32 rate (layers.cpu_matmul_speedup, "
+              f"first of each run is the warm-up; best step kept), every side in its own process; {machine()}: "
+              f"its bf16 matmuls measured {speedup:.2f}x the fp32 rate (layers.cpu_matmul_speedup, "
               f"what mixed_precision_on_cpu: auto goes by{'' if forced else NO_FORCED}). "
               f"Tokens/s are per CPU second of a whole loop iteration (wall-clock in brackets): the machine is "
               f"shared, so CPU time is the steadier measure of the work.")

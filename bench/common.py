@@ -31,7 +31,19 @@ OPTIMIZER = dict(optimizer_type="AdamW", learning_rate=1e-4, weight_decay=0.01, 
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"
+    """What a result was measured on: results from different CPUs do not compare (their bf16 and
+    fp32 matmul rates differ by up to 4x)."""
+    return f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU model unknown"
 
 
 def peak_rss_mib() -> float:
