@@ -3,17 +3,27 @@ tool ever deletes what it did not write.
 
 - ``write_file_atomically`` / ``atomic_file``: write beside the target, fsync, rename over it.
 - ``output_file``: the same for a tool's ``--output`` file, refused in one line (``UserError``)
-  when it cannot be written or is one of the tool's inputs.
+  when it cannot be written, is one of the tool's inputs, or exists and is not the tool's own.
+  Beside it goes a hidden marker (``.NAME`` + ``OWNER_MARKER``) naming the tool and the size and
+  sha256 of what it wrote: ``--overwrite`` replaces a file only when that marker names the tool
+  and the file still holds those bytes (a user's file of the same name, or the tool's output
+  edited since, is never replaced; a marker left by a deleted output does not make a new file
+  there the tool's).
 - ``output_dir`` / ``OutputDir``: a tool builds its whole output in a temporary directory beside
   the target and publishes it with a rename. The published directory carries ``OWNER_MARKER``,
   which names the tool and every file it wrote; ``--overwrite`` replaces a directory only when
   everything in it is listed there, and never one that holds one of the tool's inputs.
+
+The same rule for both: without ``--overwrite`` nothing that exists is replaced; with it, only
+the tool's own earlier output, never an input (symbolic links and relative paths resolved) and
+never a symbolic link (the output would replace the link, not what it points to).
 - ``NpyRows``: an ``.npy`` file written a block of rows at a time (its length unknown up front).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -46,10 +56,11 @@ def _tmp_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True, tmp: Path | None = None) -> Iterator:
+def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True, tmp: Path | None = None,
+                before_replace: Callable[[Path], None] | None = None) -> Iterator:
     """Open a temporary file beside ``path`` (``tmp``, default a hidden per-process name); on a
-    clean exit it is flushed, fsynced and renamed over ``path``; on any error (or interrupt) it is
-    removed and ``path`` is untouched."""
+    clean exit it is flushed, fsynced, handed to ``before_replace`` (which may still refuse) and
+    renamed over ``path``; on any error (or interrupt) it is removed and ``path`` is untouched."""
     path = Path(path)
     tmp = tmp or _tmp_file(path)
     try:
@@ -58,6 +69,8 @@ def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True, tmp: Pat
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -88,6 +101,13 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
+def check_path(path: str | Path, flag: str) -> Path:
+    """A path the OS can take (no NUL byte), as a Path."""
+    if "\0" in str(path):
+        raise UserError(f"{flag} {str(path)!r}: holds a NUL byte, which no file name can")
+    return Path(path)
+
+
 def check_inputs(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
     """Refuse an output that is, or holds, one of the tool's inputs: replacing it would lose it."""
     for source in inputs:
@@ -96,32 +116,94 @@ def check_inputs(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
                             f"the input {source}; choose another output")
 
 
+def _no_link(out: Path, flag: str) -> None:
+    if out.is_symlink():
+        raise UserError(f"{flag} {out}: is a symbolic link; give the path it points to "
+                        f"({os.path.realpath(out)}) or another name")
+
+
 # ---------------------------------------------------------------------- output files
 
-def check_output_file(path: str | Path, inputs: Iterable[str | Path] = (), flag: str = "--output") -> None:
-    """Refuse, in one line, an output file that cannot be written or is one of the inputs."""
-    path = Path(path)
+def file_marker(path: Path) -> Path:
+    """Where the owner marker of the output file ``path`` goes: beside it, hidden."""
+    return path.with_name(f".{path.name}{OWNER_MARKER}")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_file_marker(path: Path) -> dict | None:
+    """The owner marker of output file ``path``: a dict with tool, file, size and sha256, else None."""
+    try:
+        marker = json.loads(file_marker(path).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"tool": str, "file": str, "size": int, "sha256": str}
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(k), t) for k, t in keys.items()):
+        return None
+    return marker
+
+
+def _file_is_tools(path: Path, tool: str) -> bool:
+    """Whether ``path`` is a regular file that ``tool`` wrote and nobody changed since."""
+    marker = _read_file_marker(path)
+    if marker is None or marker["tool"] != tool or marker["file"] != path.name:
+        return False
+    try:
+        if not path.is_file() or path.stat().st_size != marker["size"]:
+            return False
+        return _sha256(path) == marker["sha256"]
+    except OSError:
+        return False
+
+
+def check_output_file(path: str | Path, tool: str, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+                      flag: str = "--output") -> None:
+    """Refuse, in one line, an output file that cannot be written, is one of the inputs, or
+    exists and may not be replaced: without ``overwrite`` nothing is, with it only a file
+    ``tool`` wrote (its marker, unchanged bytes)."""
+    path = check_path(path, flag)
     check_inputs(path, inputs, flag)
+    _no_link(path, flag)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file name")
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"{flag} {path}: cannot write ({path.parent} {what})")
+    if path.exists():
+        if not overwrite:
+            raise UserError(f"{flag} {path}: exists (use --overwrite to replace an earlier output of this tool)")
+        if not _file_is_tools(path, tool):
+            raise UserError(f"{flag} {path}: not written by {tool} (no {file_marker(path).name} of it, or changed "
+                            f"since); --overwrite replaces only this tool's own output")
+    marker = file_marker(path)
+    if os.path.lexists(marker) and (marker.is_symlink() or _read_file_marker(path) is None):
+        raise UserError(f"{flag} {path}: {marker.name} beside it is not an owner marker; refusing to replace it")
 
 
 @contextlib.contextmanager
-def output_file(path: str | Path, mode: str = "w", inputs: Iterable[str | Path] = (),
-                flag: str = "--output") -> Iterator:
-    """``atomic_file`` for a tool's output: checked, and its temporary file opened, before the
-    body runs (so an unwritable output is refused before any work), and every failure to write
-    it is one line (``UserError``). On any error nothing is left behind."""
+def output_file(path: str | Path, tool: str, overwrite: bool = False, mode: str = "w",
+                inputs: Iterable[str | Path] = (), flag: str = "--output") -> Iterator:
+    """``atomic_file`` for a tool's output: checked (``check_output_file``), and its temporary
+    file opened, before the body runs (so a bad output is refused before any work), checked again
+    before it replaces anything, and marked as the tool's; every failure to write it is one line
+    (``UserError``). On any error nothing is left behind."""
     path = Path(path)
-    check_output_file(path, inputs, flag)
+    check = dict(tool=tool, overwrite=overwrite, inputs=list(inputs), flag=flag)
+    check_output_file(path, **check)
+
+    def mark(tmp: Path) -> None:
+        check_output_file(path, **check)  # it may have changed while we worked
+        record = {"tool": tool, "file": path.name, "size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        write_file_atomically(file_marker(path), json.dumps(record) + "\n")
+
     try:
-        with atomic_file(path, mode) as f:
+        with atomic_file(path, mode, before_replace=mark) as f:
             yield f
     except OSError as e:
-        if not _ours(e, _tmp_file(path), path):
+        if not _ours(e, _tmp_file(path), path, file_marker(path)):
             raise
         raise write_error(path, e, flag) from None
 
@@ -169,8 +251,9 @@ def check_output_dir(out: str | Path, tool: str, overwrite: bool, inputs: Iterab
     """Refuse, in one line, an output directory this tool may not replace: one holding an input,
     a non-empty one without ``overwrite``, and, even with it, one holding anything the tool did
     not write. ``recognise`` knows the tool's outputs from before they carried OWNER_MARKER."""
-    out = Path(out)
+    out = check_path(out, flag)
     check_inputs(out, inputs, flag)
+    _no_link(out, flag)
     if not out.exists():
         return
     if not out.is_dir():

@@ -553,7 +553,8 @@ def _slide(start: int, length: int, context: int) -> int:
 
 def _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
     problems = [(max_codons < 1, f"max_codons {max_codons}: must be >= 1"),
-                (temperature < 0, f"temperature {temperature}: must be >= 0 (0 = greedy)"),
+                (not 0 <= temperature < math.inf, f"temperature {temperature}: must be a finite number >= 0 "
+                                                  f"(0 = greedy)"),
                 (top_k is not None and top_k < 1, f"top_k {top_k}: must be >= 1"),
                 (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p}: must be in (0, 1]"),
                 (num_return_sequences < 1, f"num_return_sequences {num_return_sequences}: must be >= 1"),
@@ -566,15 +567,53 @@ def _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences,
 # ---------------------------------------------------------------------- for the command-line tools
 # (python -m modelzoo.tools.embed / generate / score share their model flags and error handling)
 
-def add_model_arguments(parser) -> None:
+def add_model_arguments(parser, overwrite: str | None = None) -> None:
+    """The model flags; ``overwrite``: the help of an --overwrite flag, for a tool with an output."""
     parser.add_argument("--model_dir", help="model_dir of a training run (its newest good checkpoint is used)")
     parser.add_argument("--checkpoint_path", help="use this checkpoint file instead of the newest in model_dir")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows (or sequences) per forward pass")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
+def model_inputs(args) -> list[Path]:
+    """What a tool reads of the model, which its output may be none of and hold none of: the
+    --model_dir or --checkpoint_path named, and every checkpoint (with its seal) of the directory
+    the checkpoint is in, as given and with symbolic links resolved."""
+    source = args.checkpoint_path or args.model_dir
+    if not source or "\0" in str(source):
+        return []
+    given = Path(source)
+    inputs = [given]
+    try:
+        resolved = given.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: nothing to protect beyond the name
+        return inputs
+    directory = resolved if resolved.is_dir() else resolved.parent
+    inputs.append(resolved)
+    for _, path in ckpt.list_checkpoints(directory):
+        inputs += [path, path.with_name(path.name + ".sha256")]
+    return inputs
+
+
+def _device(name: str) -> torch.device:
+    """The --device, once torch knows it and this machine has it (one line otherwise)."""
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise ValueError("meta tensors hold no values")
+        torch.empty(0, device=device)  # raises where the device type or index is not here
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        if "Expected one of" in why:  # torch lists every device type it knows
+            why = "unknown device type; e.g. cpu, cuda, cuda:1, mps"
+        raise ConfigError(f"--device {name!r}: not usable here ({why})") from None
+    return device
 
 
 def model_from_args(args) -> GenomeLM:
     if not (args.checkpoint_path or args.model_dir):
         raise ConfigError("--model_dir (or --checkpoint_path) is required")
-    return GenomeLM.load(args.checkpoint_path or args.model_dir, device=args.device)
+    return GenomeLM.load(args.checkpoint_path or args.model_dir, device=_device(args.device))
 

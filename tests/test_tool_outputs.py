@@ -24,12 +24,12 @@ from modelzoo.data.sequences import read_records
 from modelzoo.errors import DataError
 from modelzoo.files import OWNER_MARKER, NpyRows
 from modelzoo.models import build_model
-from modelzoo.tools import convert_checkpoint, embed, generate, score
+from modelzoo.tools import convert_checkpoint, embed, generate, mutations, score
 from modelzoo.training.checkpoint import save_checkpoint
 from tests.conftest import GENOMES, tiny_params, write_params
 
 TOOLS = {"prepare_genomes": prepare_genomes, "embed": embed, "score": score, "generate": generate,
-         "convert_checkpoint": convert_checkpoint}
+         "convert_checkpoint": convert_checkpoint, "mutations": mutations}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
@@ -220,6 +220,101 @@ def test_hf_export_overwrite_replaces_only_an_earlier_export(gpt2_dir, tmp_path,
     before = snapshot(tmp_path)
     assert "'README.md'" in refused(capsys, "convert_checkpoint", *argv, "--overwrite")
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------- output files: the same rule
+
+def score_argv(model_dir, out, *more, source=None):
+    return ["--model_dir", model_dir, "--input", source or GENOMES, "--output", out, "--batch_size", 16, *more]
+
+
+def generate_argv(model_dir, out, *more):
+    return ["--model_dir", model_dir, "--max_codons", 2, "--seed", 0, "--output", out, *more]
+
+
+def test_output_files_replace_only_their_own_unchanged_output(gpt2_dir, genes, tmp_path, capsys):
+    """score and generate --output: nothing existing without --overwrite; with it, only a file
+    that tool wrote (its marker) and nobody changed since; never a user's file."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    before = snapshot(tmp_path)
+    assert "exists (use --overwrite" in refused(capsys, "score", *score_argv(gpt2_dir, notes, source=genes))
+    assert "not written by modelzoo.tools.score" in refused(
+        capsys, "score", *score_argv(gpt2_dir, notes, "--overwrite", source=genes))
+    assert snapshot(tmp_path) == before
+
+    out = tmp_path / "scores.tsv"
+    assert run(capsys, "score", *score_argv(gpt2_dir, out, source=genes))[0] == 0
+    first = out.read_bytes()
+    assert "exists" in refused(capsys, "score", *score_argv(gpt2_dir, out, source=genes))
+    assert run(capsys, "score", *score_argv(gpt2_dir, out, "--overwrite", source=genes))[0] == 0  # its own
+    assert out.read_bytes() == first
+    # another tool's file is not this tool's
+    assert "not written by modelzoo.tools.generate" in refused(capsys, "generate", *generate_argv(
+        gpt2_dir, out, "--overwrite"))
+    out.write_bytes(first + b"a row the user added\n")  # changed since: no longer the tool's alone
+    assert "or changed since" in refused(capsys, "score", *score_argv(gpt2_dir, out, "--overwrite", source=genes))
+    out.unlink()
+    out.write_text("a user's file, made where an output was deleted\n")  # the marker left behind
+    assert "not written by" in refused(capsys, "score", *score_argv(gpt2_dir, out, "--overwrite", source=genes))
+
+    fasta = tmp_path / "g.fasta"
+    assert run(capsys, "generate", *generate_argv(gpt2_dir, fasta))[0] == 0
+    assert run(capsys, "generate", *generate_argv(gpt2_dir, fasta, "--overwrite"))[0] == 0
+    fasta.unlink()
+    fake = files.file_marker(out)  # something else under the marker's name is not replaced either
+    fake.unlink()
+    fake.write_text("not a marker")
+    out.unlink()
+    assert "is not an owner marker" in refused(capsys, "score", *score_argv(gpt2_dir, out, source=genes))
+    assert fake.read_text() == "not a marker"
+
+
+def test_no_tool_writes_over_a_checkpoint_it_reads(gpt2_dir, genes, tmp_path, capsys, monkeypatch):
+    """The checkpoint --model_dir resolves to, its seal and the model_dir's other checkpoints are
+    inputs: refused as outputs with or without --overwrite, named directly, through a symbolic
+    link or by a relative path."""
+    model_dir = tmp_path / "md"
+    shutil.copytree(gpt2_dir, model_dir)
+    save_checkpoint(model_dir, 0, {"model": {}, "step": 0})  # an older checkpoint: also never an output
+    link = tmp_path / "latest.mdl"
+    link.symlink_to(model_dir / "checkpoint_1.mdl")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for target in [model_dir / "checkpoint_1.mdl", Path("md/checkpoint_1.mdl"), Path("md/checkpoint_1.mdl.sha256"),
+                   model_dir / "checkpoint_0.mdl", link, Path("md/../md/checkpoint_0.mdl.sha256")]:
+        for more in ([], ["--overwrite"]):
+            for model in (model_dir, Path("md"), link):
+                argv = generate_argv(model, target, *more)
+                if model == link:
+                    argv[:2] = ["--checkpoint_path", link]
+                assert "is the input" in refused(capsys, "generate", *argv), (target, model)
+            assert "is the input" in refused(capsys, "score", *score_argv(Path("md"), target, *more, source=genes))
+    for tool, flag in (("embed", "--output_dir"), ("mutations", "--output_dir")):
+        argv = ["--model_dir", "md", "--input", genes, flag, ".", "--overwrite"]
+        if tool == "mutations":
+            argv += ["--reference", genes]
+        assert "holds the input" in refused(capsys, tool, *argv)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_symbolic_link_is_never_replaced_by_an_output(gpt2_dir, genes, tmp_path, capsys):
+    """The output would replace the link itself, not what it points to: refused, with the path it
+    points to in the message."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "emb").symlink_to(real)
+    (tmp_path / "mine.tsv").write_text("mine\n")
+    (tmp_path / "s.tsv").symlink_to(tmp_path / "mine.tsv")
+    before = snapshot(tmp_path)
+    (tmp_path / "dangling.tsv").symlink_to(tmp_path / "missing.tsv")
+    assert "is a symbolic link" in refused(capsys, "embed", *embed_argv(gpt2_dir, tmp_path / "emb", source=genes))
+    for out in ("s.tsv", "dangling.tsv"):
+        for more in ([], ["--overwrite"]):
+            assert "is a symbolic link" in refused(capsys, "score", *score_argv(gpt2_dir, tmp_path / out, *more,
+                                                                                source=genes))
+    (tmp_path / "dangling.tsv").unlink()
+    assert snapshot(tmp_path) == before and (tmp_path / "s.tsv").is_symlink()
 
 
 # ---------------------------------------------------------------------- unwritable outputs, bad flags

@@ -24,7 +24,7 @@ from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
-from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args
+from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args, model_inputs
 from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"
@@ -34,7 +34,7 @@ MAP = "map.png"
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
+    add_model_arguments(p, overwrite="replace an earlier output of this tool (never a directory holding other files)")
     p.add_argument("--input", required=True, help="FASTA or GenBank file of genomes (plain or .gz)")
     p.add_argument("--output_dir", required=True, help="gets embeddings.npy, ids.tsv and the projector files")
     p.add_argument("--labels", help="TSV with a header row: one row per record id, e.g. its variant")
@@ -48,15 +48,13 @@ def build_parser() -> OneLineParser:
                         "(BERT default); or [CLS] (BERT)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (autocast)")
     p.add_argument("--no_map", action="store_true", help="with --labels, do not draw map.png")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier output of this tool (never a directory holding other files)")
     return p
 
 
 def embed(args) -> str:
     if bool(args.labels) != bool(args.label_column):
         raise ConfigError("--labels and --label_column go together")
-    inputs = [args.input, args.labels, args.checkpoint_path or args.model_dir]
+    inputs = [args.input, args.labels, *model_inputs(args)]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
         table = _label_table(args) if args.labels else None
         lm = model_from_args(args)

@@ -4,7 +4,9 @@
         --output generated.fasta [--prompt ATG --seed 0 --temperature 1.0 --top_k 20 --top_p 0.95]
 
 Each record is the prompt followed by the sampled codons (only codons: special tokens are never
-sampled). A KV cache makes each new codon one single-token forward pass.
+sampled). A KV cache makes each new codon one single-token forward pass. The output appears
+complete or not at all; an existing file is replaced only with --overwrite, and only when this
+tool wrote it (never a checkpoint, an input or a user's file).
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from pathlib import Path
 
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.files import output_file
-from modelzoo.inference import add_model_arguments, model_from_args
+from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.generate"
+TOOL = "modelzoo.tools.generate"  # the owner named in its output's modelzoo.files marker
 LINE = 80  # FASTA line width
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
+    add_model_arguments(p, overwrite="replace an earlier --output of this tool (never another file)")
     p.set_defaults(batch_size=32)
     p.add_argument("--num_sequences", type=int, default=1, help="sequences to generate")
     p.add_argument("--max_codons", type=int, required=True, help="codons to generate after the prompt")
@@ -37,7 +40,7 @@ def build_parser() -> OneLineParser:
 
 
 def generate(args) -> str:
-    with output_file(args.output, inputs=[args.checkpoint_path or args.model_dir]) as out:
+    with output_file(args.output, TOOL, args.overwrite, inputs=model_inputs(args)) as out:
         lm = model_from_args(args)
         sequences = lm.generate(args.prompt, max_codons=args.max_codons, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, num_return_sequences=args.num_sequences,

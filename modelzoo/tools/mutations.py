@@ -35,7 +35,7 @@ from modelzoo.data.sequences import read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import output_dir
-from modelzoo.inference import add_model_arguments, model_from_args
+from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 from modelzoo.tools.maps import draw_log_probs
 
 PROG = "python -m modelzoo.tools.mutations"
@@ -47,13 +47,11 @@ CALLS = re.compile(r"[ACGT]{3}")
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
+    add_model_arguments(p, overwrite="replace an earlier output of this tool (never a directory holding other files)")
     p.add_argument("--input", required=True, help="FASTA or GenBank file of genomes (plain or .gz)")
     p.add_argument("--reference", required=True, help="FASTA or GenBank file holding the one reference genome")
     p.add_argument("--output_dir", required=True, help=f"gets {TABLE} and a log-probability plot per genome")
     p.add_argument("--max_plots", type=int, default=20, help="plot the first N genomes (default 20; 0: none)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier output of this tool (never a directory holding other files)")
     return p
 
 
@@ -74,7 +72,7 @@ def ranks(values: np.ndarray, at: np.ndarray) -> np.ndarray:
 def mutations(args) -> str:
     if args.max_plots < 0:
         raise ConfigError(f"--max_plots {args.max_plots}: must be >= 0")
-    inputs = [args.input, args.reference, args.checkpoint_path or args.model_dir]
+    inputs = [args.input, args.reference, *model_inputs(args)]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
         lm = model_from_args(args)
         ref_id, reference = _reference(args.reference, lm)

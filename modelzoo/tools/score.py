@@ -15,7 +15,8 @@ upper case), log_prob (natural log) and start (0-based position of the codon's f
 in the record, whitespace not counted). A codon that is not scored has no row: [UNK] codons, and under a GPT
 model each sequence's first codon (nothing comes before it); a sequence's log_prob rows sum to
 its log_likelihood. Records are read, scored and written a batch at a time (memory holds a
-batch, not the file); the output appears complete or not at all.
+batch, not the file); the output appears complete or not at all. An existing file is replaced
+only with --overwrite, and only when this tool wrote it (never an input or a user's file).
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import numpy as np
 from modelzoo.data.sequences import read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.files import output_file
-from modelzoo.inference import add_model_arguments, model_from_args
+from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.score"
+TOOL = "modelzoo.tools.score"  # the owner named in its output's modelzoo.files marker
 COLUMNS = ("id", "scored_codons", "log_likelihood", "per_codon_log_likelihood", "perplexity")
 PER_CODON_COLUMNS = ("id", "codon_index", "codon", "log_prob", "start")
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
+    add_model_arguments(p, overwrite="replace an earlier --output of this tool (never another file)")
     p.add_argument("--input", required=True, help="FASTA or GenBank file (plain or .gz)")
     p.add_argument("--output", required=True, help="TSV file to write")
     p.add_argument("--per_codon", action="store_true",
@@ -47,7 +49,7 @@ def build_parser() -> OneLineParser:
 
 def score(args) -> str:
     scored = 0
-    with output_file(args.output, inputs=[args.input, args.checkpoint_path or args.model_dir]) as out:
+    with output_file(args.output, TOOL, args.overwrite, inputs=[args.input, *model_inputs(args)]) as out:
         lm = model_from_args(args)
         if args.per_codon:
             out.write("\t".join(PER_CODON_COLUMNS) + "\n")
