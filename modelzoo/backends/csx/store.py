@@ -20,6 +20,7 @@ import atexit
 import ctypes
 import itertools
 import json
+import logging
 import os
 import re
 import socket
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("modelzoo")
 _CHUNK = 1 << 30  # a single read()/write() moves at most ~2 GiB on Linux; loop in 1 GiB chunks
 
 
@@ -184,82 +186,177 @@ def unwritable(directory: Path) -> str | None:
 
 
 def _process_start(pid: int) -> str | None:
-    """When the process started (clock ticks since boot, /proc/PID/stat), to tell a live owner
-    from a later process that got its PID; None where /proc does not say."""
+    """When the process started (clock ticks since boot: field 22 of /proc/PID/stat), to tell a
+    live owner from a later process that got its PID; None where /proc does not say."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
 
 
+def _boot_id() -> str | None:
+    """This boot of this machine's kernel: the same in every container on it, new after a reboot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    """The PID namespace this process sees PIDs in (its inode): a PID means the same process only
+    within one namespace, and a container has its own."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _write_marker(directory: Path) -> None:
-    marker = {"owner": _OWNER, "host": _HOST, "pid": os.getpid(), "started": _process_start(os.getpid())}
+    marker = {"owner": _OWNER, "version": 2, "host": _HOST, "boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
+              "pid": os.getpid(), "started": _process_start(os.getpid())}
     tmp = directory / f"{OWNER_MARKER}.new"
     tmp.write_text(json.dumps(marker) + "\n")
     os.replace(tmp, directory / OWNER_MARKER)  # whole or absent: a half-written one is nobody's
 
 
-def _read_marker(directory: Path) -> dict | None:
+def _read_marker(dir_fd: int) -> dict | None:
+    """The MemoryX owner marker in the open directory ``dir_fd`` (never through a link), or None."""
     try:
-        marker = json.loads((directory / OWNER_MARKER).read_text())
+        fd = os.open(OWNER_MARKER, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            marker = json.loads(f.read(1 << 16))
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("owner") != _OWNER or not isinstance(marker.get("pid"), int):
+    if not isinstance(marker, dict) or marker.get("owner") != _OWNER or type(marker.get("pid")) is not int:
         return None
     return marker
 
 
 def _alive(pid: int, started: str | None) -> bool:
+    """Whether ``pid`` in this PID namespace is the process that started at ``started`` (or may be)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
         pass
+    except (OverflowError, ValueError):  # no such PID can exist
+        return False
     now = _process_start(pid)
     return started is None or now is None or now == started
 
 
+def owner_state(marker: dict) -> tuple[str, str]:
+    """("gone" | "alive" | "unknown", why) for the owner of a MemoryX directory. Gone only when
+    provably so: on this host, and either the machine has booted since, or in this boot and this
+    PID namespace its PID is free or held by a process started at another time. A marker of an
+    earlier version (no boot id or namespace), another host's or another namespace's owner
+    cannot be checked from here: unknown."""
+    if marker.get("host") != _HOST:
+        return "unknown", f"its owner ran on host {marker.get('host')!r}"
+    boot, namespace = marker.get("boot_id"), marker.get("pid_namespace")
+    if not isinstance(boot, str) or type(namespace) is not int:
+        return "unknown", "its owner marker is of an earlier version (no boot id or PID namespace)"
+    here = _boot_id()
+    if here is None or _pid_namespace() is None:
+        return "unknown", "this system does not tell its boot id or PID namespace"
+    if boot != here:
+        return "gone", "the machine has restarted since"
+    if namespace != _pid_namespace():
+        return "unknown", "its owner runs in another PID namespace (another container)"
+    pid, started = marker["pid"], marker.get("started")
+    if _alive(pid, started if isinstance(started, str) else None):
+        return "alive", f"process {pid} is running"
+    return "gone", f"process {pid} has ended"
+
+
+def _open_dir(name: str | Path, dir_fd: int | None = None, follow: bool = False) -> int:
+    """An fd of the directory ``name``, refusing a symbolic link unless ``follow`` (memoryx_dir
+    itself may be a link the user made, to a larger disk say; nothing under it is followed)."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
+
+
 def remove_own_dir(directory: Path) -> bool:
     """Delete what a DiskStore wrote in ``directory`` (its marker last), then the directory.
-    Anything else is left, with the directory and its marker. True when it is gone."""
+    Anything else is left, with the directory and its marker. True when it is gone. Nothing is
+    followed through a symbolic link: not ``directory`` itself, not a link inside it (unlinked
+    like any file)."""
+    directory = Path(directory)
     try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return True
+        parent_fd = _open_dir(directory.parent, follow=True)
     except OSError:
         return False
-    for name in names:
-        if _OWN_FILE.match(name) or name == f"{OWNER_MARKER}.new":
-            _unlink(directory / name)
     try:
-        if set(os.listdir(directory)) <= {OWNER_MARKER}:
-            _unlink(directory / OWNER_MARKER)
-            directory.rmdir()
+        return _remove_own(parent_fd, directory.name)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_own(parent_fd: int, name: str) -> bool:
+    try:
+        fd = _open_dir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return True
+    except OSError:  # a link, or unreadable: not ours to walk
+        return False
+    try:
+        for entry in os.listdir(fd):
+            if _OWN_FILE.match(entry) or entry == f"{OWNER_MARKER}.new":
+                _unlink_at(entry, fd)
+        if set(os.listdir(fd)) <= {OWNER_MARKER}:
+            _unlink_at(OWNER_MARKER, fd)
+            os.rmdir(name, dir_fd=parent_fd)
             return True
     except FileNotFoundError:
         return True
     except OSError:
         pass
+    finally:
+        os.close(fd)
     return False
 
 
-def remove_stale_dirs(parent: str | os.PathLike) -> list[tuple[Path, dict]]:
-    """Remove the MemoryX directories under ``parent`` whose owner process, on this host, is gone
-    (killed where no handler runs: SIGKILL, power loss). A directory without a MemoryX marker, or
-    whose owner runs on another host or is alive, is left alone. Returns (directory, marker) of
-    each removed."""
-    removed = []
+def _unlink_at(name: str, dir_fd: int) -> None:
     try:
-        candidates = [d for d in Path(parent).iterdir() if d.is_dir()]
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_dirs(parent: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """Remove the MemoryX directories under ``parent`` whose owner process is provably gone
+    (killed where no handler runs: SIGKILL, power loss; see ``owner_state``). A directory without
+    a MemoryX marker is not MemoryX's and is left silently, so is one whose owner is alive; one
+    whose owner cannot be checked from here is left with a warning line. Entries are lstat'ed:
+    a symbolic link is never entered. Returns (directory, marker) of each removed."""
+    removed = []
+    parent = Path(parent)
+    try:
+        parent_fd = _open_dir(parent, follow=True)
     except OSError:
         return removed
-    for directory in sorted(candidates):
-        marker = _read_marker(directory)
-        if marker is None or marker.get("host") != _HOST or _alive(marker["pid"], marker.get("started")):
-            continue
-        if remove_own_dir(directory):
-            removed.append((directory, marker))
+    try:
+        for name in sorted(os.listdir(parent_fd)):
+            try:
+                fd = _open_dir(name, dir_fd=parent_fd)  # a link or a file: not a candidate
+            except OSError:
+                continue
+            try:
+                marker = _read_marker(fd)
+            finally:
+                os.close(fd)
+            if marker is None:
+                continue
+            state, why = owner_state(marker)
+            if state == "unknown":
+                log.warning("left %s: a disk MemoryX directory whose owner may still run (%s); remove it by "
+                            "hand once that run is over", parent / name, why)
+            elif state == "gone" and _remove_own(parent_fd, name):
+                removed.append((parent / name, marker))
+    except OSError:
+        pass
+    finally:
+        os.close(parent_fd)
     return removed
 
 
