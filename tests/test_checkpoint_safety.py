@@ -196,3 +196,67 @@ def test_numpy_rng_state_of_earlier_versions_still_loads(tmp_path):
         with pytest.raises(CheckpointError) as info:
             ckpt.load_checkpoint(seal(path))
         assert_refused(str(info.value), path)
+
+
+# ------------------------------------------------------------------ sealed, plain, but of the wrong types
+
+def wrong_types(state: dict) -> dict[str, tuple[dict, str]]:
+    """Variants of a real checkpoint's state, each with one field of the wrong type, and the
+    field its message names."""
+    name, first = next(iter(state["model"].items()))
+    rng, opt = state["rng"], state["optimizer"]
+    some = next(iter(opt["state"]))
+    return {
+        "step": ({**state, "step": "three"}, "field step: 'three'"),
+        "negative step": ({**state, "step": -1}, "field step: -1"),
+        "model value": ({**state, "model": {**state["model"], name: "weights"}}, f"field model[{name!r}]"),
+        "model": ({**state, "model": [first]}, "field model: "),
+        "params": ({**state, "params": 5}, "field params: 5 (int) is not text"),
+        "torch rng size": ({**state, "rng": {**rng, "torch": rng["torch"][:100]}}, "field rng.torch: "),
+        "numpy rng size": ({**state, "rng": {**rng, "numpy": {**rng["numpy"], "key": rng["numpy"]["key"][:7]}}},
+                           "field rng.numpy: "),
+        "python rng": ({**state, "rng": {**rng, "python": (3, (1, 2), None)}}, "field rng.python: "),
+        "optimizer name": ({**state, "optimizer": {**opt, "state": {"no.such.weight": opt["state"][some]}}},
+                           "field optimizer.state['no.such.weight']: the checkpoint's model has no tensor"),
+        "optimizer state": ({**state, "optimizer": {**opt, "state": {some: {**opt["state"][some], "velocity": 1.0}}}},
+                            f"field optimizer.state[{some!r}]['velocity']: not a state AdamW keeps"),
+        "optimizer shape": ({**state, "optimizer": {**opt, "state": {some: {
+            **opt["state"][some], "exp_avg": torch.zeros(3)}}}}, f"field optimizer.state[{some!r}]['exp_avg']: shape"),
+        "optimizer type": ({**state, "optimizer": {**opt, "type": 7}}, "field optimizer: "),
+        "dataloader": ({**state, "dataloader": {"epoch": "0", "batches_done": 2}}, "field dataloader: "),
+    }
+
+
+def sealed(path: Path, state: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return seal(path)
+
+
+def test_every_field_of_the_wrong_type_is_one_line_naming_file_and_field(tmp_path, trained):
+    state = ckpt.load_checkpoint(ckpt.checkpoint_path(trained[1], 2))
+    for case, (variant, field) in wrong_types(state).items():
+        path = sealed(tmp_path / case.replace(" ", "_") / "checkpoint_2.mdl", variant)
+        for load in (ckpt.load_checkpoint, GenomeLM.load):
+            with pytest.raises(CheckpointError) as info:
+                load(path)
+            message = str(info.value)
+            assert message.startswith(f"{path}: {field}") and "\n" not in message, (case, message)
+
+
+@pytest.mark.parametrize("case", ["step", "model value", "torch rng size", "optimizer name"])
+def test_every_loader_refuses_a_wrong_typed_checkpoint(tmp_path, trained, capsys, case):
+    """run.py resume, --checkpoint_path, eval and eval_all: one line, exit 2, no checkpoint
+    written or changed (eval_all records its params and log before it reads the checkpoints)."""
+    params, trained_dir = trained
+    variant, field = wrong_types(ckpt.load_checkpoint(ckpt.checkpoint_path(trained_dir, 2)))[case]
+    model_dir = tmp_path / "bad_dir"
+    path = sealed(ckpt.checkpoint_path(model_dir, 2), variant)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for argv in (["--mode", "train", "--model_dir", model_dir, "--max_steps", 4],
+                 ["--mode", "eval", "--model_dir", model_dir], ["--mode", "eval_all", "--model_dir", model_dir],
+                 ["--mode", "train", "--model_dir", tmp_path / "fresh", "--checkpoint_path", path]):
+        line = one_line_error(capsys, "CPU", "--params", params, *argv)
+        assert line.startswith(f"error: {path}: {field}"), line
+    after = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.name.startswith("checkpoint")}
+    assert after == before and not (tmp_path / "fresh").exists()

@@ -190,7 +190,133 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path}: not a Model Zoo checkpoint (no model state and step)")
+    problem = field_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: field {problem}")
     return state
+
+
+# ---------------------------------------------------------------------- the fields' types
+# A sealed checkpoint may still hold anything plain (it was written by something else, or edited
+# and sealed again): every field a loader reads is checked here, once, for every loader (run.py
+# resume and --checkpoint_path, eval_all, GenomeLM.load, convert), so a wrong type is one line
+# naming the file and the field rather than a traceback wherever it is first used.
+
+# the per-parameter state each optimizer keeps (torch.optim), by optim.optimizer_state_by_name's type
+OPTIMIZER_STATE = {"Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+                   "AdamW": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+                   "SGD": {"momentum_buffer"}}
+
+
+def _shown(value) -> str:
+    text = repr(value) if not torch.is_tensor(value) else f"tensor of shape {tuple(value.shape)}"
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float) or (torch.is_tensor(value) and value.ndim == 0 and value.is_floating_point())
+
+
+def field_problem(state: dict) -> str | None:
+    """What is wrong with the types of a loaded checkpoint's fields ("name: why"), or None."""
+    if not _count(state["step"]):
+        return f"step: {_shown(state['step'])} is not a step count (a whole number >= 0)"
+    model = state["model"]
+    if not isinstance(model, dict):
+        return f"model: {_shown(model)} is not a mapping of tensor names to tensors"
+    for name, value in model.items():
+        if not isinstance(name, str) or not torch.is_tensor(value):
+            return f"model[{name!r}]: {_shown(value)} is not a tensor"
+    for key, check, what in (("params", lambda v: isinstance(v, str), "text (the params yaml)"),
+                             ("model_name", lambda v: isinstance(v, str), "text"),
+                             ("nonfinite_skipped", _count, "a count"),
+                             ("scheduler", lambda v: isinstance(v, dict) and _count(v.get("step")), "{step: count}"),
+                             ("dataloader", lambda v: isinstance(v, dict) and _count(v.get("epoch"))
+                              and _count(v.get("batches_done")), "{epoch: count, batches_done: count}"),
+                             ("loss_scale", lambda v: isinstance(v, dict) and _number(v.get("scale"))
+                              and _count(v.get("good_steps")) and _count(v.get("skipped_steps", 0)),
+                              "{scale: number, good_steps: count, skipped_steps: count}")):
+        if key in state and not check(state[key]):
+            return f"{key}: {_shown(state[key])} is not {what}"
+    for key, check in (("rng", _rng_problem), ("optimizer", _optimizer_problem), ("sparsity", _sparsity_problem)):
+        if key in state:
+            problem = check(state[key], model) if key != "rng" else check(state[key])
+            if problem:
+                return f"{key}{problem}"
+    return None
+
+
+def _rng_problem(rng) -> str | None:
+    """Each random stream's state, tried on a throwaway generator of its kind (the process's own
+    streams are untouched): a wrong size or type fails there as it would on resume."""
+    import random
+
+    import numpy as np
+    if not isinstance(rng, dict):
+        return f": {_shown(rng)} is not a mapping of random streams"
+    tries = {"torch": lambda v: torch.Generator().set_state(v), "python": lambda v: random.Random().setstate(v),
+             "numpy": lambda v: np.random.RandomState().set_state(_numpy_state(v))}
+    for key, apply in tries.items():
+        if key not in rng:
+            return f".{key}: missing"
+        try:
+            apply(rng[key])
+        except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            return f".{key}: {_shown(rng[key])} is not a {key} random state ({why})"
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, (list, tuple)) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in cuda):
+        return f".cuda: {_shown(cuda)} is not a list of CUDA random states"
+    return None
+
+
+def _numpy_state(saved):
+    """numpy's legacy state tuple from a checkpoint's dict (trainer.rng_state), or as saved."""
+    import numpy as np
+    if isinstance(saved, dict):
+        key = saved["key"].numpy().astype(np.uint32)
+        return saved["bit_generator"], key, saved["pos"], saved["has_gauss"], saved["gauss"]
+    return saved
+
+
+def _optimizer_problem(saved, model: dict) -> str | None:
+    """optim.optimizer_state_by_name's format: a type, and per parameter of the model its state."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("type"), str) or not isinstance(saved.get("state"), dict):
+        return f": {_shown(saved)} is not {{type: name, state: {{parameter: {{name: value}}}}}}"
+    known = OPTIMIZER_STATE.get(saved["type"])
+    if known is None:
+        return f".type: {saved['type']!r} is not one of {sorted(OPTIMIZER_STATE)}"
+    for name, values in saved["state"].items():
+        where = f".state[{name!r}]"
+        if not isinstance(name, str) or name not in model:
+            return f"{where}: the checkpoint's model has no tensor of that name"
+        if not isinstance(values, dict):
+            return f"{where}: {_shown(values)} is not a mapping of state names to values"
+        for key, value in values.items():
+            if key not in known:
+                return f"{where}[{key!r}]: not a state {saved['type']} keeps ({', '.join(sorted(known))})"
+            if torch.is_tensor(value) and value.ndim and tuple(value.shape) != tuple(model[name].shape):
+                return (f"{where}[{key!r}]: shape {tuple(value.shape)}, but the model's tensor has "
+                        f"{tuple(model[name].shape)}")
+            if not (torch.is_tensor(value) or _number(value)):
+                return f"{where}[{key!r}]: {_shown(value)} is not a tensor or number"
+    return None
+
+
+def _sparsity_problem(saved, model: dict) -> str | None:
+    masks = saved.get("masks", {}) if isinstance(saved, dict) else None
+    if not isinstance(masks, dict):
+        return f": {_shown(saved)} is not {{algorithm, step, masks}}"
+    for name, mask in masks.items():
+        if not isinstance(name, str) or name not in model or not torch.is_tensor(mask):
+            return f".masks[{name!r}]: {_shown(mask)} is not a mask of a tensor of the model"
+    if "step" in saved and not _count(saved["step"]):
+        return f".step: {_shown(saved['step'])} is not a step count"
+    return None
 
 
 def _refused(e: pickle.UnpicklingError) -> str:
