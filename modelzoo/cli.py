@@ -228,7 +228,7 @@ def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1,
             precision_note: str | None = None) -> str:
     n = sum(p.numel() for p in model.parameters())
     lines = [f"params OK: {params.model.name}, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32), "
-             f"backend {backend.describe()}"]
+             f"backend {backend.describe()}", *params.notes]
     if precision_note:
         lines.append(precision_note)
     plan = backend.plan(model, params, ranks) if compile_only else None
@@ -268,6 +268,8 @@ def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     resuming = model_dir.is_dir()
     with model_dir_errors(model_dir):
         setup_logging(model_dir if resuming else None, rank)
+    for note in params.notes:  # what reading the params decided (a Model Zoo file's ignored keys, ...)
+        log.info(note)
     if precision_note:
         log.info(precision_note)
     trainer = Trainer(params, backend, model_dir)

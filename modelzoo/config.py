@@ -18,13 +18,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from modelzoo.errors import ConfigError
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
 # What a checkpoint holds, each loadable on its own (runconfig.load_checkpoint_states).
 CHECKPOINT_STATES = frozenset({"model", "optimizer", "scheduler", "dataloader", "rng"})
+# Ids of the codon tokenizer (modelzoo/data/codon_wordlevel_69vocab.json; a test keeps them equal).
+CODON_VOCAB_SIZE = 69
+# A seed every generator takes as it is: numpy's legacy seed and torch's both accept [0, 2**32).
+SEED_RANGE = {"ge": 0, "le": 2**32 - 1}
+
+
+def _no_nul(path: str) -> str:
+    if "\0" in path:  # the OS cannot open it; caught here rather than as a traceback deep in a run
+        raise ValueError("a path cannot contain a NUL byte")
+    return path
+
+
+Path_ = Annotated[str, AfterValidator(_no_nul)]
 
 
 class Section(BaseModel):
@@ -32,24 +45,24 @@ class Section(BaseModel):
 
 
 class PrepareSpec(Section):
-    input: list[str] = Field(min_length=1, description="FASTA/GenBank files (plain or .gz) to prepare.")
+    input: list[Path_] = Field(min_length=1, description="FASTA/GenBank files (plain or .gz) to prepare.")
     split: list[float] = Field([0.9, 0.05, 0.05], min_length=3, max_length=3,
                                description="train, val, test fractions of the records.")
-    seed: int = Field(0, description="Seed of the record split.")
+    seed: int = Field(0, **SEED_RANGE, description="Seed of the record split.")
     features: Optional[str] = Field(None, description="GenBank feature to extract (e.g. CDS); default whole records.")
     rename_duplicate_ids: bool = Field(False, description="Suffix repeated record ids with #2, #3... instead of "
                                                           "failing (e.g. genes listed once per start site).")
 
 
 class DataInput(Section):
-    data_dir: str = Field(description="Shard directory written by data_preparation.prepare_genomes "
+    data_dir: Path_ = Field(description="Shard directory written by data_preparation.prepare_genomes "
                                       "(e.g. data/x/train). Relative paths are read from the current directory.")
     batch_size: int = Field(gt=0, description="Global batch size (sequences per optimizer step, "
                                               "split evenly over all systems / ranks).")
     max_seq_length: int = Field(gt=1, description="Tokens per sequence; must equal the shards' "
                                                   "max_seq_length and be <= model.max_position_embeddings.")
     shuffle: bool = Field(True, description="Shuffle sequences every epoch (deterministic from shuffle_seed).")
-    shuffle_seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+    shuffle_seed: int = Field(0, **SEED_RANGE, description="Seed of the per-epoch shuffle.")
     num_workers: int = Field(0, ge=0, description="torch DataLoader worker processes (0 = read in the main process).")
     prepare: Optional[PrepareSpec] = Field(
         None, description="Build data_dir on first use: data_dir must be <output_dir>/{train,val,test} and is "
@@ -75,7 +88,7 @@ class DataInput(Section):
                                                                  "each other, positions run on.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="BERT only: fraction of codons selected "
                                                                  "for masked-codon prediction.")
-    labels_file: Optional[str] = Field(None, description="BERT classifier (model.num_labels): TSV with a header "
+    labels_file: Optional[Path_] = Field(None, description="BERT classifier (model.num_labels): TSV with a header "
                                                          "row giving each record's class; every record of data_dir "
                                                          "needs a row. Classes are its label_column values, sorted.")
     label_column: Optional[str] = Field(None, description="BERT classifier: the labels_file column holding the class.")
@@ -86,7 +99,8 @@ class DataInput(Section):
 class ModelConfig(Section):
     name: Literal["gpt2", "gptj", "gpt_neox", "bert"] = Field(description="Architecture: gpt2, gptj, gpt_neox "
                                                                          "(GenSLM's models) or bert.")
-    vocab_size: int = Field(69, gt=0, description="Vocabulary size (69 = GenSLM's codon vocabulary).")
+    vocab_size: int = Field(CODON_VOCAB_SIZE, gt=0, description="Vocabulary size: at least the codon tokenizer's 69 ids "
+                                                                 "(69 = GenSLM's codon vocabulary).")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
     num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
     num_heads: int = Field(gt=0, description="Attention heads; must divide hidden_size.")
@@ -139,6 +153,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_shapes(self):
+        if self.vocab_size < CODON_VOCAB_SIZE:
+            raise _CrossFieldError(("model", "vocab_size"), f"{self.vocab_size} is below the codon tokenizer's "
+                                                            f"{CODON_VOCAB_SIZE} ids")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         if self.rotary_dim is not None:
@@ -172,14 +189,52 @@ class RampLR(Section):
     total_iters: int = Field(gt=0, description="Steps this phase lasts.")
 
 
-Schedule = Annotated[Union[ConstantLR, RampLR], Field(discriminator="scheduler")]
+class _DecayPhase(Section):
+    initial_learning_rate: float = Field(ge=0, description="Learning rate at the first step of the phase.")
+    total_iters: Optional[int] = Field(None, gt=0, description="Steps this phase lasts (last phase: forever).")
+
+
+class ExponentialLR(_DecayPhase):
+    scheduler: Literal["Exponential"]
+    decay_rate: float = Field(gt=0, description="Factor the rate is multiplied by every decay_steps steps.")
+    decay_steps: int = Field(gt=0, description="Steps over which the rate falls by one decay_rate.")
+    staircase: bool = Field(False, description="Fall in whole steps of decay_rate (else continuously).")
+
+
+class InverseSquareRootLR(_DecayPhase):
+    """initial_learning_rate * scale / sqrt(max(step, warmup_steps)), step counted from the phase's start."""
+    scheduler: Literal["InverseSquareRootDecay"]
+    scale: float = Field(1.0, gt=0, description="Multiplier of the decay: the rate is initial_learning_rate * "
+                                                "scale / sqrt(max(step, warmup_steps)).")
+    warmup_steps: int = Field(1, gt=0, description="The rate is held for the first warmup_steps steps.")
+
+
+class StepLR(_DecayPhase):
+    scheduler: Literal["Step"]
+    step_size: int = Field(gt=0, description="Steps between two multiplications by gamma.")
+    gamma: float = Field(gt=0, description="Factor applied every step_size steps.")
+
+
+class PolynomialLR(Section):
+    scheduler: Literal["Polynomial"]
+    initial_learning_rate: float = Field(ge=0, description="Learning rate at the first step of the phase.")
+    end_learning_rate: float = Field(ge=0, description="Learning rate reached after total_iters steps (then held).")
+    total_iters: int = Field(gt=0, description="Steps this phase lasts.")
+    power: float = Field(1.0, gt=0, description="Exponent of the decay (1: linear).")
+
+
+SCHEDULE_PHASES = {"Constant": ConstantLR, "Linear": RampLR, "CosineDecay": RampLR, "Exponential": ExponentialLR,
+                   "InverseSquareRootDecay": InverseSquareRootLR, "Step": StepLR, "Polynomial": PolynomialLR}
+Schedule = Annotated[Union[ConstantLR, RampLR, ExponentialLR, InverseSquareRootLR, StepLR, PolynomialLR],
+                     Field(discriminator="scheduler")]
 
 
 class OptimizerConfig(Section):
     optimizer_type: Literal["AdamW", "Adam", "SGD"] = Field("AdamW", description="AdamW, Adam or SGD.")
     learning_rate: Union[float, Schedule, list[Schedule]] = Field(
-        description="A constant, or a schedule phase {scheduler: Constant|Linear|CosineDecay, ...}, or a list "
-                    "of phases run one after another (e.g. Linear warm-up then CosineDecay).")
+        description="A constant, or a schedule phase {scheduler: Constant|Linear|CosineDecay|Exponential|"
+                    "InverseSquareRootDecay|Step|Polynomial, ...}, or a list of phases run one after another (e.g. "
+                    "Linear warm-up then CosineDecay). Each phase counts its steps from its own start.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) or L2 (Adam, SGD) weight decay; "
                                                        "applied to weight matrices only: never to biases, norms or "
                                                        "embedding tables (token, position, token type; GPT-2's "
@@ -254,7 +309,7 @@ class SparsityConfig(Section):
     end_step: Optional[int] = Field(None, gt=0, description="rigl, set: the step the drop fraction reaches zero "
                                                             "(masks are fixed after it); gmp: the step the "
                                                             "target density is reached. Required for both.")
-    seed: int = Field(0, description="Seed of random initial masks and of set's random regrowth.")
+    seed: int = Field(0, **SEED_RANGE, description="Seed of random initial masks and of set's random regrowth.")
 
     @model_validator(mode="after")
     def _check_schedule(self):
@@ -282,7 +337,7 @@ class CSXConfig(Section):
     memoryx: Literal["ram", "disk"] = Field("ram", description="Where MemoryX keeps fp32 weights, gradients and "
                                                                "optimizer state: host RAM, or files on disk read "
                                                                "and written per stage with explicit I/O.")
-    memoryx_dir: Optional[str] = Field(None, description="Directory of disk MemoryX files (default "
+    memoryx_dir: Optional[Path_] = Field(None, description="Directory of disk MemoryX files (default "
                                                          "model_dir/memoryx); each run and system gets a private "
                                                          "subdirectory (marked with its host and PID), removed at "
                                                          "exit, on error or SIGTERM/SIGINT, or at the next start on "
@@ -306,7 +361,7 @@ class CSXConfig(Section):
 
 class RunConfig(Section):
     mode: Literal[MODES] = Field("train", description="train, eval, train_and_eval or eval_all.")  # type: ignore
-    model_dir: str = Field("model_dir", description="Where checkpoints, TensorBoard events and logs go.")
+    model_dir: Path_ = Field("model_dir", description="Where checkpoints, TensorBoard events and logs go.")
     max_steps: Optional[int] = Field(None, gt=0, description="Train until this global step.")
     num_steps: Optional[int] = Field(None, gt=0, description="Train this many steps in this invocation "
                                                              "(capped by max_steps).")
@@ -317,13 +372,13 @@ class RunConfig(Section):
                                                               "eval set once).")
     eval_frequency: int = Field(0, ge=0, description="train_and_eval: evaluate every this many steps "
                                                      "(0: only at the end).")
-    seed: int = Field(1, description="Seed for weight initialisation, dropout and masking.")
+    seed: int = Field(1, **SEED_RANGE, description="Seed for weight initialisation, dropout and masking.")
     nonfinite_policy: Literal["stop", "skip"] = Field("stop", description="A NaN/Inf loss or gradient: stop the run "
                                                                           "naming the step, or skip that batch "
                                                                           "(never applied; logged and counted).")
     max_nonfinite_skips: int = Field(10, ge=0, description="skip: stop anyway once more than this many batches of "
                                                            "the run had a non-finite loss or gradient.")
-    checkpoint_path: Optional[str] = Field(None, description="Start from this checkpoint when model_dir has none "
+    checkpoint_path: Optional[Path_] = Field(None, description="Start from this checkpoint when model_dir has none "
                                                              "of its own yet (a path inside model_dir always wins: "
                                                              "a roll-back); re-running resumes from model_dir.")
     load_checkpoint_states: str = Field("all", description="Which states to load from a checkpoint: 'all' or a "
@@ -374,6 +429,13 @@ class Params(Section):
     sparsity: Optional[SparsityConfig] = Field(None, description="Unstructured weight sparsity while training "
                                                                  "(default: dense).")
     runconfig: RunConfig = Field(default_factory=RunConfig, description="How the run is executed.")
+    # What reading the file decided for the user to know (a Model Zoo file's ignored keys, ...):
+    # logged by the run once its log is open.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     @model_validator(mode="after")
     def _check_lengths(self):
@@ -411,11 +473,29 @@ class _CrossFieldError(ValueError):
 
 def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
                 check_paths: bool = True) -> Params:
-    """Read, merge CLI overrides into runconfig, validate. Raises ConfigError (one line)."""
+    """Read (a Cerebras Model Zoo file is translated first), merge CLI overrides into runconfig,
+    validate. Raises ConfigError: one line per problem of the file, in file order."""
     path = str(path)
+    raw, lines = read_yaml(path)
+    translation = None
+    from modelzoo import modelzoo_params
+    if modelzoo_params.is_modelzoo_file(raw):
+        translation = modelzoo_params.translate(raw, path)
+        raw = translation.params
+    raw.setdefault("runconfig", {})
+    if not isinstance(raw["runconfig"], dict):
+        raise ConfigError(f"{path}: runconfig: expected a mapping")
+    raw["runconfig"].update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_params(raw, path, check_paths, lines=lines, translation=translation)
+
+
+def read_yaml(path: str) -> tuple[dict, dict[tuple, int]]:
+    """The file's mapping and the line of each key (by its path of keys and list indexes)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            text = f.read()
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except IsADirectoryError:
@@ -423,91 +503,179 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                           f"a params file is yaml") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read params ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{path!r}: cannot read params ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} invalid yaml: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {list(Params.model_fields)}")
-    raw.setdefault("runconfig", {})
-    if not isinstance(raw["runconfig"], dict):
-        raise ConfigError(f"{path}: runconfig: expected a mapping")
-    raw["runconfig"].update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate_params(raw, path, check_paths)
+    return raw, lines
 
 
-def validate_params(raw: dict, source: str = "<params>", check_paths: bool = True) -> Params:
-    """check_paths=False skips the data checks (for tools that need only the model section)."""
+def _key_lines(node, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (str(key.value),)
+            out.setdefault(path, key.start_mark.line + 1)
+            _key_lines(value, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault(prefix + (str(i),), item.start_mark.line + 1)
+            _key_lines(item, prefix + (str(i),), out)
+    return out
+
+
+class _Problem:
+    """One thing wrong with a params file: where (our schema's key path) and what."""
+
+    def __init__(self, loc: tuple, message: str):
+        self.loc, self.message = tuple(str(p) for p in loc), message
+
+
+def validate_params(raw: dict, source: str = "<params>", check_paths: bool = True,
+                    lines: dict[tuple, int] | None = None, translation=None) -> Params:
+    """check_paths=False skips the data checks (for tools that need only the model section).
+    Every problem is reported at once, one line each, in the order of the file's lines."""
+    problems: list = []
+    params = None
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe(e, source)) from None
-    except _CrossFieldError as e:  # pragma: no cover - pydantic wraps it; kept for safety
-        raise ConfigError(f"{source}: {'.'.join(e.loc)}: {e}") from None
+        problems += _problems_of(e)
     if check_paths:
-        _check_paths(params, source)
+        problems += _path_problems(params, raw)
+    if translation:  # a key the translation refused is not also "missing"
+        problems = translation.problems + [p for p in problems if p.loc not in translation.blocked]
+    if problems:
+        raise ConfigError("\n".join(_ordered_lines(problems, source, lines or {}, translation)))
+    if translation:
+        params._notes = list(translation.notes)
     return params
 
 
-def _check_paths(params: Params, source: str) -> None:
-    mode = params.runconfig.mode
+def _ordered_lines(problems: list, source: str, lines: dict, translation) -> list[str]:
+    origin = translation.origin if translation else {}
+
+    def where(loc: tuple) -> tuple[str, tuple]:
+        """The key as the file spells it (a Model Zoo key when translated) and its path there."""
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in origin:
+                file_path = origin[loc[:n]] + loc[n:]
+                return ".".join(file_path), file_path
+        return ".".join(loc) if loc else "(top level)", loc
+
+    shown = []
+    for i, p in enumerate(problems):
+        name, file_path = where(p.loc)
+        line = next((lines[file_path[:n]] for n in range(len(file_path), 0, -1) if file_path[:n] in lines), 0)
+        shown.append((line, i, f"{source}: {name}: {p.message}"))
+    unique = dict.fromkeys(text for _, _, text in sorted(shown))
+    return list(unique)
+
+
+def _path_problems(params: Params | None, raw: dict) -> list[_Problem]:
+    """The data a run needs must exist. With the schema broken, the data_dirs the file names are
+    still checked, so one run reports them too."""
+    if params is None:
+        sections = {name: raw.get(name) for name in ("train_input", "eval_input")}
+        mode = raw.get("runconfig", {}).get("mode") if isinstance(raw.get("runconfig"), dict) else None
+        mode = mode if mode in MODES else "train"
+    else:
+        sections = {name: getattr(params, name) for name in ("train_input", "eval_input")}
+        sections = {k: v.model_dump() if v is not None else None for k, v in sections.items()}
+        mode = params.runconfig.mode
     needs = {"train": ["train_input"], "eval": ["eval_input"], "eval_all": ["eval_input"],
              "train_and_eval": ["train_input", "eval_input"]}[mode]
+    problems = []
     for name in needs:
-        if getattr(params, name) is None:
-            raise ConfigError(f"{source}: {name}: section is required for mode {mode!r}")
-    if "train_input" in needs and params.optimizer is None:
-        raise ConfigError(f"{source}: optimizer: section is required for mode {mode!r}")
+        if params is not None and sections[name] is None:
+            problems.append(_Problem((name,), f"section is required for mode {mode!r}"))
+    if params is not None and "train_input" in needs and params.optimizer is None:
+        problems.append(_Problem(("optimizer",), f"section is required for mode {mode!r}"))
     for name in needs:
-        section = getattr(params, name)
-        data_dir = section.data_dir
-        if section.prepare is not None:
+        section = sections[name]
+        if not isinstance(section, dict) or not isinstance(section.get("data_dir"), str):
+            continue
+        data_dir, prepare = section["data_dir"], section.get("prepare")
+        if "\0" in data_dir:
+            continue  # the schema says so
+        if isinstance(prepare, dict):
             if Path(data_dir).name not in ("train", "val", "test"):
-                raise ConfigError(f"{source}: {name}.data_dir: with prepare, the last part of data_dir must be "
-                                  f"train, val or test (got {Path(data_dir).name!r})")
-            for path in section.prepare.input:
-                if not Path(path).is_file():
-                    raise ConfigError(f"{source}: {name}.prepare.input: file {path!r} does not exist")
+                problems.append(_Problem((name, "data_dir"), f"with prepare, the last part of data_dir must be "
+                                                             f"train, val or test (got {Path(data_dir).name!r})"))
+            for path in prepare.get("input") or []:
+                if isinstance(path, str) and "\0" not in path and not Path(path).is_file():
+                    problems.append(_Problem((name, "prepare", "input"), f"file {path!r} does not exist"))
         elif not Path(data_dir).is_dir():
-            raise ConfigError(f"{source}: {name}.data_dir: directory {data_dir!r} does not exist "
-                              f"(prepare it with python -m data_preparation.prepare_genomes)")
+            problems.append(_Problem((name, "data_dir"), f"directory {data_dir!r} does not exist (prepare it "
+                                                         f"with python -m data_preparation.prepare_genomes)"))
+    return problems
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    """The first validation error as one line: file, section.key, what is wrong, closest key."""
-    # In a union (learning_rate: number | phase | list of phases) the deepest error is the one
-    # about what the user actually wrote.
+def describe_validation_error(error: ValidationError, source: str, prefix: tuple = ()) -> str:
+    """A pydantic error as lines 'source: key.path: what is wrong' (one per problem), for any
+    part of the schema validated on its own (e.g. a model section read from elsewhere)."""
+    problems = [_Problem(prefix + p.loc, p.message) for p in _problems_of(error)]
+    return "\n".join(_ordered_lines(problems, source, {}, None))
+
+
+def _problems_of(error: ValidationError) -> list[_Problem]:
+    """One problem per key the user wrote wrong. In a union (learning_rate: number | phase | list
+    of phases) pydantic reports every member's complaint; the deepest is about what was written."""
     rank = {"extra_forbidden": 3, "union_tag_invalid": 2, "literal_error": 2, "missing": 1}
-    err = max(error.errors(), key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0)))
+    groups: dict[tuple, list] = {}
+    for err in error.errors():
+        raw_loc = err["loc"]
+        tag = next((i for i, part in enumerate(raw_loc) if _is_union_tag(part)), len(raw_loc))
+        groups.setdefault(tuple(_clean_loc(raw_loc[:tag])), []).append(err)
+    return [_problem(max(errs, key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0))))
+            for errs in groups.values()]
+
+
+def _problem(err: dict) -> _Problem:
     loc = _clean_loc(err["loc"])
     ctx_error = err.get("ctx", {}).get("error")
     if isinstance(ctx_error, _CrossFieldError):
-        return f"{source}: {'.'.join(ctx_error.loc)}: {ctx_error}"
-    where = ".".join(loc) if loc else "(top level)"
+        return _Problem(ctx_error.loc, str(ctx_error))
     if err["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1], err["loc"])
-        close = closest_key(loc[-1], valid)
-        hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(valid)}"
-        return f"{source}: {where}: unknown key{hint}"
+        return _Problem(loc, "unknown key" + unknown_key_hint(loc, _valid_keys(loc[:-1], err["loc"])))
     if err["type"] == "missing":
-        return f"{source}: {where}: required key is missing"
+        return _Problem(loc, "required key is missing")
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{source}: {where}: {msg}{shown}"
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {_short(value)})"
+    return _Problem(loc, f"{msg}{shown}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def unknown_key_hint(loc: list[str], valid: list[str]) -> str:
+    """A Model Zoo key names the key it maps to (never a look-alike); else the closest spelling."""
+    from modelzoo.modelzoo_params import hint_for
+    known = hint_for(loc)
+    if known:
+        return f"; {known}"
+    close = closest_key(loc[-1], valid)
+    return f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
 def closest_key(key: str, valid: list[str]) -> str | None:
     """Spelling similarity plus shared words, so 'num_layers' finds 'num_hidden_layers' rather
-    than 'num_labels'."""
+    than 'num_labels'; a key sharing little (num_wgt_servers vs num_steps) gets no guess."""
+    def spelling(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, key.lower(), candidate).ratio()
+
     def score(candidate: str) -> float:
         words, other = set(key.lower().split("_")), set(candidate.split("_"))
-        return (difflib.SequenceMatcher(None, key.lower(), candidate).ratio()
-                + len(words & other) / len(words | other))
+        return spelling(candidate) + len(words & other) / len(words | other)
     best = max(valid, key=score, default=None)
-    return best if best is not None and score(best) >= 0.6 else None
+    return best if best is not None and (score(best) >= 1.0 or spelling(best) >= 0.8) else None
 
 
 def _clean_loc(loc) -> list[str]:
@@ -521,10 +689,9 @@ def _is_union_tag(part) -> bool:
 
 
 def _valid_keys(loc: list[str], raw_loc: tuple) -> list[str]:
-    if "Constant" in raw_loc:
-        return list(ConstantLR.model_fields)
-    if "Linear" in raw_loc or "CosineDecay" in raw_loc:
-        return list(RampLR.model_fields)
+    for tag, phase in SCHEDULE_PHASES.items():
+        if tag in raw_loc:
+            return list(phase.model_fields)
     model: Any = Params
     for part in loc:
         if part.isdigit():
@@ -556,6 +723,10 @@ def reference_markdown() -> str:
                 ("optimizer", OptimizerConfig),
                 ("optimizer.learning_rate phase: Constant", ConstantLR),
                 ("optimizer.learning_rate phase: Linear / CosineDecay", RampLR),
+                ("optimizer.learning_rate phase: Exponential", ExponentialLR),
+                ("optimizer.learning_rate phase: InverseSquareRootDecay", InverseSquareRootLR),
+                ("optimizer.learning_rate phase: Step", StepLR),
+                ("optimizer.learning_rate phase: Polynomial", PolynomialLR),
                 ("train_input.prepare / eval_input.prepare", PrepareSpec),
                 ("sparsity", SparsityConfig), ("sparsity.groups[]", SparsityGroup),
                 ("runconfig", RunConfig), ("runconfig.csx", CSXConfig)]

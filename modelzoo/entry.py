@@ -19,17 +19,23 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_entry(action: Callable[[], str | int | None]) -> int:
     """Call ``action``; a returned string is its one-line summary (exit 0), an int its exit code.
-    UserError → one line, exit 2; TrainingError (training cannot go on) → one line, exit 1."""
+    UserError → one line, exit 2; TrainingError (training cannot go on) → one line, exit 1. An error
+    holding several problems (a params file's) prints one line each."""
     try:
         result = action()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 1
     if isinstance(result, int):
         return result
     if result:
         print(result)
     return 0
+
+
+def _print_error(e: Exception) -> None:
+    for line in str(e).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)

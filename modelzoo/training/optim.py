@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from modelzoo.config import ConstantLR, OptimizerConfig
+from modelzoo.config import OptimizerConfig
 
 
 EMBEDDINGS = "embeddings."  # every model keeps its token/position/type tables under this name
@@ -61,12 +61,23 @@ def learning_rate_at(step: int, cfg: OptimizerConfig) -> float:
 
 
 def _phase_value(phase, step: int) -> float:
-    if isinstance(phase, ConstantLR):
+    """The rate ``step`` steps into the phase (formulas of the Cerebras Model Zoo's schedulers)."""
+    kind = phase.scheduler
+    if kind == "Constant":
         return phase.learning_rate
+    if kind == "Exponential":
+        power = step / phase.decay_steps
+        return phase.initial_learning_rate * phase.decay_rate ** (math.floor(power) if phase.staircase else power)
+    if kind == "InverseSquareRootDecay":
+        return phase.initial_learning_rate * phase.scale / math.sqrt(max(step, phase.warmup_steps))
+    if kind == "Step":
+        return phase.initial_learning_rate * phase.gamma ** (step // phase.step_size)
     progress = min(step, phase.total_iters) / phase.total_iters
     start, end = phase.initial_learning_rate, phase.end_learning_rate
-    if phase.scheduler == "Linear":
+    if kind == "Linear":
         return start + (end - start) * progress
+    if kind == "Polynomial":
+        return end + (start - end) * (1.0 - progress) ** phase.power
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
