@@ -133,3 +133,83 @@ def test_import_refuses_transformers_variants_we_do_not_build(change, message):
         model_fields_from_hf({**config, **change}, "c.json")
     with pytest.raises(ConfigError, match="c.json: no 'n_head'"):
         model_fields_from_hf({k: v for k, v in config.items() if k != "n_head"}, "c.json")
+
+
+def _checkpoint_of(model_dir, **model):
+    """checkpoint_0 of a fresh tiny model (no training needed to test a conversion)."""
+    from modelzoo.config import validate_params
+    from modelzoo.models import build_model
+    params = validate_params({"model": {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2,
+                                        "max_position_embeddings": 16, **model},
+                              "runconfig": {"model_dir": str(model_dir)}}, check_paths=False)
+    torch.manual_seed(0)
+    return convert_checkpoint._write_imported(params, build_model(params.model).state_dict(), "test")
+
+
+def test_hf_export_for_transformers_4_and_back_from_pytorch_model_bin(tmp_path, capsys):
+    """transformers 4.x (GenSLM's fork) reads rotary_pct / rotary_emb_base and pytorch_model.bin;
+    without them it would silently take rotary_pct 0.25."""
+    import json
+    import shutil
+    _checkpoint_of(tmp_path / "md", name="gpt_neox", rotary_pct=0.5, rotary_emb_base=500.0)
+    code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "md", "--output_dir", tmp_path / "hf",
+                        "--pytorch_bin")
+    assert code == 0, out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rotary_pct"] == config["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert config["rotary_emb_base"] == config["rope_parameters"]["rope_theta"] == 500.0
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").rope_parameters["partial_rotary_factor"] == 0.5
+    safetensors_state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    bin_state = torch.load(tmp_path / "hf" / "pytorch_model.bin", weights_only=True)
+    assert "embed_out.weight" in bin_state  # transformers 4.x's name
+    assert torch.equal(bin_state["embed_out.weight"], safetensors_state["lm_head.weight"])
+
+    only_bin = tmp_path / "only_bin"
+    shutil.copytree(tmp_path / "hf", only_bin)
+    (only_bin / "model.safetensors").unlink()
+    _, params = params_for_model_dir(tmp_path, "gpt_neox", rotary_pct=0.5, rotary_emb_base=500.0)
+    code, out = convert(capsys, "--from", "hf", "--input_dir", only_bin, "--params", params,
+                        "--model_dir", tmp_path / "back")
+    assert code == 0, out
+    original = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "md", 0))["model"]
+    back = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "back", 0))["model"]
+    assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def params_for_model_dir(tmp_path, name, **model):
+    raw = {"model": {"name": name, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2,
+                     "max_position_embeddings": 16, **model}, "runconfig": {"model_dir": str(tmp_path / "unused")}}
+    return raw, write_params(tmp_path / f"{name}_only_model.yaml", raw)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("config_list", "config.json: config.json must be a JSON object, not a list"),
+    ("config_bad_json", "config.json: invalid JSON"),
+    ("index_bad_json", "model.safetensors.index.json: invalid JSON"),
+    ("index_list", "model.safetensors.index.json: model.safetensors.index.json must be a JSON object, not a list"),
+    ("index_no_map", "model.safetensors.index.json: no 'weight_map' object"),
+    ("index_escapes", "weight_map names '../outside.safetensors', not a file name in"),
+    ("index_missing_shard", "weight_map names shard-1.safetensors, which"),
+    ("index_not_string", "weight_map names 7, not a file name in"),
+    ("index_list_value", "weight_map names ['x'], not a file name in"),
+])
+def test_malformed_transformers_directories_are_one_line(case, message, tmp_path, capsys):
+    import json
+    _checkpoint_of(tmp_path / "md", name="gpt2")
+    assert convert(capsys, "--to", "hf", "--model_dir", tmp_path / "md", "--output_dir", tmp_path / "hf")[0] == 0
+    hf_dir = tmp_path / "hf"
+    index = hf_dir / "model.safetensors.index.json"
+    if case.startswith("index"):
+        (hf_dir / "model.safetensors").rename(hf_dir / "shard-0.safetensors")
+    content = {"config_list": [1, 2], "config_bad_json": "{nope", "index_bad_json": "{nope", "index_list": [],
+               "index_no_map": {"metadata": {}},
+               "index_escapes": {"weight_map": {"a": "../outside.safetensors"}},
+               "index_missing_shard": {"weight_map": {"a": "shard-0.safetensors", "b": "shard-1.safetensors"}},
+               "index_not_string": {"weight_map": {"a": 7}}, "index_list_value": {"weight_map": {"a": ["x"]}}}[case]
+    target = hf_dir / "config.json" if case.startswith("config") else index
+    target.write_text(content if isinstance(content, str) else json.dumps(content))
+    _, params = params_for_model_dir(tmp_path, "gpt2")
+    code, out = convert(capsys, "--from", "hf", "--input_dir", hf_dir, "--params", params,
+                        "--model_dir", tmp_path / "new")
+    assert code == 2 and out.count("\n") == 1 and message in out, out
+    assert not (tmp_path / "new").exists()

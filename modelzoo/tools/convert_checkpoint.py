@@ -1,18 +1,28 @@
-"""Convert checkpoints to and from HuggingFace transformers, and import GenSLM's released models.
+"""Convert checkpoints to and from HuggingFace transformers and GenSLM.
 
 Export the newest checkpoint of a model_dir (or --checkpoint_path) to a transformers directory
 (GPT2LMHeadModel, GPTJForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM or
-BertForSequenceClassification):
+BertForSequenceClassification); --pytorch_bin adds pytorch_model.bin for code that reads no
+safetensors (such as GenSLM's transformers fork):
 
-    python -m modelzoo.tools.convert_checkpoint --to hf --model_dir MD [--checkpoint_path C] --output_dir OUT
+    python -m modelzoo.tools.convert_checkpoint --to hf --model_dir MD [--checkpoint_path C] --output_dir OUT \
+        [--pytorch_bin]
+
+Export a GPT-NeoX checkpoint as the weights file GenSLM's own loader reads (``GenSLM`` in
+genslm/inference.py: a dict whose ``state_dict`` holds the GPTNeoXForCausalLM's tensors under
+transformers 4.x's unprefixed names, with the attention buffers GenSLM's released files keep), and
+with --config also its architecture file in GenSLM's format:
+
+    python -m modelzoo.tools.convert_checkpoint --to genslm --model_dir MD --output_path F.pt [--config F.json]
 
 Import a transformers directory as checkpoint_0 of a new model_dir that training resumes from
 (the params' model section must describe the same network):
 
     python -m modelzoo.tools.convert_checkpoint --from hf --input_dir IN --params P --model_dir MD
 
-Import a GenSLM checkpoint (a PyTorch Lightning .pt holding a GPTNeoXForCausalLM; read without
-running any code from the pickle) with its architecture file; MD also gets params_genslm.yaml:
+Import a GenSLM checkpoint (a PyTorch Lightning .pt, GenSLM's unprefixed inference weights, or a
+DeepSpeed fp32 state dict holding a GPTNeoXForCausalLM; read without running any code from the
+pickle) with its architecture file; MD also gets params_genslm.yaml (dropout 0, as GenSLM's models):
 
     python -m modelzoo.tools.convert_checkpoint --from genslm --input_path CKPT.pt --config ARCH.json --model_dir MD
 
@@ -26,6 +36,7 @@ Export then import gives back the same tensors bit for bit.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,7 +46,7 @@ import yaml
 from modelzoo.config import ModelConfig, Params, load_params
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import CheckpointError, ConfigError, UserError
-from modelzoo.files import check_output_dir
+from modelzoo.files import check_output_dir, check_output_file, output_file
 from modelzoo.models import build_model, hf
 from modelzoo.training import checkpoint as ckpt
 
@@ -47,7 +58,8 @@ def build_parser() -> OneLineParser:
                       epilog="examples:\n  " + "\n  ".join(_examples()),
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=["hf"], help="export a checkpoint to a transformers directory")
+    way.add_argument("--to", choices=["hf", "genslm"],
+                     help="export a checkpoint to a transformers directory, or to GenSLM's weights file")
     way.add_argument("--from", dest="from_", choices=["hf", "genslm"],
                      help="import a transformers directory, or a GenSLM Lightning checkpoint, as checkpoint_0")
     p.add_argument("--model_dir", required=True, help="--to: read its newest checkpoint; --from: write checkpoint_0 "
@@ -55,36 +67,76 @@ def build_parser() -> OneLineParser:
     p.add_argument("--checkpoint_path", help="--to: export this checkpoint instead of the newest in model_dir")
     p.add_argument("--output_dir", help="--to: the transformers directory to write (must not exist or be empty, "
                                         "or be an earlier export with --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="--to: replace an earlier export in --output_dir")
+    p.add_argument("--output_path", help="--to genslm: the .pt file to write")
+    p.add_argument("--overwrite", action="store_true", help="--to: replace an earlier export of this tool")
+    p.add_argument("--pytorch_bin", action="store_true", help="--to hf: also write pytorch_model.bin")
     p.add_argument("--input_dir", help="--from: the transformers directory to read")
     p.add_argument("--params", help="--from hf: params yaml whose model section matches the transformers config")
     p.add_argument("--input_path", help="--from genslm: GenSLM's .pt checkpoint (read without running code from it)")
-    p.add_argument("--config", help="--from genslm: its architecture file, e.g. GenSLM's neox_25,290,752.json")
+    p.add_argument("--config", help="--from genslm: its architecture file, e.g. GenSLM's neox_25,290,752.json; "
+                                    "--to genslm: write the architecture file here")
     return p
 
 
 def _examples() -> list[str]:
     return [f"{PROG} --to hf --model_dir model_dir/run1 --output_dir hf/run1",
+            f"{PROG} --to genslm --model_dir model_dir/genslm_25M --output_path genslm_25M.pt",
             f"{PROG} --from hf --input_dir hf/run1 --params configs/genslm/gptj_25M_msl2048.yaml "
             "--model_dir model_dir/run2",
             f"{PROG} --from genslm --input_path patric_25m_epoch01.pt --config 'neox_25,290,752.json' "
             "--model_dir model_dir/genslm_25M"]
 
 
-def export(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False) -> str:
+def _exported(model_dir: str, checkpoint_path: str | None) -> tuple[Path, dict, dict, ModelConfig]:
+    """The checkpoint to export, its state, its raw params and its model config."""
     path = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
     if path is None:
         raise CheckpointError(f"{model_dir}: no checkpoint to export (train first or pass --checkpoint_path)")
-    out = Path(output_dir)
-    inputs = [path, model_dir]
-    check_output_dir(out, hf.EXPORT_TOOL, overwrite, inputs)  # before the checkpoint is read
     state = ckpt.load_checkpoint(path)
     if "params" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a model checkpoint (no params or model state)")
     raw = yaml.safe_load(state["params"])
-    cfg = ModelConfig.model_validate(raw["model"])
-    hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw), overwrite=overwrite, inputs=inputs)
+    return path, state, raw, ModelConfig.model_validate(raw["model"])
+
+
+def export(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False,
+           pytorch_bin: bool = False) -> str:
+    found = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
+    out = Path(output_dir)
+    inputs = [found, model_dir]
+    check_output_dir(out, hf.EXPORT_TOOL, overwrite, inputs)  # before the checkpoint is read
+    path, state, raw, cfg = _exported(model_dir, checkpoint_path)
+    hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw), overwrite=overwrite, inputs=inputs,
+               pytorch_bin=pytorch_bin)
     return f"wrote {hf.architecture(cfg)} from {path} to {out}"
+
+
+GENSLM_TOOL = "modelzoo.tools.convert_checkpoint --to genslm"  # the owner its output markers name
+
+
+def export_genslm(model_dir: str, checkpoint_path: str | None, output_path: str, config_path: str | None = None,
+                  overwrite: bool = False) -> str:
+    """A GPT-NeoX checkpoint -> GenSLM's weights file (and its architecture file)."""
+    from modelzoo.inference import model_inputs
+    from modelzoo.models import genslm
+
+    inputs = model_inputs(argparse.Namespace(model_dir=model_dir, checkpoint_path=checkpoint_path))
+    outputs = [(output_path, "--output_path")] + ([(config_path, "--config")] if config_path else [])
+    for target, flag in outputs:  # refused before the checkpoint is read
+        check_output_file(target, GENSLM_TOOL, overwrite, inputs, flag)
+    path, state, _, cfg = _exported(model_dir, checkpoint_path)
+    if cfg.name != "gpt_neox":
+        raise ConfigError(f"{path}: --to genslm needs a gpt_neox checkpoint (GenSLM's models are GPT-NeoX); "
+                          f"this is {cfg.name} (use --to hf)")
+    content = {"state_dict": genslm.genslm_state(cfg, hf.to_hf_state(cfg, state["model"])),
+               "global_step": int(state.get("step") or 0)}
+    with output_file(output_path, GENSLM_TOOL, overwrite, "wb", inputs, "--output_path") as f:
+        torch.save(content, f)
+    if config_path:
+        with output_file(config_path, GENSLM_TOOL, overwrite, "w", inputs, "--config") as f:
+            f.write(json.dumps(genslm.architecture_json(cfg), indent=4) + "\n")
+    also = f" and its architecture file {config_path}" if config_path else ""
+    return f"wrote GenSLM weights ({cfg.name}, step {content['global_step']}) from {path} to {output_path}{also}"
 
 
 def _label_names(raw_params: dict) -> list[str] | None:
@@ -112,21 +164,26 @@ def import_(input_dir: str, params_path: str, model_dir: str) -> str:
 
 
 def import_genslm(input_path: str, config_path: str, model_dir: str) -> str:
-    """A GenSLM Lightning checkpoint (read without running code from it) and its architecture
-    file -> checkpoint_0 plus params_genslm.yaml (the model section) in model_dir."""
+    """A GenSLM checkpoint in any layout it has (read without running code from it) and its
+    architecture file -> checkpoint_0 plus params_genslm.yaml (the model section) in model_dir."""
     from modelzoo.files import write_file_atomically
     from modelzoo.models import genslm
 
     _refuse_used(model_dir)
-    params = genslm.params_of(genslm.read_architecture(config_path), str(config_path), model_dir)
-    ours, unused = hf.from_hf_state(params.model, genslm.read_lightning_state(input_path), str(input_path))
+    arch = genslm.read_architecture(config_path)
+    found = genslm.read_checkpoint(input_path)
+    genslm.check_width(arch, found, config_path)
+    params = genslm.params_of(arch, str(config_path), model_dir)
+    found.require(hf.hf_names(params.model))
+    ours, unused = hf.from_hf_state(params.model, found.tensors, str(input_path))
     if unused:
-        raise CheckpointError(f"{input_path}: tensor {unused[0]!r} is not part of the network in {config_path} "
-                              f"({len(unused)} unused): checkpoint and architecture file differ")
+        raise CheckpointError(f"{input_path}: tensor {found.layout.prefix + unused[0]!r} is not part of the network "
+                              f"in {config_path} ({len(unused)} unused): checkpoint and architecture file differ")
     path = _write_imported(params, ours, input_path)
     write_file_atomically(Path(model_dir) / "params_genslm.yaml", params.to_yaml())
     n = sum(t.numel() for t in ours.values())
-    return f"wrote {path} ({params.model.name}, {n:,} parameters) and params_genslm.yaml from {input_path}"
+    return (f"wrote {path} ({params.model.name}, {n:,} parameters; {found.layout.name}) and params_genslm.yaml "
+            f"from {input_path}")
 
 
 def _refuse_used(model_dir: str) -> None:
@@ -157,13 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     way = f"--to {args.to}" if args.to else f"--from {args.from_}"
-    needed = {"--to hf": ["output_dir"], "--from hf": ["input_dir", "params"],
+    needed = {"--to hf": ["output_dir"], "--to genslm": ["output_path"], "--from hf": ["input_dir", "params"],
               "--from genslm": ["input_path", "config"]}[way]
     missing = [f"--{k}" for k in needed if getattr(args, k) is None]
     if missing:
         parser.error(f"{way} needs {' and '.join(missing)}")
+    if args.to == "genslm":
+        return run_entry(lambda: export_genslm(args.model_dir, args.checkpoint_path, args.output_path, args.config,
+                                               args.overwrite))
     if args.to:
-        return run_entry(lambda: export(args.model_dir, args.checkpoint_path, args.output_dir, args.overwrite))
+        return run_entry(lambda: export(args.model_dir, args.checkpoint_path, args.output_dir, args.overwrite,
+                                        args.pytorch_bin))
     if args.from_ == "genslm":
         return run_entry(lambda: import_genslm(args.input_path, args.config, args.model_dir))
     return run_entry(lambda: import_(args.input_dir, args.params, args.model_dir))
