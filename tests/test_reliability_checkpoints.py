@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from modelzoo.errors import CheckpointError
 import modelzoo.files
@@ -219,6 +220,45 @@ def test_disk_full_mid_checkpoint(tmp_path, shards, capsys, monkeypatch, fail_wh
     monkeypatch.undo()  # space freed: the same command resumes from step 2
     code, out, err = run_cli(capsys, "CPU", "--params", params)
     assert code == 0 and "training gpt2 from step 2 to 6" in out, err
+
+
+@pytest.mark.parametrize("where", ["main thread", "background update"])
+def test_disk_full_under_memoryx_dir(tmp_path, shards, capsys, monkeypatch, where):
+    """ENOSPC writing a disk MemoryX file after checkpoint_2: from the main thread (a gradient)
+    or from MemoryX's background optimizer update of step 4, which the run meets when it takes
+    checkpoint 4. One line, exit 2, checkpoint_2 as it was, no checkpoint_4, MemoryX files gone."""
+    import threading
+
+    from modelzoo.backends.csx import memoryx, store
+    model_dir, mx = tmp_path / "model_dir", tmp_path / "mx"
+    params = tiny_params(tmp_path, shards, max_steps=4)
+    raw = yaml.safe_load(params.read_text())
+    raw["runconfig"]["csx"] = {"memoryx": "disk", "memoryx_dir": str(mx)}
+    params.write_text(yaml.safe_dump(raw))
+    updates, real_write, real_start = [], store.write_all, memoryx.MemoryX.start_update
+    saved = {}
+
+    def start_update(self, *args):
+        updates.append(1)
+        return real_start(self, *args)
+
+    def write_all(f, buffer):
+        if ckpt.checkpoint_path(model_dir, 2).with_suffix(".mdl.sha256").exists() and not saved:
+            saved.update({p.name: p.read_bytes() for p in model_dir.glob("checkpoint_2*")})
+        background = threading.current_thread() is not threading.main_thread()
+        if saved and background == (where == "background update") and (not background or len(updates) == 4):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(f, buffer)
+
+    monkeypatch.setattr(store, "write_all", write_all)
+    monkeypatch.setattr(memoryx.MemoryX, "start_update", start_update)
+    code, _, err = run_cli(capsys, "CSX", "--params", params)
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: runconfig.csx.memoryx_dir: cannot write disk MemoryX file {mx}/")
+    assert "No space left on device" in line
+    assert {p.name: p.read_bytes() for p in model_dir.glob("checkpoint_*")} == saved  # 2 untouched, no 4
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(model_dir, 2))["step"] == 2
+    assert list(mx.rglob("*")) == []  # the run's MemoryX files removed on the way out
 
 
 def test_unwritable_model_dir(tmp_path, shards, capsys, monkeypatch):

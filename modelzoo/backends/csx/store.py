@@ -17,6 +17,7 @@ later updates never change: checkpoints stream from such snapshots without loadi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import itertools
 import json
@@ -30,6 +31,8 @@ import weakref
 from pathlib import Path
 
 import torch
+
+from modelzoo.errors import UserError
 
 log = logging.getLogger("modelzoo")
 _CHUNK = 1 << 30  # a single read()/write() moves at most ~2 GiB on Linux; loop in 1 GiB chunks
@@ -98,7 +101,7 @@ class DiskStore:
     def get(self, key: str) -> torch.Tensor:
         path, shape, dtype = self._files[key]
         tensor = torch.empty(shape, dtype=dtype)
-        with open(path, "rb", buffering=0) as f:
+        with _disk_errors(path, "read"), open(path, "rb", buffering=0) as f:
             read_exactly(f, _bytes_of(tensor), path)
             _drop_cache(f)
         return tensor
@@ -107,15 +110,17 @@ class DiskStore:
         path = self._path(key)
         tensor = tensor.detach().contiguous()
         tmp = path.with_name(path.name + ".new")
-        with open(tmp, "wb", buffering=0) as f:
-            write_all(f, _bytes_of(tensor))
-            _drop_cache(f)
-        os.replace(tmp, path)  # a snapshot still open on the old file keeps its bytes
+        with _disk_errors(path, "write", tmp):
+            with open(tmp, "wb", buffering=0) as f:
+                write_all(f, _bytes_of(tensor))
+                _drop_cache(f)
+            os.replace(tmp, path)  # a snapshot still open on the old file keeps its bytes
         self._files[key] = (path, tensor.shape, tensor.dtype)
 
     def snapshot(self, key: str) -> "Snapshot":
         path, shape, dtype = self._files[key]
-        return Snapshot(path, shape, dtype)
+        with _disk_errors(path, "snapshot"):
+            return Snapshot(path, shape, dtype)
 
     def pop(self, key: str) -> None:
         entry = self._files.pop(key, None)
@@ -142,6 +147,21 @@ class DiskStore:
 
     def describe(self) -> str:
         return f"disk ({self.directory})"
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path, doing: str, partial: Path | None = None):
+    """A failed file operation (disk full, I/O error) as the one-line error a user can act on;
+    ``partial``, a file half written, goes (its space with it). Raised in MemoryX's update thread
+    too, it reaches the run at its next read or wait (the next step or checkpoint), before that
+    checkpoint is written: the ones on disk stay as they were."""
+    try:
+        yield
+    except OSError as e:
+        if partial is not None:
+            _unlink(partial)
+        raise UserError(f"runconfig.csx.memoryx_dir: cannot {doing} disk MemoryX file {path} "
+                        f"({e.strerror or e}); checkpoints already written are untouched") from None
 
 
 # ------------------------------------------------------------ ownership of MemoryX directories
