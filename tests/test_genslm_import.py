@@ -363,3 +363,11 @@ def test_a_zip_bomb_is_refused_by_every_loader(tmp_path):
     from modelzoo.models import hf
     with pytest.raises(CheckpointError, match="pytorch_model.bin: its zip entries would expand"):
         hf.read_hf(hf_dir)
+    # our own checkpoints: a seal says the bytes are intact, not who wrote them
+    import hashlib
+    from modelzoo.training import checkpoint
+    (tmp_path / "md").mkdir()
+    sealed = _zip_bomb(tmp_path / "md" / "checkpoint_1.mdl")
+    sealed.with_name(sealed.name + ".sha256").write_text(hashlib.sha256(sealed.read_bytes()).hexdigest())
+    with pytest.raises(CheckpointError, match="checkpoint_1.mdl: its zip entries would expand"):
+        checkpoint.load_checkpoint(sealed)

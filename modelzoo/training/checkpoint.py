@@ -24,6 +24,7 @@ import torch
 
 from modelzoo.errors import CheckpointError
 from modelzoo.files import atomic_file, fsync_dir
+from modelzoo.torch_zip import check_expansion
 
 log = logging.getLogger("modelzoo")
 _NAME = re.compile(r"^checkpoint_(\d+)\.mdl$")
@@ -180,6 +181,7 @@ def load_checkpoint(path: str | Path) -> dict:
     problem = verify(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
+    check_expansion(path)  # a sealed zip bomb still must not make torch allocate what the file lacks
     try:
         state = _load_mapped(path)
     except pickle.UnpicklingError as e:  # what weights_only refuses: it could run code, if nothing else
