@@ -47,6 +47,8 @@ from modelzoo.files import output_dir
 SPLITS = ("train", "val", "test")
 COMMAND = "python -m data_preparation.prepare_genomes"
 TOOL = "data_preparation.prepare_genomes"  # the owner named in its output's modelzoo.files.OWNER_MARKER
+MAX_SEQ_LENGTH = 1 << 20  # codons per window: 3 Mb, beyond any context trained here (GenSLM's longest: 10,240)
+MAX_WORKERS = 1024  # processes: more is a typo, not a machine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,7 +83,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         fracs = tuple(float(x) for x in text.split(","))
     except ValueError:
         fracs = ()
-    if len(fracs) != 3 or min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+    if len(fracs) != 3 or not all(0 <= f <= 1 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
         raise UserError(f"--split {text!r}: need three non-negative fractions summing to 1, e.g. 0.9,0.05,0.05")
     return fracs
 
@@ -97,14 +99,30 @@ def earlier_output(out_dir: Path) -> set[str] | None:
     return owned or None
 
 
-def prepare(args) -> dict:
+def check_options(args) -> tuple[float, float, float]:
+    """Every option in range, in one line each, before anything is read or written; the split."""
     fracs = parse_split(args.split)
-    if args.max_seq_length < 1 or args.min_codons < 1:
-        raise UserError("--max_seq_length and --min_codons must be positive")
-    if args.pack_sequences and args.max_seq_length < 2:
-        raise UserError("--pack_sequences needs --max_seq_length of at least 2 (a codon and its [SEP])")
-    if args.num_workers is not None and args.num_workers < 1:
-        raise UserError(f"--num_workers {args.num_workers}: need at least 1")
+    problems = [
+        (not 1 <= args.max_seq_length <= MAX_SEQ_LENGTH,
+         f"--max_seq_length {args.max_seq_length}: need 1 to {MAX_SEQ_LENGTH:,} codons (a window is one row in "
+         f"memory and on disk)"),
+        (args.min_codons < 1, f"--min_codons {args.min_codons}: need at least 1"),
+        (args.pack_sequences and args.max_seq_length < 2,
+         "--pack_sequences needs --max_seq_length of at least 2 (a codon and its [SEP])"),
+        (args.num_workers is not None and not 1 <= args.num_workers <= MAX_WORKERS,
+         f"--num_workers {args.num_workers}: need 1 to {MAX_WORKERS}"),
+        (args.windows_per_file < 1, f"--windows_per_file {args.windows_per_file}: need at least 1"),
+        (args.seed < 0, f"--seed {args.seed}: need a whole number >= 0"),
+        (not 0 <= args.max_n_fraction <= 1, f"--max_n_fraction {args.max_n_fraction}: need a fraction in [0, 1]"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    return fracs
+
+
+def prepare(args) -> dict:
+    fracs = check_options(args)
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=args.input, recognise=earlier_output) as tmp:
         return _prepare_into(tmp, args, fracs)
 

@@ -139,6 +139,27 @@ def test_errors_leave_nothing_behind(tmp_path, capsys):
     assert len(ShardSet(out / "train").record_ids) == 3
 
 
+def test_options_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    for option, value, said in [("--windows_per_file", 0, "--windows_per_file 0: need at least 1"),
+                                ("--seed", -1, "--seed -1: need a whole number >= 0"),
+                                ("--split", "nan,0,1", "--split 'nan,0,1'"),
+                                ("--split", "1.5,-0.5,0", "--split '1.5,-0.5,0'"),
+                                ("--max_seq_length", 10 ** 11, "--max_seq_length 100000000000: need 1 to"),
+                                ("--max_seq_length", "1e11", "invalid int value: '1e11'"),
+                                ("--max_n_fraction", "nan", "--max_n_fraction nan: need a fraction in [0, 1]"),
+                                ("--num_workers", 10 ** 6, "--num_workers 1000000: need 1 to"),
+                                ("--min_codons", 0, "--min_codons 0: need at least 1")]:
+        argv = ["--input", FIRST3, "--output_dir", out, "--max_seq_length", 32, option, value]
+        try:
+            err = error_of(capsys, *argv)
+        except SystemExit as e:  # argparse's own refusal: one line, exit 2 too
+            assert e.code == 2
+            err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err, (option, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_crlf_gzip_input(tmp_path, capsys):
     with gzip.open(FIRST3, "rb") as fh:
         text = fh.read()
