@@ -102,6 +102,13 @@ def test_bad_inputs_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
          "causal model"),
         (generate, ["--model_dir", model_dir, "--max_codons", 5, "--prompt", "ATGA", "--output",
                     tmp_path / "g.fasta"], "whole codons"),
+        *[(generate, ["--model_dir", model_dir, "--max_codons", 5, "--temperature", t, "--output",
+                      tmp_path / "g.fasta"], f"temperature {t}: must be a finite number >= 0") for t in ("nan", "inf")],
+        *[(tool, ["--model_dir", model_dir, "--device", device, *argv], f"--device {device!r}: not usable here")
+          for device in ("foo", "cuda:99", "meta")
+          for tool, argv in ((generate, ["--max_codons", 5, "--output", tmp_path / "g.fasta"]),
+                             (score, ["--input", GENOMES, "--output", tmp_path / "s.tsv"]),
+                             (embed, ["--input", GENOMES, "--output_dir", tmp_path / "e"]))],
     ]
     for tool, argv, message in cases:
         code, text = run(tool, capsys, *argv)
