@@ -1,0 +1,384 @@
+"""The harness's four tasks, each measuring the model and its baseline in the same run.
+
+Each task is a function ``task(run) -> dict`` of an ``EvalRun`` (the model, the settings, the
+count baselines fitted once); its dict has ``summary``, a list of ``Row``s for the results
+table, and the task's details (written to results.json as they are).
+
+Every input is streamed: records are read, scored and dropped a batch at a time; only small
+per-record figures (vectors for the variant task) are held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from modelzoo.data.datasets import read_label_table
+from modelzoo.data.sequences import read_records
+from modelzoo.errors import ConfigError, DataError
+from modelzoo.evaluation import profiles
+from modelzoo.evaluation.ngram import MAX_ORDER, SMOOTHINGS, CodonNGrams
+from modelzoo.evaluation.substitutions import CLASSES, auroc, sample_substitutions, snippets
+from modelzoo.inference import STOP_CODONS, GenomeLM
+
+TASKS = ("perplexity", "variants", "mutation_effects", "generation")
+MAP = "variants_map.png"
+CONTAINMENT_K = 5  # codons per k-mer in the copying check (15 nt: chance matches are rare)
+SMOOTHING_NAMES = {"kneser_ney": "Kneser-Ney", "witten_bell": "Witten-Bell"}
+
+
+@dataclass
+class Row:
+    """One line of the results table: a figure of the model beside its baseline's."""
+    metric: str
+    model: float
+    baseline: str
+    baseline_value: float
+    better: str | None  # "higher", "lower", or None (a figure with no better direction)
+
+    @property
+    def model_beats_baseline(self) -> bool | None:
+        if self.better is None or not (math.isfinite(self.model) and math.isfinite(self.baseline_value)):
+            return None
+        return self.model > self.baseline_value if self.better == "higher" else self.model < self.baseline_value
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "model_beats_baseline": self.model_beats_baseline}
+
+
+@dataclass
+class Settings:
+    train_fasta: str | None = None
+    eval_fasta: str | None = None
+    cds_fasta: str | None = None  # mutation_effects' records (default: eval_fasta)
+    labels: str | None = None
+    label_column: str | None = None
+    id_column: str | None = None
+    skip_labels: tuple[str, ...] = ()
+    kmer_sizes: tuple[int, ...] = (4, 5, 6, 7)
+    max_order: int = MAX_ORDER
+    mutations_per_class: int = 4
+    mutation_records: int | None = None
+    llr_window: int = 16
+    num_generated: int = 32
+    generate_codons: int = 300
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    draw_map: bool = True
+    output: Path | None = None  # where the task's pictures go
+
+
+NEEDS = {"perplexity": ("train_fasta", "eval_fasta"), "variants": ("eval_fasta", "labels", "label_column"),
+         "mutation_effects": ("train_fasta", "eval_fasta"), "generation": ("train_fasta", "eval_fasta")}
+
+
+def check_settings(tasks: list[str], s: Settings) -> None:
+    """Refuse, before any work, a task that lacks an input or a setting out of range."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ConfigError(f"--tasks {task!r}: choose from {', '.join(TASKS)}")
+    for task in tasks:
+        missing = [f"--{name}" for name in NEEDS[task] if getattr(s, name) is None]
+        if missing:
+            raise ConfigError(f"task {task} needs {' and '.join(missing)}")
+    for name, value, low in (("max_order", s.max_order, 1), ("mutations_per_class", s.mutations_per_class, 1),
+                             ("llr_window", s.llr_window, 0), ("num_generated", s.num_generated, 1),
+                             ("generate_codons", s.generate_codons, 2), ("batch_size", s.batch_size, 1)):
+        if value < low:
+            raise ConfigError(f"--{name} {value}: must be >= {low}")
+    if s.max_order > MAX_ORDER:
+        raise ConfigError(f"--max_order {s.max_order}: at most {MAX_ORDER}")
+    if any(k < 1 or k > 8 for k in s.kmer_sizes) or not s.kmer_sizes:
+        raise ConfigError(f"--kmer_sizes {','.join(map(str, s.kmer_sizes))}: give sizes in 1..8")
+
+
+@dataclass
+class EvalRun:
+    """The model, the settings, and what several tasks share: the codon n-grams fitted on the
+    training FASTA, the training codon usage, and the n-gram (smoothing, order) with the lowest
+    perplexity on the evaluation FASTA."""
+    lm: GenomeLM
+    settings: Settings
+    _ngrams: CodonNGrams | None = None
+    train_codon_counts: np.ndarray | None = None
+    ngram_perplexity: dict | None = None  # {smoothing: [perplexity of order 1..max_order]}
+    best: tuple[str, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def encode(self, seq) -> np.ndarray:
+        return self.lm.tokenizer.encode(seq, self.lm.reading_frame).astype(np.int64)
+
+    @property
+    def ngrams(self) -> CodonNGrams:
+        if self._ngrams is None:
+            ngrams = CodonNGrams(self.settings.max_order, self.lm.tokenizer)
+            counts = np.zeros(64)
+            for rec in tqdm(read_records(self.settings.train_fasta), desc="n-gram counts", unit=" records"):
+                ids = self.encode(rec.seq)
+                ngrams.add(ids)
+                counts += profiles.codon_counts(ids, self.lm.tokenizer)
+            if not ngrams.codons:
+                raise DataError(f"--train_fasta {self.settings.train_fasta}: no whole A/C/G/T codon to count")
+            self._ngrams, self.train_codon_counts = ngrams.finish(), counts
+        return self._ngrams
+
+    def best_ngram(self) -> tuple[str, int]:
+        """(smoothing, order) of the n-gram with the lowest perplexity on the evaluation FASTA,
+        over the codons the model scores (the perplexity task's; else by the model's rule)."""
+        if self.best is None:
+            sums = NGramSums(self.ngrams)
+            for rec in tqdm(read_records(self.settings.eval_fasta), desc="n-gram scores", unit=" records"):
+                ids = self.encode(rec.seq)
+                sums.add(ids, scored_by_rule(ids, self.lm))
+            self.set_ngram_perplexity(sums)
+        return self.best
+
+    def set_ngram_perplexity(self, sums: "NGramSums") -> None:
+        self.ngram_perplexity = sums.perplexities()
+        self.best = min(((s, k + 1) for s in SMOOTHINGS for k in range(self.settings.max_order)),
+                        key=lambda b: (self.ngram_perplexity[b[0]][b[1] - 1], b[1]))
+
+    def best_name(self) -> str:
+        smoothing, order = self.best_ngram()
+        return f"codon {order}-gram ({SMOOTHING_NAMES[smoothing]})"
+
+
+def scored_by_rule(ids: np.ndarray, lm: GenomeLM) -> np.ndarray:
+    """The codons GenomeLM scores: every codon (not [UNK]), but a causal model's first."""
+    scored = np.isin(ids, lm.tokenizer.codon_ids)
+    if lm.is_causal and len(scored):
+        scored[0] = False
+    return scored
+
+
+class NGramSums:
+    """Summed n-gram log-probabilities of chosen codons, per smoothing and order."""
+
+    def __init__(self, ngrams: CodonNGrams):
+        self.ngrams = ngrams
+        self.nats = {s: np.zeros(ngrams.max_order) for s in SMOOTHINGS}
+        self.codons = 0
+
+    def add(self, ids: np.ndarray, scored: np.ndarray) -> dict[str, np.ndarray]:
+        """Add one record's codons where ``scored``; returns the record's own sums."""
+        logp = self.ngrams.log_probs(ids)
+        own = {s: logp[s][:, scored].sum(1) for s in SMOOTHINGS}
+        for s in SMOOTHINGS:
+            self.nats[s] += own[s]
+        self.codons += int(scored.sum())
+        return own
+
+    def perplexities(self) -> dict[str, list[float]]:
+        if not self.codons:
+            raise DataError("the evaluation FASTA has no codon to score")
+        return {s: np.exp(-self.nats[s] / self.codons).tolist() for s in SMOOTHINGS}
+
+
+# ---------------------------------------------------------------------- perplexity
+
+def perplexity(run: EvalRun) -> dict:
+    """Per-codon perplexity of the model on the evaluation FASTA and of every n-gram, over the
+    same codons (those the model scores)."""
+    lm, s = run.lm, run.settings
+    sums = NGramSums(run.ngrams)
+    model_nats, per_record = 0.0, []
+    stream = lm.codon_log_probs_stream(read_records(s.eval_fasta), batch_size=s.batch_size, progress=True)
+    for records, arrays in stream:
+        for rec, values in zip(records, arrays):
+            ids = run.encode(rec.seq)
+            if len(ids) != len(values):
+                raise DataError(f"{s.eval_fasta}: record {rec.id}: {len(values)} scores for {len(ids)} codons")
+            scored = np.isfinite(values)
+            own = sums.add(ids, scored)
+            model_nats += float(values[scored].sum())
+            per_record.append((rec.id, int(scored.sum()), float(values[scored].sum()), own))
+    run.set_ngram_perplexity(sums)
+    smoothing, order = run.best
+    model_ppl = math.exp(-model_nats / sums.codons)
+    best_ppl = run.ngram_perplexity[smoothing][order - 1]
+    records = [{"id": rid, "scored_codons": n, "model": _ppl(nats, n), "best_ngram": _ppl(own[smoothing][order - 1], n)}
+               for rid, n, nats, own in per_record]
+    what = "pseudo-perplexity (each codon masked)" if not lm.is_causal else "perplexity"
+    return {
+        "summary": [Row(f"per-codon {what}", model_ppl, run.best_name(), best_ppl, "lower")],
+        "scored_codons": sums.codons, "records": len(records), "model": model_ppl,
+        "ngram": run.ngram_perplexity, "best_ngram": {"smoothing": smoothing, "order": order, "perplexity": best_ppl},
+        "uniform": 64.0, "per_record": records,
+    }
+
+
+def _ppl(nats: float, n: int) -> float:
+    return math.exp(-nats / n) if n else float("nan")
+
+
+# ---------------------------------------------------------------------- variants
+
+def variants(run: EvalRun) -> dict:
+    """k-NN accuracy and adjusted Rand index of the label, model embeddings against profiles."""
+    lm, s = run.lm, run.settings
+    table, _ = read_label_table(s.labels, s.label_column, s.id_column)
+    skip = set(s.skip_labels)
+    labelled = (r for r in read_records(s.eval_fasta) if table.get(r.id, "") and table[r.id] not in skip)
+    labels, model, codon, kmers = [], [], [], {k: [] for k in s.kmer_sizes}
+    for records, vectors in lm.embed_stream(labelled, batch_size=s.batch_size, progress=True):
+        model.append(vectors)
+        for rec in records:
+            labels.append(table[rec.id])
+            codon.append(profiles.codon_counts(run.encode(rec.seq), lm.tokenizer))
+            for k in s.kmer_sizes:
+                kmers[k].append(profiles.kmer_counts(rec.seq, k))
+    if len(labels) < 3 or len(set(labels)) < 2:
+        raise DataError(f"{s.labels}: {len(labels)} records of {s.eval_fasta} carry a {s.label_column} "
+                        f"({len(set(labels))} distinct); need 3 or more with 2 or more labels")
+    model = np.concatenate(model)
+    pooling = lm.default_pooling
+    representations = [(f"{lm.config.name} embeddings ({pooling} pooling, layer {lm.default_layer(pooling)})", model),
+                       ("codon-frequency profile (64-d)", np.array(codon))]
+    representations += [(f"nucleotide {k}-mer profile ({4 ** k}-d)", np.array(kmers[k])) for k in s.kmer_sizes]
+    table_rows = []
+    for name, vectors in tqdm(representations, desc="variant metrics", unit=" representations"):
+        table_rows.append({"representation": name, "knn1": profiles.knn_accuracy(vectors, labels, 1),
+                           "knn5": profiles.knn_accuracy(vectors, labels, 5),
+                           "ari": profiles.cluster_ari(vectors, labels, s.seed)})
+    ours, others = table_rows[0], table_rows[1:]
+    summary = []
+    for key, metric in (("knn1", "variant 1-NN accuracy (leave-one-out)"), ("knn5", "variant 5-NN accuracy"),
+                        ("ari", f"adjusted Rand index, k-means k={len(set(labels))}")):
+        best = max(others, key=lambda r: r[key])
+        summary.append(Row(metric, ours[key], best["representation"], best[key], "higher"))
+    out = {"summary": summary, "records": len(labels), "label_column": s.label_column,
+           "label_counts": dict(sorted(Counter(labels).items(), key=lambda kv: (-kv[1], kv[0]))),
+           "representations": table_rows}
+    if s.draw_map and s.output is not None:
+        from modelzoo.tools.maps import draw_map
+
+        title = f"{lm.config.name} {Path(lm.source).name}: embed defaults; colour: {s.label_column}"
+        out["map"] = {"file": MAP, "method": draw_map(model, labels, s.output / MAP, title)}
+    return out
+
+
+# ---------------------------------------------------------------------- mutation effects
+
+def mutation_effects(run: EvalRun) -> dict:
+    """Zero-shot: log-likelihood ratios of point substitutions (alt against ref, summed over the
+    codon's window) by class, and how well they tell nonsense and missense from synonymous. The
+    n-gram scores the same stretches and codons."""
+    lm, s = run.lm, run.settings
+    source = s.cds_fasta or s.eval_fasta
+    as_read = GenomeLM(lm.model, lm.config, source=lm.source, step=lm.step, device=lm.device,
+                       tokenizer=lm.tokenizer, reading_frame="as_read")  # snippets are cut in the model's frame
+    smoothing, order = run.best_ngram()
+    window = min(s.llr_window, lm.context - 2)
+    if window < s.llr_window:
+        run.notes.append(f"--llr_window {s.llr_window} cut to {window}: the model's context is {lm.context} codons")
+    rng = np.random.default_rng(s.seed)
+    scores = {"model": {c: [] for c in CLASSES}, "ngram": {c: [] for c in CLASSES}}
+    records, pending = 0, []
+    bar = tqdm(desc="substitutions", unit=" substitutions")
+
+    def score(batch):
+        texts = [text for item in batch for text in item[1:3]]  # ref, alt, ref, alt...
+        logp = as_read.codon_log_probs(texts, batch_size=s.batch_size)
+        for k, (sub, ref, alt, lo, hi) in enumerate(batch):
+            model_ref, model_alt = logp[2 * k][lo:hi], logp[2 * k + 1][lo:hi]
+            both = np.isfinite(model_ref) & np.isfinite(model_alt)
+            scores["model"][sub.kind].append(float((model_alt - model_ref)[both].sum()))
+            ngram_ref, ngram_alt = (run.ngrams.log_probs(run.lm.tokenizer.encode(t))[smoothing][order - 1][lo:hi]
+                                    for t in (ref, alt))
+            scores["ngram"][sub.kind].append(float((ngram_alt - ngram_ref)[both].sum()))
+        bar.update(len(batch))
+
+    with bar:
+        for rec in read_records(source):
+            if s.mutation_records is not None and records >= s.mutation_records:
+                break
+            records += 1
+            codons, _ = lm.codons(rec.seq)
+            for sub in sample_substitutions(rec.id, codons, s.mutations_per_class, rng):
+                pending.append((sub, *snippets(codons, sub, window, lm.context, lm.is_causal)))
+                if len(pending) >= 4 * s.batch_size:
+                    score(pending)
+                    pending = []
+        if pending:
+            score(pending)
+    if not scores["model"]["synonymous"]:
+        raise DataError(f"{source}: no coding region with a substitutable codon (read in the model's frame, "
+                        f"{lm.reading_frame})")
+    figures = {who: _llr_figures(by_class) for who, by_class in scores.items()}
+    baseline = f"codon {order}-gram ({SMOOTHING_NAMES[smoothing]}) LLR"
+    summary = [Row(f"AUROC {kind} vs synonymous (score: -LLR)", figures["model"][f"auroc_{kind}"], baseline,
+                   figures["ngram"][f"auroc_{kind}"], "higher") for kind in ("nonsense", "missense")]
+    summary += [Row(f"mean LLR, {kind} (nats)", figures["model"]["mean_llr"][kind], baseline,
+                    figures["ngram"]["mean_llr"][kind], None) for kind in CLASSES]
+    return {"summary": summary, "source": str(source), "records": records, "window": window,
+            "substitutions": {c: len(v) for c, v in scores["model"].items()}, **figures}
+
+
+def _llr_figures(by_class: dict[str, list[float]]) -> dict:
+    llr = {c: np.asarray(v) for c, v in by_class.items()}
+    return {"mean_llr": {c: float(v.mean()) if len(v) else float("nan") for c, v in llr.items()},
+            "auroc_nonsense": auroc(-llr["nonsense"], -llr["synonymous"]),
+            "auroc_missense": auroc(-llr["missense"], -llr["synonymous"])}
+
+
+# ---------------------------------------------------------------------- generation
+
+def generation(run: EvalRun) -> dict:
+    """Sequences sampled from ATG by the model and by the best n-gram: intact reading frames,
+    codon usage against the training set's, and how much of them the training set holds."""
+    lm, s = run.lm, run.settings
+    if not lm.is_causal:
+        raise ConfigError(f"task generation needs a causal model; this checkpoint is {lm.config.name}")
+    prompt = lm.tokenizer.encode("ATG").astype(np.int64)
+    texts = lm.generate("ATG", max_codons=s.generate_codons - 1, temperature=s.temperature,
+                        num_return_sequences=s.num_generated, seed=s.seed, batch_size=max(s.batch_size, 1),
+                        progress=True)
+    smoothing, order = run.best_ngram()
+    sets = {"model": [lm.tokenizer.encode(t).astype(np.int64) for t in texts],
+            "ngram": run.ngrams.sample(smoothing, order, prompt, s.num_generated, s.generate_codons - 1,
+                                       np.random.default_rng(s.seed))}
+    nearest = _nearest_training(run, sets)
+    stops = np.array([int(lm.tokenizer.encode(c)[0]) for c in STOP_CODONS])
+    figures = {}
+    for who, generated in sets.items():
+        stop_at = [np.isin(ids, stops) for ids in generated]
+        usage = sum(profiles.codon_counts(ids, lm.tokenizer) for ids in generated)
+        figures[who] = {
+            "intact_fraction": float(np.mean([not at[:-1].any() for at in stop_at])),
+            "open_reading_frame_codons": float(np.mean([at.argmax() + 1 if at.any() else len(at) for at in stop_at])),
+            "codon_usage_js_distance": profiles.js_distance(usage, run.train_codon_counts),
+            "nearest_training_containment_mean": float(np.mean(nearest[who])),
+            "nearest_training_containment_max": float(np.max(nearest[who])),
+        }
+    baseline = f"codon {order}-gram ({SMOOTHING_NAMES[smoothing]}) sampler"
+    rows = (("intact_fraction", "intact reading frame (no stop before the last codon)", "higher"),
+            ("codon_usage_js_distance", "codon-usage Jensen-Shannon distance to training", "lower"),
+            ("nearest_training_containment_mean",
+             f"nearest-training codon {CONTAINMENT_K}-mer containment (mean; copying check)", None))
+    summary = [Row(metric, figures["model"][key], baseline, figures["ngram"][key], better)
+               for key, metric, better in rows]
+    return {"summary": summary, "num_generated": s.num_generated, "codons": s.generate_codons,
+            "temperature": s.temperature, "containment_k": CONTAINMENT_K, **figures}
+
+
+def _nearest_training(run: EvalRun, sets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per generated sequence, the largest fraction of its codon k-mers that one training record
+    holds (one more streaming pass over the training FASTA)."""
+    tok = run.lm.tokenizer
+    keys = {who: [profiles.codon_kmers(ids, CONTAINMENT_K, tok) for ids in seqs] for who, seqs in sets.items()}
+    best = {who: np.zeros(len(seqs)) for who, seqs in sets.items()}
+    for rec in tqdm(read_records(run.settings.train_fasta), desc="nearest training record", unit=" records"):
+        reference = profiles.codon_kmers(run.encode(rec.seq), CONTAINMENT_K, tok)
+        for who, queries in keys.items():
+            best[who] = np.maximum(best[who], [profiles.containment(q, reference) for q in queries])
+    return best
+
+
+RUNNERS = {"perplexity": perplexity, "variants": variants, "mutation_effects": mutation_effects,
+           "generation": generation}
