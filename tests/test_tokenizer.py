@@ -67,3 +67,42 @@ def test_custom_json_path(tmp_path, tok):
     copy = tmp_path / "vocab.json"
     copy.write_bytes(tok.json_path.read_bytes())
     assert CodonTokenizer(copy).sha256 == tok.sha256
+
+
+def _genslm_recipe():
+    """GenSLM's tokenisation as its code does it (genslm/inference.py configure_tokenizer and
+    run_inference.py group_by_kmer): a PreTrainedTokenizerFast over its 69-token JSON, fed the
+    sequence grouped into threes and uppercased."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+    peer = Path(__file__).resolve().parents[2] / "shared" / "data" / "peer" / "genslm" / "codon_wordlevel_69vocab.json"
+    json_path = peer if peer.is_file() else CodonTokenizer().json_path
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(json_path)))
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+
+    def ids(seq: str) -> list[int]:
+        grouped = " ".join(seq[i: i + 3] for i in range(0, len(seq), 3)).upper()
+        return tokenizer(grouped)["input_ids"]
+    return ids
+
+
+GENSLM_CASES = ["ATGAAACCC", "atgaaaccc", "ATGAAACC", "ATGAAAC", "ATGNNNACGUUU", "ATGRYKACG", "AT1G_CAGG",
+                "ATG-AACCC", "ATG AACCCG", "ATG\tAA\nC", "ATGé€CCC", "ACGU", "", "A", "*TAG*", "[PAD]ATG"]
+
+
+@pytest.mark.parametrize("seq", GENSLM_CASES)
+def test_genslm_ids_are_genslms_exactly(tok, seq):
+    assert tok.encode(seq, genslm=True).tolist() == _genslm_recipe()(seq)
+
+
+def test_genslm_ids_on_real_genomes_and_the_default_differences(tok):
+    recipe = _genslm_recipe()
+    for seq in real_genomes():
+        for cut in (len(seq), len(seq) - 1, len(seq) - 2):  # each trailing partial codon
+            assert tok.encode(seq[:cut], genslm=True).tolist() == recipe(seq[:cut])
+    # the default: the partial codon dropped, RNA read, lowercase the same codons as GenSLM's
+    assert tok.encode("ATGAA").tolist() == recipe("ATGAA")[:-1]
+    assert tok.encode("atgaaa").tolist() == recipe("atgaaa")
+    assert tok.encode("AUG").tolist() == tok.encode("ATG").tolist() != recipe("AUG")
+    with pytest.raises(ValueError, match="genslm=True reads as GenSLM does"):
+        tok.encode("ATG", "longest_orf", genslm=True)

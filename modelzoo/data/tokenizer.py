@@ -7,11 +7,18 @@ Normalisation rules (both encoders apply them, and a test checks they give ident
 
 * ASCII whitespace anywhere in the input (spaces, tabs, CR/LF) is removed first, so the reading
   frame is counted on nucleotides only;
-* letters are case-insensitive: ``acg`` is ``ACG`` (GenSLM turned lowercase into [UNK]);
+* letters are case-insensitive: ``acg`` is ``ACG`` (as in GenSLM, which uppercases);
 * RNA ``U`` is read as ``T``;
 * a codon with any other character (``N``, IUPAC codes such as ``R``/``Y``, gap ``-``, stop ``*``,
   digits, non-ASCII) becomes [UNK];
 * a trailing partial codon (1 or 2 nucleotides) is dropped.
+
+GenSLM's own recipe (``encode(seq, genslm=True)``) differs in three ways, and gives GenSLM's ids
+exactly: it groups the characters as given into threes, uppercases them and splits them into words
+with the Whitespace pre-tokenizer, so a trailing partial codon is one final [UNK], ``U`` is [UNK]
+(its vocabulary has no RNA), and whitespace or punctuation inside a group splits it into several
+[UNK]s. The default keeps dropping the partial codon (nothing was read of it; the shards and models
+of this toolkit were made so) and reads RNA.
 
 Reading frame (``reading_frame``): ``as_read`` starts the first codon at the first nucleotide.
 ``longest_orf`` first drops 0, 1 or 2 leading nucleotides, whichever puts the longest open reading
@@ -44,17 +51,20 @@ _WHITESPACE = b" \t\n\r\v\f"
 _FILLERS = {0: b"", 1: bytes([_INVALID]) * 2, 2: bytes([_INVALID])}  # completes a codon left with 1 or 2 bases
 _WHITESPACE_RE = re.compile(r"[ \t\n\r\v\f]+")
 _NON_NUCLEOTIDE_RE = re.compile(r"[^ACGTUacgtu]")
+_WORD_RE = re.compile(r"[A-Za-z0-9_]*")  # ASCII characters the Whitespace pre-tokenizer keeps in one word
 READING_FRAMES = ("as_read", "longest_orf")
 # codon indices (over base codes, see _codon_index) of the stop codons TAA, TAG, TGA
 _STOP_INDICES = np.array([(3 * _CODES + a) * _CODES + b for a, b in ((0, 0), (0, 2), (2, 0))], dtype=np.uint8)
 
 
-def _base_codes() -> bytes:
-    """bytes.translate table: byte -> base code 0-3 (A, C, G, T/U, any case) or _INVALID."""
+def _base_codes(rna: bool = True) -> bytes:
+    """bytes.translate table: byte -> base code 0-3 (A, C, G, T, and U with ``rna``; any case) or
+    _INVALID."""
     table = bytearray([_INVALID]) * 256
     for code, base in enumerate(_BASES):
         table[ord(base)] = table[ord(base.lower())] = code
-    table[ord("U")] = table[ord("u")] = _BASES.index("T")
+    if rna:
+        table[ord("U")] = table[ord("u")] = _BASES.index("T")
     return bytes(table)
 
 
@@ -88,6 +98,7 @@ class CodonTokenizer:
         self._codon_table = np.array([vocab[c] for c in codons], dtype=np.uint8)
         self.codon_ids = np.sort(self._codon_table)
         self._base_codes = _base_codes()
+        self._genslm_codes = _base_codes(rna=False)
         # Codon index over base codes 0-4 -> token id ([UNK] wherever a base is _INVALID), as a
         # 256-byte bytes.translate table.
         code_table = bytearray([self.unk_id]) * 256
@@ -102,9 +113,26 @@ class CodonTokenizer:
             self._decode_table[tid] = np.frombuffer(codon.encode(), dtype=np.uint8)
         self._decode_table[self.unk_id] = np.frombuffer(b"NNN", dtype=np.uint8)
 
-    def encode(self, seq: str | bytes, reading_frame: str = "as_read") -> np.ndarray:
-        """Nucleotides -> uint8 codon ids, one per whole codon (see the module docstring)."""
+    def encode(self, seq: str | bytes, reading_frame: str = "as_read", genslm: bool = False) -> np.ndarray:
+        """Nucleotides -> uint8 codon ids, one per whole codon (see the module docstring);
+        ``genslm``: GenSLM's ids exactly (its recipe, read from the first character)."""
+        if genslm:
+            if reading_frame != "as_read":
+                raise ValueError("genslm=True reads as GenSLM does: from the first nucleotide (reading_frame as_read)")
+            return self._genslm_ids(seq)
         return self._codon_ids(self._codes(seq, reading_frame))
+
+    def _genslm_ids(self, seq: str | bytes) -> np.ndarray:
+        """GenSLM's ``tokenizer(" ".join(seq[i:i + 3] ...).upper())``: vectorised where every
+        character is an ASCII word character (each group of three is then one word), else through
+        the ``tokenizers`` library itself."""
+        if isinstance(seq, bytes):
+            seq = seq.decode("utf-8", errors="replace")
+        if seq.isascii() and _WORD_RE.fullmatch(seq):
+            codes = seq.encode("ascii").translate(self._genslm_codes)
+            return self._codon_ids(codes + _FILLERS[len(codes) % 3])
+        words = " ".join(seq[i: i + 3] for i in range(0, len(seq), 3)).upper()
+        return np.array(self.backend.encode(words).ids, dtype=np.uint8)
 
     def encode_many(self, seqs, reading_frame: str = "as_read") -> list[np.ndarray]:
         """``encode`` of each sequence, in one vectorised pass over all of them (much faster than
