@@ -109,7 +109,8 @@ def test_two_ranks_follow_the_one_rank_loss_curve(one_rank, two_ranks):
 
 def test_only_rank_zero_writes(two_ranks):
     assert sorted(p.name for p in two_ranks.iterdir()) == [
-        "checkpoint_10.mdl", "checkpoint_10.mdl.sha256", "eval", "params_train_and_eval.yaml", "run.log", "train"]
+        "checkpoint_10.mdl", "checkpoint_10.mdl.sha256", "eval", "params_train_and_eval.yaml", "run.log",
+        "run.rank1.log", "train"]  # rank 1's log: its own file, not rank 0's console (issue 25)
     for phase in ("train", "eval"):
         assert len(list((two_ranks / phase).iterdir())) == 1  # one event file, not one per rank
     log = (two_ranks / "run.log").read_text()

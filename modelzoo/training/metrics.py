@@ -1,4 +1,5 @@
-"""Run logging: console + run.log, TensorBoard scalars under train/ and eval/."""
+"""Run logging: console + run.log (run.rank{R}.log for the other ranks), TensorBoard scalars under
+train/ and eval/."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ log = logging.getLogger("modelzoo")
 
 
 class _EarlyRecords(logging.Handler):
-    """What rank 0 logged before model_dir existed (a run creates it only once its inputs and
-    starting checkpoint have been read): run.log gets these first, e.g. which checkpoint a
+    """What a rank logged before model_dir existed (a run creates it only once its inputs and
+    starting checkpoint have been read): its log file gets these first, e.g. which checkpoint a
     fine-tuning run loaded."""
 
     LIMIT = 1000  # a process that never gets a model_dir (a tool) must not grow without bound
@@ -25,24 +26,48 @@ class _EarlyRecords(logging.Handler):
             self.records.append(record)
 
 
+class _RankConsole(logging.Handler):
+    """The console of a rank other than 0: warnings and errors only (rank 0 prints the run's
+    progress once). Not a StreamHandler on purpose: tqdm's logging_redirect_tqdm, which the
+    trainer wraps its progress bar in, swaps every StreamHandler on stdout/stderr for one of its
+    own that prints at any level, which printed every INFO line of every rank."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging's own policy for a failing handler
+            self.handleError(record)
+
+
+def rank_log(model_dir: Path, rank: int) -> Path:
+    """Where a rank's log goes: model_dir/run.log for rank 0, model_dir/run.rank{R}.log for the others."""
+    return Path(model_dir) / ("run.log" if rank == 0 else f"run.rank{rank}.log")
+
+
 def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
-    """Console on rank 0 (others only warn), plus model_dir/run.log appended across resumes."""
+    """Rank 0: console plus model_dir/run.log, appended across resumes. Another rank: its own
+    model_dir/run.rank{R}.log at the same level, and only warnings on the console."""
     early = [r for h in log.handlers if isinstance(h, _EarlyRecords) for r in h.records]
     close_logging()
     log.setLevel(logging.INFO)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = logging.StreamHandler(sys.stdout) if rank == 0 else _RankConsole()
     console.setFormatter(fmt)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.addHandler(console)
-    if model_dir is not None and rank == 0:
-        file = logging.FileHandler(model_dir / "run.log")
+    if model_dir is not None:
+        if rank != 0:  # rank 0 creates model_dir once the run's inputs are read; this rank may be first
+            Path(model_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(rank_log(model_dir, rank))
         file.setFormatter(fmt)
         for record in early:
             file.handle(record)
         log.addHandler(file)
-    elif rank == 0:
+    else:
         log.addHandler(_EarlyRecords())
 
 
