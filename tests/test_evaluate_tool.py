@@ -92,6 +92,8 @@ def test_every_task_beside_its_baseline(model_dir, records, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "variants", "--eval_fasta", GENOMES], "task variants needs --labels and --label_column"),
     (["--tasks", "perplexity,typo"], "--tasks 'typo': choose from"),
+    (["--tasks", "perplexity,variants", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--labels",
+      "tests/data/README.md", "--label_column", "x"], "no column 'x' (label_column)"),
     (["--tasks", "generation", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--generate_codons", "1"],
      "--generate_codons 1: must be >= 2"),
     (["--tasks", "perplexity", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--max_order", "9"],
@@ -102,3 +104,12 @@ def test_bad_settings_are_one_line_before_any_work(model_dir, tmp_path, capsys, 
     code, text = run(capsys, "--model_dir", model_dir, "--output_dir", out, *argv)
     assert code == 2 and text.count("\n") == 1 and message in text, text
     assert not out.exists()
+
+
+def test_labels_naming_too_few_records_are_refused_before_any_work(model_dir, tmp_path, capsys):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("strain\tclade\nWuhan/Hu-1/2019\tA\nsomething/else\tB\n")
+    code, text = run(capsys, "--model_dir", model_dir, "--output_dir", tmp_path / "eval", "--tasks", "variants",
+                     "--eval_fasta", GENOMES, "--labels", labels, "--label_column", "clade")
+    assert code == 2 and text.count("\n") == 1 and "1 records of" in text and "(1 distinct)" in text, text
+    assert not (tmp_path / "eval").exists()

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from modelzoo.data.datasets import read_label_table
-from modelzoo.data.sequences import read_records
+from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.evaluation import profiles
 from modelzoo.evaluation.ngram import MAX_ORDER, SMOOTHINGS, CodonNGrams
@@ -219,12 +219,23 @@ def _ppl(nats: float, n: int) -> float:
 
 # ---------------------------------------------------------------------- variants
 
+def label_table(s: Settings) -> dict[str, str]:
+    """The label of each --eval_fasta record id that has one (not in --skip_labels), once the
+    file is known to hold 3 or more such records with 2 or more labels (ids read, not sequences)."""
+    table, _ = read_label_table(s.labels, s.label_column, s.id_column)
+    table = {rid: label for rid, label in table.items() if label not in set(s.skip_labels)}
+    labels = [table[rid] for batch in read_record_batches(s.eval_fasta) for rid in batch.ids if rid in table]
+    if len(labels) < 3 or len(set(labels)) < 2:
+        raise DataError(f"{s.labels}: {len(labels)} records of {s.eval_fasta} carry a {s.label_column} "
+                        f"({len(set(labels))} distinct); need 3 or more with 2 or more labels (check --id_column)")
+    return table
+
+
 def variants(run: EvalRun) -> dict:
     """k-NN accuracy and adjusted Rand index of the label, model embeddings against profiles."""
     lm, s = run.lm, run.settings
-    table, _ = read_label_table(s.labels, s.label_column, s.id_column)
-    skip = set(s.skip_labels)
-    labelled = (r for r in read_records(s.eval_fasta) if table.get(r.id, "") and table[r.id] not in skip)
+    table = label_table(s)
+    labelled = (r for r in read_records(s.eval_fasta) if r.id in table)
     labels, model, codon, kmers = [], [], [], {k: [] for k in s.kmer_sizes}
     for records, vectors in lm.embed_stream(labelled, batch_size=s.batch_size, progress=True):
         model.append(vectors)
@@ -233,9 +244,6 @@ def variants(run: EvalRun) -> dict:
             codon.append(profiles.codon_counts(run.encode(rec.seq), lm.tokenizer))
             for k in s.kmer_sizes:
                 kmers[k].append(profiles.kmer_counts(rec.seq, k))
-    if len(labels) < 3 or len(set(labels)) < 2:
-        raise DataError(f"{s.labels}: {len(labels)} records of {s.eval_fasta} carry a {s.label_column} "
-                        f"({len(set(labels))} distinct); need 3 or more with 2 or more labels")
     model = np.concatenate(model)
     pooling = lm.default_pooling
     representations = [(f"{lm.config.name} embeddings ({pooling} pooling, layer {lm.default_layer(pooling)})", model),

@@ -32,7 +32,7 @@ from pathlib import Path
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError
 from modelzoo.evaluation import report
-from modelzoo.evaluation.tasks import RUNNERS, TASKS, EvalRun, Settings, check_settings
+from modelzoo.evaluation.tasks import RUNNERS, TASKS, EvalRun, Settings, check_settings, label_table
 from modelzoo.files import output_dir
 from modelzoo.inference import add_model_arguments, model_from_args
 
@@ -97,6 +97,8 @@ def evaluate(args) -> str:
     check_settings(tasks, settings)
     if args.temperature <= 0:
         raise ConfigError(f"--temperature {args.temperature}: must be > 0")
+    if "variants" in tasks:
+        label_table(settings)  # a label table naming no record is refused before any model work
     inputs = [args.checkpoint_path or args.model_dir, args.train_fasta, args.eval_fasta, args.cds_fasta, args.labels]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
         lm = model_from_args(args)
