@@ -153,26 +153,27 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_shapes(self):
+        def wrong(key: str, message: str):  # names the key, so a translated file's error names the user's key
+            raise _CrossFieldError(("model", key), message)
         if self.vocab_size < CODON_VOCAB_SIZE:
-            raise _CrossFieldError(("model", "vocab_size"), f"{self.vocab_size} is below the codon tokenizer's "
-                                                            f"{CODON_VOCAB_SIZE} ids")
+            wrong("vocab_size", f"{self.vocab_size} is below the codon tokenizer's {CODON_VOCAB_SIZE} ids")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+            wrong("num_heads", f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         if self.rotary_dim is not None:
             if self.name != "gptj":
-                raise ValueError("rotary_dim applies to gptj only")
+                wrong("rotary_dim", "rotary_dim applies to gptj only")
             if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
-                raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+                wrong("rotary_dim", f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
         if self.rotary_emb_base != 10000.0 and self.name not in ("gptj", "gpt_neox"):
-            raise ValueError("rotary_emb_base applies to gptj and gpt_neox only")
+            wrong("rotary_emb_base", "rotary_emb_base applies to gptj and gpt_neox only")
         if self.rotary_pct is not None:
             if self.name != "gpt_neox":
-                raise ValueError("rotary_pct applies to gpt_neox only")
+                wrong("rotary_pct", "rotary_pct applies to gpt_neox only")
             if int(self.head_dim * self.rotary_pct) % 2:
-                raise ValueError(f"rotary_pct ({self.rotary_pct}) gives int(head_dim * rotary_pct) = "
-                                 f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even")
+                wrong("rotary_pct", f"rotary_pct ({self.rotary_pct}) gives int(head_dim * rotary_pct) = "
+                                    f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even")
         if self.num_labels is not None and self.name != "bert":
-            raise ValueError("num_labels applies to bert only")
+            wrong("num_labels", "num_labels applies to bert only")
         return self
 
 

@@ -87,3 +87,39 @@ def test_cli_overrides_beat_yaml(raw, tmp_path):
 def test_params_reference_is_generated_from_the_schema():
     """docs/params.md must be regenerated (python -m modelzoo.config > docs/params.md) when keys change."""
     assert (ROOT / "docs" / "params.md").read_text() == reference_markdown()
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda r: r["runconfig"].update(seed=2**70), "runconfig.seed: Input should be less than or equal to 4294967295"),
+    (lambda r: r["runconfig"].update(seed=-1), "runconfig.seed: Input should be greater than or equal to 0"),
+    (lambda r: r["train_input"].update(shuffle_seed=-1), "train_input.shuffle_seed: Input should be greater than or "
+                                                         "equal to 0"),
+    (lambda r: r["model"].update(vocab_size=5), "model.vocab_size: 5 is below the codon tokenizer's 69 ids"),
+    (lambda r: r["runconfig"].update(model_dir="md\0x"), "runconfig.model_dir: a path cannot contain a NUL byte"),
+    (lambda r: r["eval_input"].update(data_dir="d\0"), "eval_input.data_dir: a path cannot contain a NUL byte"),
+    (lambda r: r["model"].update(num_heads="two"), "model.num_heads: Input should be a valid integer, unable to "
+                                                   "parse string as an integer (got 'two')"),
+])
+def test_bad_values_are_one_line(raw, mutate, expected):
+    assert error_of(raw, mutate).startswith(f"p.yaml: {expected}")
+
+
+def test_seed_flag_too_large_is_one_line_exit_2(raw, tmp_path, capsys):
+    from modelzoo.cli import main
+    path = write_params(tmp_path / "p.yaml", raw)
+    assert main(["CPU", "--params", str(path), "--validate_only", "--seed", str(2**64)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {path}: runconfig.seed: Input should be less than or equal to 4294967295 "
+                   f"(got 18446744073709551616)"]
+
+
+def test_every_problem_of_a_native_file_in_file_order(raw, tmp_path):
+    raw["model"].update(num_heads="two", hiden_size=3)
+    raw["train_input"].update(data_dir=str(tmp_path / "missing"), batch_size=0)
+    raw["runconfig"].update(max_step=4)
+    with pytest.raises(ConfigError) as e:
+        load_params(write_params(tmp_path / "p.yaml", raw))
+    lines = [line.split(": ", 2)[1:] for line in str(e.value).splitlines()]
+    assert [where for where, _ in lines] == ["train_input.data_dir", "train_input.batch_size", "model.num_heads",
+                                             "model.hiden_size", "runconfig.max_step"]
+    assert "does not exist" in lines[0][1] and lines[4][1] == "unknown key; did you mean 'max_steps'?"

@@ -27,7 +27,7 @@ class Translation:
     problems: list = field(default_factory=list)
     origin: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
-    ignored: list = field(default_factory=list)
+    ignored: dict = field(default_factory=dict)  # the file's path of each noted key -> why it is ignored
     model_name: str | None = None
     blocked: set = field(default_factory=set)
 
@@ -36,6 +36,10 @@ class Translation:
         self.params.setdefault(section, {})[key] = value
         self.origin[(section, key)] = theirs
         self.origin.setdefault((section,), theirs[:-1])
+
+    def ignore(self, theirs: tuple, why: str) -> None:
+        if theirs not in self.ignored:
+            self.ignored[theirs] = why
 
     def refuse(self, theirs: tuple, message: str, ours: str = "") -> None:
         """``ours``: the key of ours the refused one would have set; the schema's complaint that it
@@ -99,14 +103,16 @@ def translate(raw: dict, source: str) -> Translation:
     model = sections.get("model")
     name = t.model_name = _model_name(model[0], model[1], t) if model else None
     for section, (values, path) in sections.items():
+        t.origin[(section,)] = path  # what a whole-section complaint names
         if section in ("train_input", "eval_input"):
             _translate_input(section, values, path, t)
         elif section == "model":
             _translate_model(values, path, name, t)
         else:
             _translate_keys(section, section, _items(values, path), t)
+    t.notes = list(dict.fromkeys(t.notes))  # a setting given twice (model and precision) is noted once
     if t.ignored:
-        t.notes.insert(0, "Model Zoo keys ignored (see docs/modelzoo.md): " + ", ".join(dict.fromkeys(t.ignored)))
+        t.notes.insert(0, "Model Zoo keys ignored (see docs/modelzoo.md): " + ", ".join(".".join(p) for p in t.ignored))
     return t
 
 
@@ -155,7 +161,7 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
         if rule is None:
             _unknown(t, path, "trainer.init")
         elif rule.fate == "noted":
-            t.ignored.append(".".join(path))
+            t.ignore(path, rule.meaning)
         elif key == "model":
             sections["model"] = (value, path) if isinstance(value, dict) else t.refuse(path, "expected a mapping")
         elif key == "sparsity":
@@ -163,7 +169,10 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
         elif key == "optimizer":
             optimizer.update(_trainer_optimizer(value, path, t))
         elif key == "schedulers":
-            optimizer["learning_rate"] = (_trainer_schedulers(value, path, t), path)
+            phases = _trainer_schedulers(value, path, t)
+            if phases is None:
+                t.blocked.add(("optimizer", "learning_rate"))  # refused: not "missing" as well
+            optimizer["learning_rate"] = (phases, path)
         elif key == "callbacks":
             _callbacks(value, path, t, runconfig)
         elif key in ("precision", "loop", "checkpoint", "logging"):
@@ -190,7 +199,7 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
                 break
     for part in ("validate", "validate_all"):
         if part in parts:
-            t.ignored.append(f"trainer.{part}")
+            t.ignore(("trainer", part), RULES[("trainer", part)].meaning)
     return {k: v for k, v in sections.items() if v is not None}
 
 
@@ -259,7 +268,7 @@ def _callbacks(value, path: tuple, t: Translation, runconfig: dict) -> None:
             runconfig["load_checkpoint_states"] = (_load_states(item[name]["load_checkpoint_states"], t),
                                                    path + (str(i), name, "load_checkpoint_states"))
         else:
-            t.ignored.append(f"{'.'.join(path)}.{name}")
+            t.ignore(path + (name,), "a callback with no counterpart here (gradient norms are logged anyway)")
 
 
 def _trainer_part(part: str, value, path: tuple, t: Translation, runconfig: dict, optimizer: dict) -> None:
@@ -299,7 +308,7 @@ def _set_loss_scale(value, path, target: dict) -> None:
 
 def _apply_unmapped(rule: Rule, path: tuple, t: Translation) -> None:
     if rule.fate == "noted":
-        t.ignored.append(".".join(path))
+        t.ignore(path, rule.meaning)
     else:
         t.refuse(path, f"not supported: {rule.meaning}")
 
@@ -385,12 +394,12 @@ def _learning_rate(value, path: tuple, t: Translation) -> None:
     for i, phase in enumerate(phases):
         phase_path = path + (str(i),) if isinstance(value, list) else path
         if not isinstance(phase, dict):
-            t.refuse(phase_path, "expected a schedule phase {scheduler: ..., ...}")
+            t.refuse(phase_path, "expected a schedule phase {scheduler: ..., ...}", "optimizer.learning_rate")
             return
         try:
             ours += _phase(dict(phase))
         except Refused as e:
-            t.refuse(phase_path, str(e))
+            t.refuse(phase_path, str(e), "optimizer.learning_rate")
             return
     t.set("optimizer.learning_rate", ours, path)
 
@@ -458,7 +467,7 @@ def _translate_input(section: str, values: dict, path: tuple, t: Translation) ->
         length = manifest_max_seq_length(ours["data_dir"])
         if length is None:
             t.refuse(path, f"max_sequence_length is not given and {ours['data_dir']} has no shard manifest to "
-                           f"read it from")
+                           f"read it from", f"{section}.max_seq_length")
         else:
             t.set(f"{section}.max_seq_length", length, path + ("data_dir",))
 
@@ -509,7 +518,7 @@ def _translate_model(values: dict, path: tuple, name: str | None, t: Translation
 
 
 def _dropouts(flags: dict, t: Translation) -> None:
-    given = {k: flags[k] for k in DROPOUTS if k in flags}
+    given = {k: v for k, v in flags.items() if k in DROPOUTS}  # in file order
     rates = {v for v, _ in given.values()}
     if len(rates) > 1:
         first, *rest = given.items()
@@ -532,8 +541,8 @@ def _rotary(flags: dict, name: str | None, t: Translation) -> None:
     if not (isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0):
         return  # hidden_size / num_heads are reported themselves
     head_dim = hidden // heads
-    if not isinstance(value, int) or not 0 < value <= head_dim:
-        t.refuse(key_path, f"{value!r}: must be a whole number in 1..head_dim ({head_dim})")
+    if not isinstance(value, int) or not 0 < value <= head_dim or value % 2:
+        t.refuse(key_path, f"{value!r}: must be an even number in 2..head_dim ({head_dim})", "model.rotary_pct")
         return
     # int(head_dim * rotary_pct) must give back rotary_dim exactly (10 / 48 * 48 is 9.999...)
     pct = value / head_dim if int(head_dim * (value / head_dim)) == value else min(1.0, (value + 1e-9) / head_dim)

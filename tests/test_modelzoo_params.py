@@ -1,0 +1,294 @@
+"""Cerebras Model Zoo params files (both layouts) run as they are: the translation gives the same
+params, and the same training, as the equivalent native file; every problem is one line, all at
+once, in file order; the generated docs/modelzoo.md is current."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelzoo.cli import main
+from modelzoo.config import load_params, validate_params
+from modelzoo.errors import ConfigError
+from modelzoo.modelzoo_params import RULES, is_modelzoo_file, reference_markdown
+from modelzoo.training.optim import learning_rate_at
+from tests.conftest import write_params
+from tests.test_end_to_end import scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data" / "modelzoo"
+
+
+def fixture(name: str, tmp_path: Path, shards: Path, labels: Path | None = None, edit=None) -> Path:
+    """A Model Zoo fixture with its data and model_dir filled in (and ``edit`` applied to the text)."""
+    text = (FIXTURES / name).read_text().replace("$SHARDS", str(shards)).replace("$MODEL_DIR", str(tmp_path / "md"))
+    text = text.replace("$LABELS", str(labels))
+    path = tmp_path / name
+    path.write_text(edit(text) if edit else text)
+    return path
+
+
+def native(shards: Path, model_dir: Path, model: dict, optimizer: dict, runconfig: dict, train: dict,
+           eval_: dict | None = None) -> dict:
+    raw = {"train_input": {"data_dir": str(shards / "train"), "batch_size": 4, "max_seq_length": 64, **train},
+           "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4, "max_position_embeddings": 64,
+                     **model},
+           "optimizer": optimizer, "runconfig": {"model_dir": str(model_dir), **runconfig}}
+    if eval_ is not None:
+        raw["eval_input"] = {"data_dir": str(shards / "val"), "batch_size": 4, "max_seq_length": 64, **eval_}
+    return raw
+
+
+def gpt_native(shards, model_dir, model: dict, lr: tuple, seed: int, shuffle_seed: int, checkpoint_steps: int):
+    """Both fixtures' runs: AdamW, a linear warm-up to ``lr[0]`` over ``lr[1]`` steps, then a cosine
+    decay to ``lr[2]`` over ``lr[3]``; two steps."""
+    peak, warmup, end, decay = lr
+    return native(shards, model_dir, {"filter_size": 128, "fp16_type": "bfloat16", **model},
+                  {"optimizer_type": "AdamW", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
+                   "max_gradient_norm": 1.0,
+                   "learning_rate": [{"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": peak,
+                                      "total_iters": warmup},
+                                     {"scheduler": "CosineDecay", "initial_learning_rate": peak,
+                                      "end_learning_rate": end, "total_iters": decay}]},
+                  {"max_steps": 2, "log_steps": 1, "checkpoint_steps": checkpoint_steps, "seed": seed, "eval_steps": 2},
+                  {"shuffle": True, "shuffle_seed": shuffle_seed, "num_workers": 0}, {"shuffle": False, "num_workers": 0})
+
+
+def gpt2_native(shards, model_dir) -> dict:
+    model = {"name": "gpt2", "dropout_rate": 0.1, "attention_dropout_rate": 0.1, "initializer_range": 0.02}
+    return gpt_native(shards, model_dir, model, (0.003, 3, 0.0003, 20), seed=3, shuffle_seed=7, checkpoint_steps=0)
+
+
+def neox_native(shards, model_dir) -> dict:
+    model = {"name": "gpt_neox", "rotary_pct": 0.25}
+    return gpt_native(shards, model_dir, model, (0.002, 2, 0.0002, 10), seed=5, shuffle_seed=11, checkpoint_steps=1)
+
+
+def same_params(a, b) -> None:
+    assert a.model_dump() == b.model_dump()
+
+
+# ------------------------------------------------------------------ translation equals native
+
+@pytest.mark.parametrize("name,expected", [("gpt2_sectioned.yaml", gpt2_native), ("neox_trainer.yaml", neox_native)])
+def test_modelzoo_file_gives_the_native_params(name, expected, shards_msl64, tmp_path):
+    params = load_params(fixture(name, tmp_path, shards_msl64))
+    same_params(params, validate_params(expected(shards_msl64, tmp_path / "md")))
+    notes = "\n".join(params.notes)
+    assert "fp16_type cbfloat16" in notes and "-> 69: the codon tokenizer's ids" in notes
+    ignored = [n for n in params.notes if n.startswith("Model Zoo keys ignored")]
+    assert len(ignored) == 1 and "data_processor" in ignored[0] and "persistent_workers" in ignored[0]
+
+
+def test_two_training_steps_equal_the_native_runs(shards_msl64, tmp_path, one_thread):
+    """The same losses, step for step, from each layout and from the equivalent native params."""
+    for name, expected in (("gpt2_sectioned.yaml", gpt2_native), ("neox_trainer.yaml", neox_native)):
+        theirs, ours = tmp_path / name / "theirs", tmp_path / name / "ours"
+        theirs.mkdir(parents=True), ours.mkdir(parents=True)
+        assert main(["CPU", "--params", str(fixture(name, theirs, shards_msl64))]) == 0
+        assert main(["CPU", "--params", str(write_params(ours / "p.yaml", expected(shards_msl64, ours / "md")))]) == 0
+        loss_theirs, loss_ours = scalars(theirs / "md" / "train", "loss"), scalars(ours / "md" / "train", "loss")
+        assert sorted(loss_theirs) == [1, 2] and loss_theirs == loss_ours
+        log = (theirs / "md" / "run.log").read_text()
+        assert log.count("Model Zoo keys ignored") == 1 and "data_processor" in log
+        # the resolved params in model_dir are native: they load as they are
+        assert not is_modelzoo_file(yaml.safe_load((theirs / "md" / "params_train.yaml").read_text()))
+
+
+def test_bert_trainer_layout(shards_msl64, tmp_path):
+    params = load_params(fixture("bert_trainer.yaml", tmp_path, shards_msl64))
+    m, o, r = params.model, params.optimizer, params.runconfig
+    assert (m.name, m.vocab_size, m.ffn_size, m.dropout_rate, m.mixed_precision, m.fp16_type) == \
+        ("bert", 69, 64, 0.1, True, "float16")
+    assert (o.optimizer_type, o.beta1, o.beta2, o.eps) == ("Adam", 0.9, 0.98, 1e-6)
+    assert o.initial_loss_scale == o.min_loss_scale == o.max_loss_scale == 1024.0  # a static scale
+    assert (params.train_input.mlm_probability, params.train_input.max_seq_length) == (0.2, 64)
+    assert (r.max_steps, r.eval_frequency, r.eval_steps, r.checkpoint_steps, r.log_steps, r.seed) == (10, 5, 2, 5, 1, 1)
+    # warm-up, then initial * scale / sqrt(max(step, warmup_steps)) counted from the phase's start
+    assert learning_rate_at(2, o) == pytest.approx(0.0005)
+    assert learning_rate_at(4 + 9, o) == pytest.approx(0.001 * 2.0 / 3.0)
+    assert learning_rate_at(4 + 1, o) == pytest.approx(0.001 * 2.0 / 2.0)
+
+
+def test_bert_classifier_with_our_label_keys(shards_msl64, tmp_path):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("strain\tclade\nWuhan/Hu-1/2019\t19A\nWuhan/WH01/2019\t19A\nAustralia/VIC05/2020\t19B\n")
+    params = load_params(fixture("bert_classifier_sectioned.yaml", tmp_path, shards_msl64, labels))
+    assert (params.model.name, params.model.num_labels, params.model.dropout_rate) == ("bert", 2, 0.1)
+    assert params.train_input.labels_file == str(labels) and params.eval_input.label_column == "clade"
+    assert [p.scheduler for p in params.optimizer.schedule_phases] == ["Linear", "Constant"]
+
+
+def test_gptj_1x_steps_and_other_schedulers(shards_msl64, tmp_path):
+    """1.x `steps` and `decay_steps`; Exponential, Step, Polynomial, MultiStep by the Model Zoo's formulas."""
+    params = load_params(fixture("gptj_sectioned_1x.yaml", tmp_path, shards_msl64))
+    assert (params.model.name, params.model.rotary_dim) == ("gptj", 2)
+    assert (params.optimizer.optimizer_type, params.optimizer.momentum, params.optimizer.weight_decay) == \
+        ("SGD", 0.9, 0.1)
+    lr = [learning_rate_at(s, params.optimizer) for s in range(40)]
+    assert lr[1] == pytest.approx(0.005)
+    assert lr[2:10] == pytest.approx([0.01 * 0.5 ** (s // 4) for s in range(8)])          # staircase
+    assert lr[10:16] == pytest.approx([0.0025 * 0.5 ** (s // 3) for s in range(6)])
+    assert lr[16:26] == pytest.approx([0.0001 + 0.0009 * (1 - s / 10) ** 2 for s in range(10)])
+    assert lr[26:36] == pytest.approx([1e-4 * 0.1 ** ((s >= 3) + (s >= 5)) for s in range(10)])
+
+
+def test_piecewise_constant_and_exponential_2x(shards_msl64, tmp_path):
+    def edit(text):
+        return text.replace("""        - CosineDecayLR:
+            initial_learning_rate: 0.002
+            end_learning_rate: 0.0002
+            total_iters: 10""", """        - ExponentialLR:
+            initial_learning_rate: 0.002
+            total_iters: 4
+            decay_rate: 0.1
+        - PiecewiseConstantLR:
+            learning_rates: [0.003, 0.002, 0.001]
+            milestones: [2, 5]""")
+    params = load_params(fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit))
+    lr = [learning_rate_at(s, params.optimizer) for s in range(14)]
+    assert lr[2:6] == pytest.approx([0.002 * 0.1 ** (s / 4) for s in range(4)])
+    assert lr[6:14] == pytest.approx([0.003] * 2 + [0.002] * 3 + [0.001] * 3)
+
+
+def test_max_sequence_length_from_the_manifest_or_one_line(shards_msl64, tmp_path):
+    params = load_params(fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64))
+    assert params.train_input.max_seq_length == params.eval_input.max_seq_length == 64
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True), (empty / "val").mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_params(fixture("gpt2_sectioned.yaml", tmp_path, empty))
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and all("max_sequence_length is not given" in line for line in lines)
+
+
+# ------------------------------------------------------------------ problems: all, one line each, in file order
+
+def test_every_problem_at_once_in_file_order(shards_msl64, tmp_path):
+    def edit(text):
+        return (text.replace(f'        - "{shards_msl64}/train"', f'        - "{shards_msl64}/train"\n        - "{shards_msl64}/val"')
+                    .replace('position_embedding_type: "learned"', 'position_embedding_type: "alibi"')
+                    .replace("embedding_dropout_rate: 0.1", "embedding_dropout_rate: 0.2")
+                    .replace("num_heads: 4", 'num_heads: "two"')
+                    .replace('optimizer_type: "adamw"', 'optimizer_type: "lamb"')
+                    .replace('scheduler: "CosineDecay"', 'scheduler: "CosineAnnealingWarmRestarts"')
+                    .replace("seed: 3", "seed: 1180591620717411303424")  # 2**70
+                    .replace("    num_wgt_servers: 2", "    num_wgt_servers: 2\n    hardware_knob: 1"))
+    path = fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64, edit=edit)
+    with pytest.raises(ConfigError) as e:
+        load_params(path)
+    lines = str(e.value).splitlines()
+    where = [line.split(": ")[1] for line in lines]
+    assert where == ["train_input.data_dir", "model.position_embedding_type", "model.embedding_dropout_rate",
+                     "model.num_heads", "optimizer.optimizer_type", "optimizer.learning_rate.1", "runconfig.seed",
+                     "runconfig.hardware_knob"], lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert "2 directories" in lines[0] and "'alibi': gpt2 has position_embedding_type 'learned'" in lines[1]
+    assert "embedding_dropout_rate 0.2, dropout_rate 0.1 differ" in lines[2]
+    assert "'lamb' is not an optimizer" in lines[4] and "'CosineAnnealingWarmRestarts' is not supported" in lines[5]
+    assert "less than or equal to 4294967295" in lines[6]
+    assert lines[7].endswith("unknown key; not a Model Zoo key of runconfig (docs/modelzoo.md)")
+
+
+def test_cli_prints_each_problem_on_its_own_line_and_exits_2(shards_msl64, tmp_path, capsys):
+    def edit(text):
+        return text.replace("hidden_size: 32", "hidden_size: 32\n      hiden_size: 3").replace(
+            "max_steps: 2", "max_steps: 0")
+    path = fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit)
+    assert main(["CPU", "--params", str(path), "--validate_only"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {path}: trainer.init.model.hiden_size: unknown key; did you mean 'hidden_size'?",
+                   f"error: {path}: trainer.init.loop.max_steps: Input should be greater than 0 (got 0)"]
+    assert not (tmp_path / "md").exists()
+
+
+def test_a_trainer_file_refuses_what_the_models_cannot_honour(shards_msl64, tmp_path):
+    def edit(text):
+        return (text.replace("use_bias_in_output: false", "use_bias_in_output: true")
+                    .replace("rotary_dim: 2", "rotary_dim: 3")
+                    .replace("nonlinearity: gelu", "nonlinearity: relu")
+                    .replace("  validate_all:", "  predict:\n    x: 1\n  validate_all:"))
+    with pytest.raises(ConfigError) as e:
+        load_params(fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit))
+    lines = str(e.value).splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "trainer.init.model.nonlinearity", "trainer.init.model.rotary_dim", "trainer.init.model.use_bias_in_output",
+        "trainer.predict"], lines
+    text = "\n".join(lines)
+    assert "'relu': the models compute GELU" in text and "gpt_neox has use_bias_in_output False" in text
+    assert "trainer.predict: unknown key" in text and "rotary_dim: 3: must be an even number in 2..head_dim (8)" in text
+
+
+def test_load_checkpoint_states_callback(shards_msl64, tmp_path):
+    def edit(text):
+        return text.replace("    - ComputeNorm: {}", "    - ComputeNorm: {}\n    - LoadCheckpointStates:\n"
+                                                    "        load_checkpoint_states: [model]")
+    assert load_params(fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit)).runconfig.checkpoint_states \
+        == {"model"}
+
+
+# ------------------------------------------------------------------ hints name the mapped key, never a look-alike
+
+@pytest.mark.parametrize("section,key,hint", [
+    ("runconfig", "loss_scaling_factor", "did you mean optimizer.initial_loss_scale? (the Model Zoo's "
+                                         "optimizer.loss_scaling_factor)"),
+    ("model", "betas", "did you mean optimizer.beta1 and optimizer.beta2? (the Model Zoo's optimizer.betas)"),
+    ("optimizer", "max_sequence_length", "did you mean train_input.max_seq_length? (the Model Zoo's "
+                                         "train_input.max_sequence_length)"),
+    ("optimizer", "num_wgt_servers", "the Model Zoo's runconfig.num_wgt_servers (noted"),
+])
+def test_a_native_file_hints_the_mapped_key(section, key, hint, shards_msl64, tmp_path):
+    from tests.conftest import tiny_params
+    raw = tiny_params(shards_msl64, tmp_path / "md")
+    raw[section][key] = 1
+    with pytest.raises(ConfigError) as e:
+        validate_params(raw, "p.yaml")
+    assert str(e.value).startswith(f"p.yaml: {section}.{key}: unknown key; ") and hint in str(e.value), str(e.value)
+
+
+def test_no_spelling_guess_for_unrelated_keys():
+    from modelzoo.config import RunConfig, closest_key
+    assert closest_key("num_wgt_servers", list(RunConfig.model_fields)) is None
+    assert closest_key("max_step", list(RunConfig.model_fields)) == "max_steps"
+
+
+# ------------------------------------------------------------------ the table and its docs
+
+def test_docs_modelzoo_is_generated_from_the_table():
+    """docs/modelzoo.md must be regenerated (python -m modelzoo.modelzoo_params > docs/modelzoo.md)."""
+    assert (ROOT / "docs" / "modelzoo.md").read_text() == reference_markdown()
+
+
+def test_every_rule_has_a_fate_and_mapped_rules_name_real_keys():
+    from modelzoo.modelzoo_params.translate import NATIVE
+    for (part, key), rule in RULES.items():
+        assert rule.fate in ("mapped", "noted", "refused"), key
+        assert rule.fate == "mapped" or rule.meaning, key
+        for ours in filter(None, (o.strip() for o in rule.ours.split(","))):
+            section, _, name = ours.rpartition(".")
+            section = section or part
+            if section in NATIVE:
+                assert name in NATIVE[section].model_fields, (part, key, ours)
+
+
+def test_native_files_are_not_translated(shards_msl64, tmp_path):
+    from tests.conftest import tiny_params
+    assert not is_modelzoo_file(tiny_params(shards_msl64, tmp_path))
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        assert not is_modelzoo_file(yaml.safe_load(path.read_text())), path
+
+
+def test_codon_vocab_size_is_the_tokenizers():
+    from modelzoo.config import CODON_VOCAB_SIZE
+    from modelzoo.data.tokenizer import CodonTokenizer
+    assert CodonTokenizer().vocab_size == CODON_VOCAB_SIZE
+
+
+def test_rotary_dim_becomes_rotary_pct_exactly(shards_msl64, tmp_path):
+    """int(head_dim * rotary_pct) gives back rotary_dim even where rotary_dim / head_dim is inexact."""
+    def edit(text):
+        return text.replace("hidden_size: 32", "hidden_size: 192").replace("num_heads: 4", "num_heads: 4") \
+            .replace("rotary_dim: 2", "rotary_dim: 10")  # head_dim 48: 10 / 48 * 48 = 9.999...
+    params = load_params(fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit))
+    assert int(params.model.head_dim * params.model.rotary_pct) == 10 and math.isclose(params.model.rotary_pct, 10 / 48)
