@@ -19,10 +19,13 @@ import torch
 from modelzoo.config import MODES, Params, load_params
 from modelzoo.distributed import LAUNCHED_BY_RUN_PY, launch_local, launched_local_world_size, launched_world_size
 from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.errors import ConfigError
 from modelzoo.interrupts import Interrupted, signals_raise
 
 log = logging.getLogger("modelzoo")
 DEVICES = ("CPU", "GPU", "CSX")
+# How the resident backends' memory plan (backends/memory_plan.py) ends when it does not fit.
+RESIDENT_PLAN_DOES_NOT_FIT = "does not fit with these params"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +144,6 @@ def compute_device(device: str, params: Params) -> str:
 def ranks_requested(device: str, params: Params, check_devices: bool = True) -> int:
     """Data-parallel ranks to start on this machine: --num_csx systems on CSX, --num_workers_per_node
     processes on CPU/GPU (default 1)."""
-    from modelzoo.errors import ConfigError
     run = params.runconfig
     if device == "CSX":
         if run.num_workers_per_node is not None:
@@ -173,7 +175,6 @@ def ranks_requested(device: str, params: Params, check_devices: bool = True) -> 
 def check_launched_ranks(device: str, params: Params, ranks: int) -> None:
     """Under torchrun, the ranks it started must be those the params ask for (CPU/GPU without
     --num_workers_per_node take whatever it started, on any number of nodes)."""
-    from modelzoo.errors import ConfigError
     if device == "CSX":
         launched, what = launched_world_size(), "WORLD_SIZE"
     elif params.runconfig.num_workers_per_node is None:
@@ -186,7 +187,6 @@ def check_launched_ranks(device: str, params: Params, ranks: int) -> None:
 
 def check_batch_split(source: str, params: Params, ranks: int) -> None:
     """Each rank gets batch_size / ranks sequences: refuse before starting ranks that would all fail."""
-    from modelzoo.errors import ConfigError
     mode = params.runconfig.mode
     used = [name for name, needed in (("train_input", mode in ("train", "train_and_eval")),
                                       ("eval_input", mode != "train")) if needed]
@@ -234,6 +234,11 @@ def summary(params: Params, model, backend, compile_only: bool, ranks: int = 1,
     plan = backend.plan(model, params, ranks) if compile_only else None
     if plan:
         lines.append(plan)
+    verdict = plan.splitlines()[-1] if plan else ""
+    if verdict.startswith(RESIDENT_PLAN_DOES_NOT_FIT):
+        # as CSX refuses a stage its wafer cannot hold: the plan is shown, the run refused in one line
+        print("\n".join(lines))
+        raise ConfigError(f"--compile_only: {verdict}")
     return "\n".join(lines)
 
 
@@ -242,8 +247,7 @@ def model_dir_errors(model_dir: Path):
     try:
         yield
     except OSError as e:
-        from modelzoo.errors import ConfigError
-        raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
+            raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None
 
 
 def execute(params: Params, model, backend, precision_note: str | None = None) -> int:

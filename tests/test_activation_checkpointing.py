@@ -76,7 +76,7 @@ def test_gpu_plan_without_a_gpu_names_what_fits(shards_msl64, tmp_path, capsys):
     raw = tiny_params(shards_msl64, tmp_path / "md")
     raw["runconfig"]["device_memory_gb"] = 0.0017  # between the checkpointed and the plain run's need
     params = write_params(tmp_path / "p.yaml", raw)
-    assert cli_main(["GPU", "--params", str(params), "--compile_only"]) == 0
+    assert cli_main(["GPU", "--params", str(params), "--compile_only"]) == 2  # refused, as CSX refuses (issue 23)
     out = capsys.readouterr().out
     assert "memory plan per rank" in out and "cuda memory" in out
     assert "does not fit with these params; these settings fit: sharding none, activation_checkpointing true" in out

@@ -123,3 +123,15 @@ def test_every_problem_of_a_native_file_in_file_order(raw, tmp_path):
     assert [where for where, _ in lines] == ["train_input.data_dir", "train_input.batch_size", "model.num_heads",
                                              "model.hiden_size", "runconfig.max_step"]
     assert "does not exist" in lines[0][1] and lines[4][1] == "unknown key; did you mean 'max_steps'?"
+
+
+@pytest.mark.parametrize("device,memory", [("CPU", {"device_memory_gb": 1e-6}), ("GPU", {"device_memory_gb": 1e-6}),
+                                           ("CSX", {"csx": {"wafer_memory_gb": 1e-6}})])
+def test_compile_only_refuses_a_plan_that_does_not_fit_on_every_backend(raw, tmp_path, capsys, device, memory):
+    from modelzoo.cli import main
+    raw["runconfig"].update(memory)
+    assert main([device, "--params", str(write_params(tmp_path / "p.yaml", raw)), "--compile_only"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    refusal = "runconfig.csx.wafer_memory_gb: stage 1 GPT2Block needs" if device == "CSX" else \
+        "--compile_only: does not fit with these params; no setting fits"
+    assert len(err) == 1 and err[0].startswith(f"error: {refusal}")
