@@ -12,8 +12,10 @@
 Sequences are nucleotide strings (or ``Record``s from ``modelzoo.data.sequences.read_records``,
 whose ids then name the record in errors), read with ``CodonTokenizer``'s rules in the reading
 frame the model was trained on (its train_input.reading_frame: from the first nucleotide, or in
-the frame of the longest stop-free run of codons; ``GenomeLM.reading_frame``). Codons with N or another ambiguity code become [UNK]: the model sees
-them as input, but they are neither pooled into embeddings nor scored (no codon was observed).
+the frame of the longest stop-free run of codons; ``GenomeLM.reading_frame``). Codons with N or
+another ambiguity code become [UNK]: the model sees them as input, but they are neither pooled
+into embeddings nor scored (no codon was observed), except in GenSLM's recipes, for numbers
+comparable with GenSLM's: ``embed(pooling="genslm")`` and ``log_likelihood(score_unk=True)``.
 
 Genomes longer than the model's context are cut into windows the way training cut them:
 consecutive windows of ``max_position_embeddings`` codons for GPT-2/GPT-J, and of two codons
@@ -22,12 +24,14 @@ fewer framed by [CLS] ... [SEP] for BERT.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
+import functools
 import itertools
 import math
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -44,8 +48,9 @@ from modelzoo.models.layers import KVCache
 from modelzoo.training import checkpoint as ckpt
 
 STOP_CODONS = ("TAA", "TAG", "TGA")
-POOLINGS = ("surprise", "mean", "cls")
+POOLINGS = ("surprise", "mean", "cls", "genslm")
 SURPRISE_LAYER = 0  # the layer surprise pooling reads by default: which codons surprised the model
+Layer = Union[int, str]  # a boundary activation's index, or "final"
 
 
 class GenomeLM:
@@ -104,83 +109,123 @@ class GenomeLM:
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, sequences: Sequence, layer: int | Sequence[int] | None = None, pooling: str | None = None,
+    def embed(self, sequences: Sequence, layer: Layer | Sequence[Layer] | None = None, pooling: str | None = None,
               batch_size: int = 8, bf16: bool = False, progress: bool = False) -> np.ndarray:
         """One vector per sequence: (n, hidden_size) float32.
 
         layer: index into the boundary activations (0 = embeddings, k = after block k, -1 = last
-            block); a list of layers gives (len(layers), n, hidden_size) from one pass. Default:
-            0 for surprise pooling, else -1.
+            block), or "final": the output of the model's final norm (the last block's output
+            normalised, what GPT heads read; BERT, which normalises at the end of every block, has
+            no other, so there it is -1); a list of layers gives (len(layers), n, hidden_size) from
+            one pass. Default: 0 for surprise pooling, "final" for genslm, else -1.
         pooling: "surprise" (GPT models; their default) weights each codon's activation by the
             square of its surprisal under the model, -log p(codon | the codons before it), so the
             vector is about the codons the model did not expect (a variant's mutations against the
             genomes it learned) rather than the thousands every genome shares; "mean" averages the
             layer over every codon position of every window; "cls" (BERT) averages the [CLS]
-            position over the windows. Default: surprise for GPT models, mean for BERT.
+            position over the windows; "genslm" (GPT models) is GenSLM's recipe exactly (its
+            inference callback): the sequence tokenised as GenSLM does (``encode(genslm=True)``,
+            from the first nucleotide), only its first ``max_position_embeddings`` tokens, one
+            window, every non-pad position averaged ([UNK] included). Default: surprise for GPT
+            models, mean for BERT.
         """
         blocks = [vectors for _, vectors in self.embed_stream(sequences, layer, pooling, batch_size, bf16, progress)]
         if blocks:
             return np.concatenate(blocks, axis=-2)
         width = self.config.hidden_size
-        return np.zeros((0, width) if isinstance(layer, int) else (len(layer), 0, width), dtype=np.float32)
+        return np.zeros((0, width) if _one_layer(layer) else (len(layer), 0, width), dtype=np.float32)
 
-    def embed_stream(self, sequences: Iterable, layer: int | Sequence[int] | None = None, pooling: str | None = None,
-                     batch_size: int = 8, bf16: bool = False, progress: bool = False
+    def embed_stream(self, sequences: Iterable, layer: Layer | Sequence[Layer] | None = None,
+                     pooling: str | None = None, batch_size: int = 8, bf16: bool = False, progress: bool = False
                      ) -> Iterator[tuple[list, np.ndarray]]:
         """``embed`` for inputs of any length (an iterator of records, say), a batch of windows
         at a time: yields (sequences, vectors) for consecutive runs of the input, the sequences
         as given and their vectors (``embed``'s layout), as soon as they are done. The batches,
         and so the vectors, are those ``embed`` gives for the whole input."""
-        num_states = self.config.num_hidden_layers + 1
         pooling = pooling or self.default_pooling
+        self._check_pooling(pooling)
         if layer is None:
             layer = self.default_layer(pooling)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        for k in layers:
-            if not -num_states <= k < num_states:
-                raise ConfigError(f"layer {k}: this model has layers 0..{num_states - 1} (or -1..-{num_states})")
-        if pooling not in POOLINGS:
-            raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
-        if pooling == "cls" and self.is_causal:
-            raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
-        if pooling == "surprise" and not self.is_causal:
-            raise ConfigError(f"pooling 'surprise' needs a GPT model; this is {self.config.name} (use 'mean' or 'cls')")
-        if pooling == "surprise":
-            self._need_token_head("pooling 'surprise'")
-        wanted = [k % num_states for k in layers]
+        wanted = [self._state_index(k) for k in ([layer] if _one_layer(layer) else list(layer))]
+        blocks_out = self.config.num_hidden_layers  # the state index of the last block's output
+        final = blocks_out + 1  # layer "final"'s index: where the head's output would be
 
         def step(windows):
             ids, keep = self._padded(windows)
+            needed = len(self.model.stages()) if pooling == "surprise" else min(max(wanted), blocks_out) + 1
             with self._autocast(bf16):
-                states = self._states(ids, len(self.model.stages()) if pooling == "surprise" else max(wanted) + 1)
+                states = self._states(ids, needed)
+                normed = self._final_norm(states[blocks_out]) if final in wanted else None
             if pooling == "cls":
                 weights = torch.zeros_like(keep)
                 weights[:, 0] = 1
             elif pooling == "surprise":
                 weights = self._surprise_weights(ids, states[-1]["logits"], keep)
+            elif pooling == "genslm":  # GenSLM averages every position its attention mask keeps
+                weights = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(w) for w in windows])[:, None])
+                weights = weights.float()
             else:
                 weights = keep
-            pooled = [(states[k].float().cpu() * weights[..., None]).sum(1) for k in wanted]
+            pooled = [((normed if k == final else states[k]).float().cpu() * weights[..., None]).sum(1) for k in wanted]
             return torch.stack(pooled, 1).double(), weights.sum(1).double()
 
-        blocks = self._per_sequence(sequences, self._windows, step, [(len(wanted), self.config.hidden_size), ()],
-                                    batch_size, progress, "embed")
+        if pooling == "genslm":
+            encoded, items_of = self._encoded_as_genslm, lambda ids: [ids]
+        else:
+            encoded, items_of = self._encoded, self._windows
+        blocks = self._per_sequence(sequences, items_of, step, [(len(wanted), self.config.hidden_size), ()],
+                                    batch_size, progress, "embed", encoded)
 
         def mean(sums, counts):
             vectors = (sums / counts[:, None, None]).float().numpy()  # (sequences, layers, hidden)
-            return vectors[:, 0] if isinstance(layer, int) else vectors.transpose(1, 0, 2)
+            return vectors[:, 0] if _one_layer(layer) else vectors.transpose(1, 0, 2)
 
         return ((done, mean(*totals)) for done, totals in blocks)
+
+    def _check_pooling(self, pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if pooling == "cls" and self.is_causal:
+            raise ConfigError(f"pooling 'cls' needs a BERT model; this is {self.config.name} (use 'mean')")
+        if pooling in ("surprise", "genslm") and not self.is_causal:
+            raise ConfigError(f"pooling {pooling!r} needs a GPT model; this is {self.config.name} (use 'mean' or 'cls')")
+        if pooling == "surprise":
+            self._need_token_head("pooling 'surprise'")
+
+    def _state_index(self, layer: Layer) -> int:
+        """0..num_hidden_layers for a boundary activation, num_hidden_layers + 1 for "final"."""
+        num_states = self.config.num_hidden_layers + 1
+        if layer == "final":
+            return num_states
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and -num_states <= layer < num_states:
+            return int(layer) % num_states
+        raise ConfigError(f"layer {layer!r}: this model has layers 0..{num_states - 1} (or -1..-{num_states}) "
+                          f"and 'final'")
+
+    def _final_norm(self, last_block: torch.Tensor) -> torch.Tensor:
+        """The final norm's output: the head's ``ln_f`` (every GPT's); a model without one (BERT
+        normalises at the end of each block) gives its last block's output."""
+        norm = getattr(self.model.stages()[-1], "ln_f", None)
+        return last_block if norm is None else norm(last_block)
+
+    def _encoded_as_genslm(self, sequences: Iterable) -> Iterator[tuple[object, np.ndarray]]:
+        """Each sequence with GenSLM's ids of it, cut to the model's first max_position_embeddings."""
+        for k, item in enumerate(sequences):
+            name, seq = (item.id, item.seq) if hasattr(item, "seq") else (f"#{k}", item)
+            ids = self.tokenizer.encode(seq, genslm=True)[: self.config.max_position_embeddings].astype(np.int64)
+            if not len(ids):
+                raise DataError(f"sequence {name}: empty (GenSLM's recipe has no token to average)")
+            yield item, ids
 
     @property
     def default_pooling(self) -> str:
         return "surprise" if self.is_causal and self.config.num_labels is None else "mean"
 
     @staticmethod
-    def default_layer(pooling: str) -> int:
+    def default_layer(pooling: str) -> Layer:
         """The layer ``embed`` pools by default: the codon embeddings for surprise pooling (which
-        codons surprised the model), else the last block."""
-        return SURPRISE_LAYER if pooling == "surprise" else -1
+        codons surprised the model), the final norm's output for GenSLM's recipe, else the last block."""
+        return {"surprise": SURPRISE_LAYER, "genslm": "final"}.get(pooling, -1)
 
     @staticmethod
     def _surprise_weights(ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -204,28 +249,34 @@ class GenomeLM:
     # ------------------------------------------------------------------ log-likelihood
 
     def log_likelihood(self, sequences: Sequence, per_codon_mean: bool = False, batch_size: int = 8,
-                       progress: bool = False, return_counts: bool = False):
+                       progress: bool = False, return_counts: bool = False, score_unk: bool = False):
         """Log-probability in nats of each sequence's codons, summed (or averaged per scored codon).
 
         Causal models score each codon given the ones before it in its window; windows overlap
         by one codon so that every codon but the first is scored. BERT gives the
         pseudo-log-likelihood: each codon is masked in turn and scored from both sides. [UNK]
-        codons are not scored; a sequence with nothing to score gets 0 (mean: nan).
+        codons are not scored (no codon was observed); a sequence with nothing to score gets 0
+        (mean: nan).
+        score_unk: score [UNK] targets too, as GenSLM's loss does (the log-probability of the
+            [UNK] token there), for numbers comparable with GenSLM's. (GenSLM also reads one more
+            [UNK] for a trailing partial codon, and only a model's first context of codons.)
         return_counts: also return the number of scored codons per sequence.
         """
-        blocks = [scores for _, scores in self.log_likelihood_stream(sequences, per_codon_mean, batch_size, progress)]
+        blocks = [scores for _, scores in self.log_likelihood_stream(sequences, per_codon_mean, batch_size, progress,
+                                                                    score_unk)]
         values, counts = (np.concatenate(part) for part in zip(*blocks)) if blocks else \
             (np.zeros(0), np.zeros(0, dtype=np.int64))
         return (values, counts) if return_counts else values
 
     def log_likelihood_stream(self, sequences: Iterable, per_codon_mean: bool = False, batch_size: int = 8,
-                              progress: bool = False) -> Iterator[tuple[list, tuple[np.ndarray, np.ndarray]]]:
+                              progress: bool = False, score_unk: bool = False
+                              ) -> Iterator[tuple[list, tuple[np.ndarray, np.ndarray]]]:
         """``log_likelihood`` for inputs of any length, a batch at a time: yields (sequences,
         (values, scored codon counts)) for consecutive runs of the input as soon as they are done
         (see ``embed_stream``); the values are those ``log_likelihood`` gives for the whole input."""
         self._need_token_head("log_likelihood")
-        items_of, step = (self._causal_windows, self._causal_scores) if self.is_causal else \
-            (self._masked_positions, self._masked_scores)
+        items_of, step = (self._causal_windows, functools.partial(self._causal_scores, score_unk=score_unk)) \
+            if self.is_causal else (functools.partial(self._masked_positions, score_unk=score_unk), self._masked_scores)
         blocks = self._per_sequence(sequences, items_of, step, [(), ()], batch_size, progress, "score")
 
         def scores(totals, counts):
@@ -234,19 +285,20 @@ class GenomeLM:
 
         return ((done, scores(*sums)) for done, sums in blocks)
 
-    def codon_log_probs(self, sequences: Sequence, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+    def codon_log_probs(self, sequences: Sequence, batch_size: int = 8, progress: bool = False,
+                        score_unk: bool = False) -> list[np.ndarray]:
         """Log-probability in nats of every codon of each sequence, as ``log_likelihood`` scores
         it (GPT: given the earlier codons of its window; BERT: masked, from both sides): one
         float64 array per sequence, one entry per codon as read (index = 0-based codon position in
         the model's reading frame, ``codons``),
-        NaN where a codon is not scored (GPT: the first codon; any model: [UNK] codons). So
-        ``np.nansum`` of a sequence's array is its ``log_likelihood``.
+        NaN where a codon is not scored (GPT: the first codon; any model: [UNK] codons, unless
+        ``score_unk``). So ``np.nansum`` of a sequence's array is its ``log_likelihood``.
         """
-        return [values for _, arrays in self.codon_log_probs_stream(sequences, batch_size, progress)
+        return [values for _, arrays in self.codon_log_probs_stream(sequences, batch_size, progress, score_unk)
                 for values in arrays]
 
-    def codon_log_probs_stream(self, sequences: Iterable, batch_size: int = 8, progress: bool = False
-                               ) -> Iterator[tuple[list, list[np.ndarray]]]:
+    def codon_log_probs_stream(self, sequences: Iterable, batch_size: int = 8, progress: bool = False,
+                               score_unk: bool = False) -> Iterator[tuple[list, list[np.ndarray]]]:
         """``codon_log_probs`` for inputs of any length, a batch at a time: yields (sequences, their
         per-codon arrays) for consecutive runs of the input as soon as they are done (the batches
         are ``log_likelihood_stream``'s)."""
@@ -256,11 +308,11 @@ class GenomeLM:
         def items_of(ids):  # each item with the array and the codon index its values fill from
             values = np.full(len(ids), np.nan)
             arrays.append(values)
-            located = self._causal_windows_at(ids) if self.is_causal else self._masked_positions_at(ids)
+            located = self._causal_windows_at(ids) if self.is_causal else self._masked_positions_at(ids, score_unk)
             return ((values, at, item) for at, item in located)
 
         def step(items):
-            found = self._causal_codon_scores([x for _, _, x in items]) if self.is_causal else \
+            found = self._causal_codon_scores([x for _, _, x in items], score_unk) if self.is_causal else \
                 self._masked_scores([x for _, _, x in items])[0].numpy()[:, None]
             for (values, at, _), v in zip(items, found):
                 values[at: at + len(v)] = v
@@ -278,34 +330,35 @@ class GenomeLM:
         """``_causal_windows``, each with the codon index of its first scored codon (its second)."""
         return zip(itertools.count(1, max(1, self.context - 1)), self._causal_windows(ids))
 
-    def _causal_codon_scores(self, windows):
+    def _causal_codon_scores(self, windows, score_unk: bool = False):
         """Each window's log-probabilities of its codons after the first (NaN: not scored)."""
-        logp, scored = self._causal_log_probs(windows)
+        logp, scored = self._causal_log_probs(windows, score_unk)
         values = torch.where(scored.bool(), logp.double(), math.nan).numpy()
         return [v[: len(w) - 1] for v, w in zip(values, windows)]
 
-    def _causal_scores(self, windows):
+    def _causal_scores(self, windows, score_unk: bool = False):
         """Summed log-probability and scored codons of each window (each codon given the ones before it)."""
-        logp, scored = self._causal_log_probs(windows)
+        logp, scored = self._causal_log_probs(windows, score_unk)
         return (logp * scored).sum(1).double(), scored.sum(1).double()
 
-    def _causal_log_probs(self, windows):
+    def _causal_log_probs(self, windows, score_unk: bool = False):
         """Log-probability of each window's codons after its first, given the ones before (on the
-        CPU), and which of them are scored (1: a codon; 0: [UNK] or padding)."""
-        ids, keep = self._padded(windows)
+        CPU), and which of them are scored (1: a codon, or [UNK] with ``score_unk``; 0: [UNK] or
+        padding)."""
+        ids, keep = self._padded(windows, score_unk)
         logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
         targets = ids[:, 1:]
         logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].cpu()
         return logp, keep[:, 1:]
 
-    def _masked_positions(self, ids):
+    def _masked_positions(self, ids, score_unk: bool = False):
         """One item per (window, codon position): that position is masked and scored."""
-        return (item for _, item in self._masked_positions_at(ids))
+        return (item for _, item in self._masked_positions_at(ids, score_unk))
 
-    def _masked_positions_at(self, ids):
+    def _masked_positions_at(self, ids, score_unk: bool = False):
         """``_masked_positions``, each item with the index of its codon in the sequence."""
         for k, w in enumerate(self._windows(ids)):
-            for p in np.flatnonzero(np.isin(w, self.tokenizer.codon_ids)):
+            for p in np.flatnonzero(self._scored(w, score_unk)):
                 yield k * self.context + int(p) - 1, (w, p)  # p counts [CLS]
 
     def _masked_scores(self, items):
@@ -449,34 +502,41 @@ class GenomeLM:
             else:
                 yield np.concatenate(([self.tokenizer.cls_id], w, [self.tokenizer.sep_id]))
 
-    def _padded(self, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[PAD]-padded ids on the device, and the codon-position mask (on the CPU)."""
+    def _padded(self, windows: list[np.ndarray], score_unk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[PAD]-padded ids on the device, and the codon-position mask (on the CPU; [UNK]
+        positions too with ``score_unk``)."""
         ids = _pad(windows, self.tokenizer.pad_id)
-        keep = torch.from_numpy(np.isin(ids, self.tokenizer.codon_ids)).float()
+        keep = torch.from_numpy(self._scored(ids, score_unk)).float()
         return torch.as_tensor(ids, device=self.device), keep
 
+    def _scored(self, ids: np.ndarray, score_unk: bool) -> np.ndarray:
+        """Which positions hold a codon (or an [UNK], with ``score_unk``)."""
+        codon = np.isin(ids, self.tokenizer.codon_ids)
+        return codon | (ids == self.tokenizer.unk_id) if score_unk else codon
+
     def _per_sequence(self, sequences: Iterable, items_of, step, shapes: list[tuple], batch_size: int,
-                      progress: bool, desc: str) -> Iterator[tuple[list, list[torch.Tensor]]]:
+                      progress: bool, desc: str, encoded=None) -> Iterator[tuple[list, list[torch.Tensor]]]:
         """Per-sequence float64 sums of ``step``'s results over the sequence's work items, for an
         input of any length: ``items_of(ids)`` gives one sequence's items (windows, or window
         positions); items of consecutive sequences are cut into batches of ``batch_size`` whatever
         sequence they belong to (the batches of the whole input in memory); ``step(items)`` gives
         each item's contributions, a tensor per entry of ``shapes`` (its shape after the item
-        axis). Yields (sequences as given, their sums) as soon as no later item can add to them."""
+        axis); ``encoded(sequences)`` gives (sequence, ids) pairs (default ``_encoded``). Yields
+        (sequences as given, their sums) as soon as no later item can add to them."""
         if isinstance(sequences, (str, bytes)):
             raise ConfigError("sequences: pass a list of sequences, not one string")
         if batch_size < 1:
             raise ConfigError(f"batch_size {batch_size}: must be >= 1")
-        return self._summed(sequences, items_of, step, shapes, batch_size, progress, desc)
+        return self._summed(sequences, items_of, step, shapes, batch_size, progress, desc, encoded or self._encoded)
 
     @torch.no_grad()
-    def _summed(self, sequences, items_of, step, shapes, batch_size, progress, desc):
+    def _summed(self, sequences, items_of, step, shapes, batch_size, progress, desc, encoded):
         pending: list = []  # sequences read whose sums may still grow; pending[0] is sequence number `base`
         base = 0
         sums = [torch.zeros((0, *shape), dtype=torch.float64) for shape in shapes]
 
         def items():
-            for k, (item, ids) in enumerate(self._encoded(sequences)):
+            for k, (item, ids) in enumerate(encoded(sequences)):
                 pending.append(item)
                 yield from ((k, x) for x in items_of(ids))
 
@@ -535,6 +595,21 @@ def _reading_frame(raw: dict) -> str:
     checkpoints from before the setting."""
     section = raw.get("train_input") or raw.get("eval_input") or {}
     return section.get("reading_frame", "as_read")
+
+
+def parse_layer(text: str) -> Layer:
+    """A --layer flag: an integer index, or "final"."""
+    if text == "final":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: an integer layer index or 'final'") from None
+
+
+def _one_layer(layer) -> bool:
+    """Whether embed's ``layer`` names one layer (an index or "final") rather than a list."""
+    return isinstance(layer, (int, np.integer, str))
 
 
 def _pad(windows: Iterable[np.ndarray], pad_id: int) -> np.ndarray:

@@ -129,6 +129,58 @@ def test_embed_rejects_bad_layer_and_pooling():
         lm.embed(["ATG"], pooling="cls")
 
 
+def _genslm_embeddings(lm, sequences) -> np.ndarray:
+    """GenSLM's embeddings by GenSLM's code path (run_inference.py's dataset and
+    AverageEmbeddingsCallback): its tokenizer on the sequence grouped by three and uppercased,
+    truncated and padded to max_length; a transformers GPTNeoXForCausalLM holding lm's weights;
+    hidden_states[-1] (after final_layer_norm) averaged over the first attention_mask.sum() positions."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+    from modelzoo.models import hf
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(TOK.json_path)))
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    twin = transformers.GPTNeoXForCausalLM(hf.hf_config(lm.config)).eval()
+    weights = hf.to_hf_state(lm.config, lm.model.state_dict())
+    result = twin.load_state_dict({k.replace("embed_out.", "lm_head."): v for k, v in weights.items()}, strict=False)
+    assert result.missing_keys == []
+    vectors = []
+    for seq in sequences:
+        grouped = " ".join(seq[i: i + 3] for i in range(0, len(seq), 3)).upper()
+        batch = tokenizer(grouped, max_length=CONTEXT, padding="max_length", truncation=True, return_tensors="pt")
+        out = twin(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        seq_len = int(batch["attention_mask"].sum())
+        vectors.append(out.hidden_states[-1][0, :seq_len].mean(0).numpy())
+    return np.stack(vectors)
+
+
+def test_genslm_pooling_is_genslms_recipe_exactly():
+    lm = make_lm("gpt_neox")
+    sequences = [random_genome(CONTEXT + 9),  # only the first CONTEXT codons count
+                 random_genome(7, seed=1).lower() + "AC",  # lowercase; the partial codon is one [UNK]
+                 random_genome(4, seed=2) + "NNN" + random_genome(3, seed=3) + "ACU"]  # [UNK]s averaged too
+    np.testing.assert_allclose(lm.embed(sequences, pooling="genslm", batch_size=2), _genslm_embeddings(lm, sequences),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="pooling 'genslm' needs a GPT model"):
+        make_lm("bert").embed(["ATG"], pooling="genslm")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "bert"])
+def test_layer_final_is_the_final_norms_output(name):
+    lm = make_lm(name)
+    genome = random_genome(10)
+    ids = ids_of(genome) if name != "bert" else \
+        torch.from_numpy(np.concatenate(([TOK.cls_id], TOK.encode(genome), [TOK.sep_id])).astype(np.int64))[None]
+    last = lm.model.hidden_states({"input_ids": ids})[-1][0]
+    final = last if name == "bert" else lm.model.head.ln_f(last)  # BERT normalises in each block: nothing after
+    codons = slice(None) if name != "bert" else slice(1, -1)
+    np.testing.assert_allclose(lm.embed([genome], layer="final", pooling="mean")[0], final[codons].mean(0).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    both = lm.embed([genome], layer=["final", -1], pooling="mean")
+    assert both.shape == (2, 1, 32) and (name == "bert") == np.allclose(both[0], both[1])
+    with pytest.raises(ConfigError, match="and 'final'"):
+        lm.embed([genome], layer="last")
+
+
 # ------------------------------------------------------------------ KV cache and generation
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -207,6 +259,32 @@ def test_log_likelihood_is_minus_the_summed_token_cross_entropy(name):
     assert lm.log_likelihood([genome], per_codon_mean=True)[0] == pytest.approx(total / (CONTEXT - 1), rel=1e-6)
 
 
+@pytest.mark.parametrize("name", CAUSAL)
+def test_score_unk_scores_unknown_targets_as_genslm_does(name):
+    lm = make_lm(name)
+    genome = random_genome(5) + "NNN" + random_genome(4, seed=1) + "NRY" + random_genome(4, seed=2)
+    ids = ids_of(genome)[0]
+    logp = lm.model({"input_ids": ids[None]})["logits"][0, :-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
+    is_unk = ids[1:] == TOK.unk_id
+    assert int(is_unk.sum()) == 2
+    totals, counts = lm.log_likelihood([genome], return_counts=True, score_unk=True)
+    assert counts.tolist() == [14] and totals[0] == pytest.approx(logp.sum().item(), rel=1e-5)
+    totals, counts = lm.log_likelihood([genome], return_counts=True)
+    assert counts.tolist() == [12] and totals[0] == pytest.approx(logp[~is_unk].sum().item(), rel=1e-5)
+    per_codon = lm.codon_log_probs([genome], score_unk=True)[0]
+    np.testing.assert_allclose(per_codon[1:], logp.double().numpy(), rtol=1e-5)
+    assert np.isnan(per_codon[0])
+
+
+def test_score_unk_in_bert_masks_unknown_positions_too():
+    lm = make_lm("bert")
+    genome = random_genome(3) + "NNN" + random_genome(2, seed=1)
+    assert lm.log_likelihood([genome], return_counts=True)[1].tolist() == [5]
+    values, counts = lm.log_likelihood([genome], return_counts=True, score_unk=True)
+    assert counts.tolist() == [6]
+    assert np.nansum(lm.codon_log_probs([genome], score_unk=True)[0]) == pytest.approx(values[0], rel=1e-5)
+
+
 def test_long_sequences_are_scored_in_windows_overlapping_by_one_codon():
     lm = make_lm("gpt2")
     genome = random_genome(40)
@@ -250,6 +328,33 @@ def test_load_restores_the_checkpoint_and_reports_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no good checkpoint"):
         GenomeLM.load(tmp_path / "empty")
+
+
+def test_embed_and_score_tools_take_genslms_recipes(tmp_path, capsys):
+    """--pooling genslm --layer final and --score_unk reach GenomeLM unchanged."""
+    from modelzoo.tools import embed, score
+    lm = make_lm("gpt_neox")
+    params = yaml.safe_dump({"model": lm.config.model_dump()})
+    (tmp_path / "md").mkdir()
+    save_checkpoint(tmp_path / "md", 1, {"model": lm.model.state_dict(), "step": 1, "params": params,
+                                         "model_name": "gpt_neox"})
+    genomes = [random_genome(20) + "NNN" + random_genome(4, seed=1), random_genome(9, seed=2)]
+    fasta = tmp_path / "g.fasta"
+    fasta.write_text("".join(f">g{i}\n{g}\n" for i, g in enumerate(genomes)))
+    assert embed.main(["--model_dir", str(tmp_path / "md"), "--input", str(fasta), "--output_dir",
+                       str(tmp_path / "emb"), "--pooling", "genslm", "--layer", "final"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "emb" / "embeddings.npy"), lm.embed(genomes, pooling="genslm"),
+                               rtol=1e-6)
+    assert score.main(["--model_dir", str(tmp_path / "md"), "--input", str(fasta), "--output",
+                       str(tmp_path / "s.tsv"), "--score_unk"]) == 0
+    rows = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()[1:]]
+    totals, counts = lm.log_likelihood(genomes, return_counts=True, score_unk=True)
+    assert [int(r[1]) for r in rows] == counts.tolist() == [24, 8]
+    np.testing.assert_allclose([float(r[2]) for r in rows], totals, atol=1e-3)
+    with pytest.raises(SystemExit):
+        embed.main(["--model_dir", str(tmp_path / "md"), "--input", str(fasta), "--output_dir", str(tmp_path / "x"),
+                    "--layer", "last"])
+    assert "'last': an integer layer index or 'final'" in capsys.readouterr().err
 
 
 def test_import_stays_light():

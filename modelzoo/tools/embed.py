@@ -24,7 +24,7 @@ from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
-from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args, model_inputs
+from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args, model_inputs, parse_layer
 from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"
@@ -40,12 +40,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--labels", help="TSV with a header row: one row per record id, e.g. its variant")
     p.add_argument("--label_column", help="--labels column shown in the projector")
     p.add_argument("--id_column", help="--labels column holding the record id (default: the first)")
-    p.add_argument("--layer", type=int, default=None,
-                   help="0 = token embeddings, k = after block k, -1 = last block (default: 0 with surprise "
-                        "pooling, else -1)")
+    p.add_argument("--layer", type=parse_layer, default=None,
+                   help="0 = token embeddings, k = after block k, -1 = last block, final = the final norm's "
+                        "output (default: 0 with surprise pooling, final with genslm, else -1)")
     p.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="surprise: codons weighted by their squared surprisal (GPT default); mean over codons "
-                        "(BERT default); or [CLS] (BERT)")
+                        "(BERT default); [CLS] (BERT); or genslm: GenSLM's recipe exactly (GPT: its tokens, "
+                        "the first max_position_embeddings of them, final norm output averaged)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (autocast)")
     p.add_argument("--no_map", action="store_true", help="with --labels, do not draw map.png")
     return p

@@ -44,6 +44,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--output", required=True, help="TSV file to write")
     p.add_argument("--per_codon", action="store_true",
                    help="one row per scored codon (id, codon_index, codon, log_prob, start) instead of one per record")
+    p.add_argument("--score_unk", action="store_true",
+                   help="score [UNK] codons (N, ambiguity codes) too, as GenSLM does, for comparable numbers")
     return p
 
 
@@ -53,7 +55,8 @@ def score(args) -> str:
         lm = model_from_args(args)
         if args.per_codon:
             out.write("\t".join(PER_CODON_COLUMNS) + "\n")
-            blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
+            blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True,
+                                               score_unk=args.score_unk)
             for records, arrays in blocks:
                 for rec, values in zip(records, arrays):
                     letters, offset = lm.codons(rec.seq)
@@ -62,7 +65,8 @@ def score(args) -> str:
                 scored += len(records)
             return f"scored the codons of {scored} sequences with {lm.source} -> {args.output}"
         out.write("\t".join(COLUMNS) + "\n")
-        blocks = lm.log_likelihood_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
+        blocks = lm.log_likelihood_stream(read_records(args.input), batch_size=args.batch_size, progress=True,
+                                          score_unk=args.score_unk)
         for records, (totals, counts) in blocks:
             for rec, total, n in zip(records, totals, counts):
                 mean = total / n if n else math.nan
