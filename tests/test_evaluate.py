@@ -4,6 +4,8 @@ scikit-learn's, Jensen-Shannon against SciPy's."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from Bio.Seq import Seq
@@ -60,6 +62,56 @@ def test_witten_bell_by_hand(acacag):
     assert prob(acacag, "witten_bell", 2, ["AAA"], "CCC") == pytest.approx((2 + 2 * unigram["CCC"]) / (3 + 2))
     assert prob(acacag, "witten_bell", 2, ["CCC"], "AAA") == pytest.approx((2 + 1 * unigram["AAA"]) / (2 + 1))
     assert prob(acacag, "witten_bell", 2, ["CCC"], "TTT") == pytest.approx(unigram["TTT"] / 3)
+
+
+def reference_probability(records, max_order, order, smoothing, gram):
+    """P(gram[-1] | gram[:-1]) computed directly from the definitions with dictionaries: the
+    ``order`` model's, ``gram`` holding order - 1 context symbols and the target."""
+    counts = Counter()
+    for symbols in records:
+        padded = [START] * (max_order - 1) + list(symbols)
+        for p, w in enumerate(symbols):
+            if w < CODONS:
+                counts.update(tuple(padded[p + max_order - k: p + max_order]) for k in range(1, max_order + 1))
+    continuation = Counter(g[1:] for g in counts if len(g) > 1)
+
+    def discount(table, k):
+        n1 = sum(1 for g, c in table.items() if len(g) == k and c == 1)
+        n2 = sum(1 for g, c in table.items() if len(g) == k and c == 2)
+        return min(max(n1 / (n1 + 2 * n2), 0.1), 1.0) if n1 + n2 else 0.5
+
+    def p(g, top):
+        if not g:
+            return 1 / CODONS
+        table = counts if top or smoothing == "witten_bell" else continuation
+        lower = p(g[1:], False)
+        same = {x: c for x, c in table.items() if len(x) == len(g) and x[:-1] == g[:-1]}
+        total, types = sum(same.values()), len(same)
+        if not total:
+            return lower
+        if smoothing == "witten_bell":
+            return (same.get(g, 0) + types * lower) / (total + types)
+        d = discount(table, len(g))
+        return max(same.get(g, 0) - d, 0) / total + d * types / total * lower
+
+    return p(tuple(gram[-order:]), True)
+
+
+def test_every_order_matches_a_direct_computation_from_the_definitions():
+    rng = np.random.default_rng(5)
+    records = [np.where(rng.random(n) < 0.05, 64, rng.integers(0, 4, n)) for n in (40, 25, 60)]
+    as_ids = [np.where(r < CODONS, TOK.codon_ids[np.minimum(r, CODONS - 1)], TOK.unk_id) for r in records]
+    ngrams = CodonNGrams(4).fit(as_ids)
+    query = np.array([0, 1, 64, 2, 3, 0, 0, 1, 5, 2])  # a start, an [UNK] in contexts, a codon never seen
+    logp = ngrams.log_probs(np.where(query < CODONS, TOK.codon_ids[np.minimum(query, CODONS - 1)], TOK.unk_id))
+    padded = [START] * 3 + list(query)
+    for smoothing in ("kneser_ney", "witten_bell"):
+        for order in range(1, 5):
+            for t, w in enumerate(query):
+                if w < CODONS:
+                    expected = reference_probability(records, 4, order, smoothing, padded[t: t + 4])
+                    assert np.exp(logp[smoothing][order - 1, t]) == pytest.approx(expected, rel=1e-12), \
+                        (smoothing, order, t)
 
 
 def test_every_order_and_smoothing_is_a_distribution_over_the_64_codons():

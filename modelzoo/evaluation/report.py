@@ -9,6 +9,7 @@ from modelzoo.evaluation.tasks import Row
 
 JSON = "results.json"
 MARKDOWN = "results.md"
+WORST = 5  # records listed where the model fares worst against the n-gram (per-record figures: results.json)
 
 
 def _plain(value):
@@ -65,10 +66,14 @@ def _perplexity(r: dict) -> list[str]:
     orders = range(1, len(r["ngram"]["kneser_ney"]) + 1)
     rows = [[f"codon {k}-gram"] + [r["ngram"][s][k - 1] for s in ("kneser_ney", "witten_bell")] for k in orders]
     best = r["best_ngram"]
+    ratio = [(x["model"] / x["best_ngram"], x) for x in r["per_record"] if x["scored_codons"]]
+    worst = sorted(ratio, key=lambda rx: -rx[0])[:WORST]
     return [f"{r['scored_codons']} codons of {r['records']} records scored (those the model scores). Model: "
             f"{_figure(r['model'])}; best n-gram: order {best['order']}, {best['smoothing']} "
             f"({_figure(best['perplexity'])}; chosen on this set, in the baseline's favour); uniform: 64.", ""] + \
-        _table(["n-gram", "Kneser-Ney (interpolated)", "Witten-Bell (interpolated)"], rows)
+        _table(["n-gram", "Kneser-Ney (interpolated)", "Witten-Bell (interpolated)"], rows) + \
+        ["", "Records where the model fares worst against the best n-gram (perplexity, model / n-gram): " +
+         ", ".join(f"{x['id']} {_figure(x['model'])} / {_figure(x['best_ngram'])}" for _, x in worst) + "."]
 
 
 def _variants(r: dict) -> list[str]:
