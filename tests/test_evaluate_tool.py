@@ -92,6 +92,9 @@ def test_every_task_beside_its_baseline(model_dir, records, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "variants", "--eval_fasta", GENOMES], "task variants needs --labels and --label_column"),
     (["--tasks", "perplexity,typo"], "--tasks 'typo': choose from"),
+    (["--tasks", "perplexity", "--train_fasta", "no/such.fasta", "--eval_fasta", GENOMES], "no/such.fasta: no such file"),
+    (["--tasks", "mutation_effects", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--cds_features", "CDS"],
+     "features='CDS' needs a GenBank file, this is FASTA"),
     (["--tasks", "perplexity,variants", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--labels",
       "tests/data/README.md", "--label_column", "x"], "no column 'x' (label_column)"),
     (["--tasks", "generation", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--generate_codons", "1"],
@@ -113,3 +116,13 @@ def test_labels_naming_too_few_records_are_refused_before_any_work(model_dir, tm
                      "--eval_fasta", GENOMES, "--labels", labels, "--label_column", "clade")
     assert code == 2 and text.count("\n") == 1 and "1 records of" in text and "(1 distinct)" in text, text
     assert not (tmp_path / "eval").exists()
+
+
+def test_mutation_effects_on_the_cds_of_a_genbank_file(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, text = run(capsys, "--model_dir", model_dir, "--output_dir", out, "--tasks", "mutation_effects",
+                     "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--cds_fasta", "tests/data/NC_045512.2.gb",
+                     "--cds_features", "CDS", "--mutations_per_class", 1, "--mutation_records", 4, "--max_order", 3)
+    assert code == 0, text
+    result = json.loads((out / "results.json").read_text())["tasks"]["mutation_effects"]
+    assert result["records"] == 4 and result["substitutions"] == {"synonymous": 4, "missense": 4, "nonsense": 4}

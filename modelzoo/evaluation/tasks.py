@@ -56,6 +56,7 @@ class Settings:
     train_fasta: str | None = None
     eval_fasta: str | None = None
     cds_fasta: str | None = None  # mutation_effects' records (default: eval_fasta)
+    cds_features: str | None = None  # read this GenBank feature type of cds_fasta (e.g. CDS), not whole records
     labels: str | None = None
     label_column: str | None = None
     id_column: str | None = None
@@ -119,7 +120,7 @@ class EvalRun:
         if self._ngrams is None:
             ngrams = CodonNGrams(self.settings.max_order, self.lm.tokenizer)
             counts = np.zeros(64)
-            for rec in tqdm(read_records(self.settings.train_fasta), desc="n-gram counts", unit=" records"):
+            for rec in tqdm(_records(self.settings.train_fasta), desc="n-gram counts", unit=" records"):
                 ids = self.encode(rec.seq)
                 ngrams.add(ids)
                 counts += profiles.codon_counts(ids, self.lm.tokenizer)
@@ -133,7 +134,7 @@ class EvalRun:
         over the codons the model scores (the perplexity task's; else by the model's rule)."""
         if self.best is None:
             sums = NGramSums(self.ngrams)
-            for rec in tqdm(read_records(self.settings.eval_fasta), desc="n-gram scores", unit=" records"):
+            for rec in tqdm(_records(self.settings.eval_fasta), desc="n-gram scores", unit=" records"):
                 ids = self.encode(rec.seq)
                 sums.add(ids, scored_by_rule(ids, self.lm))
             self.set_ngram_perplexity(sums)
@@ -147,6 +148,12 @@ class EvalRun:
     def best_name(self) -> str:
         smoothing, order = self.best_ngram()
         return f"codon {order}-gram ({SMOOTHING_NAMES[smoothing]})"
+
+
+def _records(path, features: str | None = None):
+    """A file's records (or a GenBank file's ``features``); a repeated id (NCBI CDS files have
+    them) gets #2, #3...: only the variants task, which looks labels up by id, insists on unique ids."""
+    return read_records(path, features=features, rename_duplicates=True)
 
 
 def scored_by_rule(ids: np.ndarray, lm: GenomeLM) -> np.ndarray:
@@ -188,7 +195,7 @@ def perplexity(run: EvalRun) -> dict:
     lm, s = run.lm, run.settings
     sums = NGramSums(run.ngrams)
     model_nats, per_record = 0.0, []
-    stream = lm.codon_log_probs_stream(read_records(s.eval_fasta), batch_size=s.batch_size, progress=True)
+    stream = lm.codon_log_probs_stream(_records(s.eval_fasta), batch_size=s.batch_size, progress=True)
     for records, arrays in stream:
         for rec, values in zip(records, arrays):
             ids = run.encode(rec.seq)
@@ -215,6 +222,17 @@ def perplexity(run: EvalRun) -> dict:
 
 def _ppl(nats: float, n: int) -> float:
     return math.exp(-nats / n) if n else float("nan")
+
+
+def check_inputs(tasks: list[str], s: Settings) -> None:
+    """Refuse, before any model work, an input file that is missing or neither FASTA nor
+    GenBank (each is opened and sniffed, not read), and a label table naming too few records."""
+    for name in {name for task in tasks for name in NEEDS[task] if name.endswith("_fasta")}:
+        read_records(getattr(s, name))
+    if "mutation_effects" in tasks:
+        read_records(s.cds_fasta or s.eval_fasta, features=s.cds_features)
+    if "variants" in tasks:
+        label_table(s)
 
 
 # ---------------------------------------------------------------------- variants
@@ -303,7 +321,7 @@ def mutation_effects(run: EvalRun) -> dict:
         bar.update(len(batch))
 
     with bar:
-        for rec in read_records(source):
+        for rec in _records(source, s.cds_features):
             if s.mutation_records is not None and records >= s.mutation_records:
                 break
             records += 1
@@ -381,7 +399,7 @@ def _nearest_training(run: EvalRun, sets: dict[str, list[np.ndarray]]) -> dict[s
     tok = run.lm.tokenizer
     keys = {who: [profiles.codon_kmers(ids, CONTAINMENT_K, tok) for ids in seqs] for who, seqs in sets.items()}
     best = {who: np.zeros(len(seqs)) for who, seqs in sets.items()}
-    for rec in tqdm(read_records(run.settings.train_fasta), desc="nearest training record", unit=" records"):
+    for rec in tqdm(_records(run.settings.train_fasta), desc="nearest training record", unit=" records"):
         reference = profiles.codon_kmers(run.encode(rec.seq), CONTAINMENT_K, tok)
         for who, queries in keys.items():
             best[who] = np.maximum(best[who], [profiles.containment(q, reference) for q in queries])

@@ -32,7 +32,7 @@ from pathlib import Path
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError
 from modelzoo.evaluation import report
-from modelzoo.evaluation.tasks import RUNNERS, TASKS, EvalRun, Settings, check_settings, label_table
+from modelzoo.evaluation.tasks import RUNNERS, TASKS, EvalRun, Settings, check_inputs, check_settings
 from modelzoo.files import output_dir
 from modelzoo.inference import add_model_arguments, model_from_args
 
@@ -62,6 +62,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max_order", type=int, default=8, help="highest codon n-gram order (default 8)")
     p.add_argument("--cds_fasta", help="mutation_effects: coding sequences (default --eval_fasta), read in the "
                                        "model's frame; substitutions go in each record's longest stop-free run")
+    p.add_argument("--cds_features", help="mutation_effects: --cds_fasta is GenBank; use its features of this "
+                                           "type (e.g. CDS), each read in the model's frame")
     p.add_argument("--mutations_per_class", type=int, default=4,
                    help="mutation_effects: substitutions per record and class (default 4)")
     p.add_argument("--mutation_records", type=int, help="mutation_effects: use only the first N records")
@@ -80,6 +82,7 @@ def build_parser() -> OneLineParser:
 
 def settings_of(args) -> Settings:
     return Settings(train_fasta=args.train_fasta, eval_fasta=args.eval_fasta, cds_fasta=args.cds_fasta,
+                    cds_features=args.cds_features,
                     labels=args.labels, label_column=args.label_column, id_column=args.id_column,
                     skip_labels=tuple(x.strip() for x in args.skip_labels.split(",") if x.strip()),
                     kmer_sizes=_ints(args.kmer_sizes), max_order=args.max_order,
@@ -97,8 +100,7 @@ def evaluate(args) -> str:
     check_settings(tasks, settings)
     if args.temperature <= 0:
         raise ConfigError(f"--temperature {args.temperature}: must be > 0")
-    if "variants" in tasks:
-        label_table(settings)  # a label table naming no record is refused before any model work
+    check_inputs(tasks, settings)
     inputs = [args.checkpoint_path or args.model_dir, args.train_fasta, args.eval_fasta, args.cds_fasta, args.labels]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
         lm = model_from_args(args)
