@@ -126,10 +126,10 @@ def test_not_a_genslm_checkpoint_is_one_line(tmp_path):
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, bad)
     with pytest.raises(CheckpointError, match="no tensor 'gpt_neox.embed_in.weight' under any layout.*"
                                               "GenSLM Lightning checkpoint.*DeepSpeed fp32"):
-        genslm.read_lightning_state(bad)
+        genslm.read_checkpoint(bad)
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
-        genslm.read_lightning_state(tmp_path / "junk.pt")
+        genslm.read_checkpoint(tmp_path / "junk.pt")
 
 
 # ---------------------------------------------------------------- every layout, and back to GenSLM

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from modelzoo.errors import CheckpointError
+from modelzoo.models.hf import RENAMED_HEADS, model_fields_from_hf
 from modelzoo.torch_zip import check_expansion
 
 # What torch.save writes for tensors, sizes and dtypes: rebuilt for real.
@@ -43,7 +44,6 @@ _REAL = {
 # weights, recomputed from the config (GenSLM strips the first with remove_neox_attention_bias).
 BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 EMBED_IN = "gpt_neox.embed_in.weight"
-LM_HEAD, NEW_LM_HEAD = "embed_out.weight", "lm_head.weight"  # transformers 4.x's name, 5.x's
 
 
 class _Inert:
@@ -145,9 +145,10 @@ class GenSLMState:
 
     def require(self, names) -> None:
         """Refuse, naming the first one as the file spells it, a state missing any of ``names``."""
+        renamed = {old: new for new, old in RENAMED_HEADS.items()}
         for name in names:
             if name not in self.tensors:
-                key = self.layout.prefix + (name if name != LM_HEAD else f"{LM_HEAD} (or {NEW_LM_HEAD})")
+                key = self.layout.prefix + name + (f" (or {renamed[name]})" if name in renamed else "")
                 raise CheckpointError(f"{self.path}: no tensor {key!r} in this {self.layout.describe()}: "
                                       f"checkpoint and architecture file differ")
 
@@ -176,13 +177,8 @@ def read_checkpoint(path: str | Path) -> GenSLMState:
         if isinstance(key, str) and key.startswith(layout.prefix) and isinstance(value, torch.Tensor):
             name = key[len(layout.prefix):]
             if not name.endswith(BUFFER_SUFFIXES):
-                tensors[LM_HEAD if name == NEW_LM_HEAD else name] = value
+                tensors[RENAMED_HEADS.get(name, name)] = value
     return GenSLMState(tensors, layout, path)
-
-
-def read_lightning_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """``read_checkpoint``'s tensors alone."""
-    return read_checkpoint(path).tensors
 
 
 # ---------------------------------------------------------------- architecture files
@@ -225,9 +221,8 @@ def params_of(arch: dict, source: str, model_dir: str | Path):
     Dropout is 0 whatever the file says: GenSLM's transformers fork has no dropout layers in
     GPT-NeoX, so its models were trained, and are fine-tuned, without any."""
     from modelzoo.config import validate_params
-    from modelzoo.models import hf
 
-    fields = hf.model_fields_from_hf(arch, source)
+    fields = model_fields_from_hf(arch, source)
     fields.update(dropout_rate=0.0, attention_dropout_rate=0.0)
     return validate_params({"model": fields, "runconfig": {"model_dir": str(model_dir)}}, source, check_paths=False)
 
