@@ -220,6 +220,32 @@ def test_a_trainer_file_refuses_what_the_models_cannot_honour(shards_msl64, tmp_
     assert "trainer.predict: unknown key" in text and "rotary_dim: 3: must be an even number in 2..head_dim (8)" in text
 
 
+def test_sparsity_section(shards_msl64, tmp_path):
+    """The Model Zoo's RigL block: sparsity is the fraction pruned, ours density the fraction kept."""
+    def edit(text):
+        return text.replace("runconfig:\n", """sparsity:
+    sparsity: 0.75
+    init_method: "random"
+    algorithm: "rigl"
+    drop_fraction:
+      type: "cosine"
+      init: 0.3
+      half_period: 30
+    update:
+      freq: 10
+      stop: 30
+    param_filter:
+      - "*proj_[qkv]_dense_layer.weight"
+
+runconfig:
+""")
+    params = load_params(fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64, edit=edit))
+    s = params.sparsity
+    assert (s.algorithm, s.density, s.init_method, s.drop_fraction, s.update_frequency, s.end_step) == \
+        ("rigl", 0.25, "random", 0.3, 10, 30)
+    assert "sparsity.param_filter" in params.notes[0]
+
+
 def test_load_checkpoint_states_callback(shards_msl64, tmp_path):
     def edit(text):
         return text.replace("    - ComputeNorm: {}", "    - ComputeNorm: {}\n    - LoadCheckpointStates:\n"
@@ -231,9 +257,9 @@ def test_load_checkpoint_states_callback(shards_msl64, tmp_path):
 # ------------------------------------------------------------------ hints name the mapped key, never a look-alike
 
 @pytest.mark.parametrize("section,key,hint", [
-    ("runconfig", "loss_scaling_factor", "did you mean optimizer.initial_loss_scale? (the Model Zoo's "
-                                         "optimizer.loss_scaling_factor)"),
-    ("model", "betas", "did you mean optimizer.beta1 and optimizer.beta2? (the Model Zoo's optimizer.betas)"),
+    ("runconfig", "loss_scaling_factor", "did you mean optimizer.initial_loss_scale, optimizer.min_loss_scale, "
+                                         "optimizer.max_loss_scale? (the Model Zoo's optimizer.loss_scaling_factor)"),
+    ("model", "betas", "did you mean optimizer.beta1, optimizer.beta2? (the Model Zoo's optimizer.betas)"),
     ("optimizer", "max_sequence_length", "did you mean train_input.max_seq_length? (the Model Zoo's "
                                          "train_input.max_sequence_length)"),
     ("optimizer", "num_wgt_servers", "the Model Zoo's runconfig.num_wgt_servers (noted"),

@@ -35,6 +35,23 @@ def test_linear_decay_and_constant_phase():
     assert [learning_rate_at(s, cfg) for s in range(10)] == pytest.approx([0.5] * 4 + [0.5, 0.375, 0.25, 0.125, 0, 0])
 
 
+def test_the_model_zoos_other_schedules():
+    """Exponential, Step, Polynomial, InverseSquareRootDecay: the Cerebras Model Zoo's formulas,
+    each counting steps from its phase's start."""
+    cfg = schedule({"scheduler": "Exponential", "initial_learning_rate": 1.0, "decay_rate": 0.5, "decay_steps": 4,
+                    "total_iters": 6},
+                   {"scheduler": "Step", "initial_learning_rate": 0.5, "step_size": 2, "gamma": 0.1, "total_iters": 5},
+                   {"scheduler": "Polynomial", "initial_learning_rate": 0.2, "end_learning_rate": 0.1,
+                    "total_iters": 4, "power": 3.0},
+                   {"scheduler": "InverseSquareRootDecay", "initial_learning_rate": 0.3, "scale": 2.0,
+                    "warmup_steps": 4})
+    lr = [learning_rate_at(s, cfg) for s in range(25)]
+    assert lr[:6] == pytest.approx([0.5 ** (s / 4) for s in range(6)])
+    assert lr[6:11] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005])
+    assert lr[11:15] == pytest.approx([0.1 + 0.1 * (1 - s / 4) ** 3 for s in range(4)])
+    assert lr[15:25] == pytest.approx([0.3 * 2.0 / math.sqrt(max(s, 4)) for s in range(10)])
+
+
 def test_only_the_last_phase_may_be_open_ended():
     with pytest.raises(ValueError, match="total_iters"):
         schedule({"scheduler": "Constant", "learning_rate": 0.5}, {"scheduler": "Constant", "learning_rate": 0.1})

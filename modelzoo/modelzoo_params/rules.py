@@ -37,7 +37,7 @@ HARDWARE = "Cerebras system setting; nothing to set on this emulation"
 TEXT_DATA = "text data processor setting; codon shards carry their own tokenizer and windows"
 
 
-def _lower(value) -> str:
+def _lower(value, ctx=None) -> str:
     return str(value).lower()
 
 
@@ -57,19 +57,45 @@ def _fp16_type(value, ctx) -> str:
     return kinds[_lower(value)]
 
 
-def _betas(value, ctx) -> None:
+class Several(dict):
+    """A conversion's value that sets several of our keys (of the same section)."""
+
+
+def _betas(value, ctx) -> Several:
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise Refused(f"{value!r}: expected [beta1, beta2]")
-    return value
+    return Several(beta1=value[0], beta2=value[1])
 
 
-def _loss_scaling_factor(value, ctx):
+def _loss_scaling_factor(value, ctx) -> Several:
     """'dynamic' is our fp16 default; a number is a static scale: initial = min = max."""
     if value == "dynamic":
-        return None
+        return Several()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
+        return Several(initial_loss_scale=float(value), min_loss_scale=float(value), max_loss_scale=float(value))
     raise Refused(f"{value!r}: expected 'dynamic' or a positive number")
+
+
+def _drop_fraction(value, ctx) -> Several:
+    """A number, or the Model Zoo's {type: cosine, init: F, half_period: N}: F decaying to 0 at N
+    on a cosine, which is our rigl/set drop fraction with end_step N."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Several(drop_fraction=value)
+    if isinstance(value, dict) and value.get("type", "cosine") == "cosine" and set(value) <= {"type", "init",
+                                                                                            "half_period"}:
+        out = Several(drop_fraction=value.get("init"))
+        if "half_period" in value:
+            out["end_step"] = value["half_period"]
+        return out
+    raise Refused(f"{value!r}: expected a number or {{type: cosine, init: F, half_period: N}}")
+
+
+def _update(value, ctx) -> Several:
+    """{freq: N, start: S, stop: E} -> update_frequency N, start_step S, end_step E."""
+    names = {"freq": "update_frequency", "start": "start_step", "stop": "end_step"}
+    if not isinstance(value, dict) or not set(value) <= set(names):
+        raise Refused(f"{value!r}: expected {{freq: N, start: S, stop: E}}")
+    return Several({names[k]: v for k, v in value.items()})
 
 
 def _true_only(what: str):
@@ -268,7 +294,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("optimizer", "momentum"): mapped("momentum"),
     ("optimizer", "max_gradient_norm"): mapped("max_gradient_norm"),
     ("optimizer", "grad_accum_steps"): mapped("grad_accum_steps"),
-    ("optimizer", "loss_scaling_factor"): mapped("initial_loss_scale", "dynamic: dynamic loss scaling (used with "
+    ("optimizer", "loss_scaling_factor"): mapped("initial_loss_scale, min_loss_scale, max_loss_scale", "dynamic: dynamic loss scaling (used with "
                                                  "fp16_type float16); a number S: a static scale (initial = min = "
                                                  "max = S)", _loss_scaling_factor),
     ("optimizer", "initial_loss_scale"): mapped("initial_loss_scale"),
@@ -332,11 +358,13 @@ RULES: dict[tuple[str, str], Rule] = {
     ("sparsity", "seed"): mapped("seed"),
     ("sparsity", "init_method"): mapped("init_method", "random; topk -> magnitude",
                                         lambda v, c: {"topk": "magnitude"}.get(v, v)),
-    ("sparsity", "param_filter"): refused("give sparsity.groups[].params patterns of this toolkit's parameter "
-                                          "names (docs/params.md)"),
-    ("sparsity", "schedule"): refused("give update_frequency, start_step, end_step (docs/params.md)"),
-    ("sparsity", "update"): refused("give update_frequency, start_step, end_step (docs/params.md)"),
-    ("sparsity", "drop_fraction"): mapped("drop_fraction"),
+    ("sparsity", "param_filter"): noted("the Model Zoo's module names: here density applies to every weight "
+                                        "matrix (attention and MLP projections, an untied LM head); embeddings, "
+                                        "norms and biases stay dense. Other selections: sparsity.groups"),
+    ("sparsity", "update"): mapped("update_frequency, start_step, end_step", "{freq, start, stop} -> "
+                                   "update_frequency, start_step, end_step", _update),
+    ("sparsity", "drop_fraction"): mapped("drop_fraction, end_step", "a number; or {type: cosine, init: F, "
+                                          "half_period: N} -> drop_fraction F, end_step N", _drop_fraction),
     # -------- the 2.4+ trainer layout
     ("trainer", "init"): mapped("", "the run's settings (below)"),
     ("trainer", "fit"): mapped("", "train_dataloader -> train_input, val_dataloader -> eval_input, ckpt_path -> "
@@ -364,8 +392,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("trainer.init.precision", "enabled"): mapped("model.mixed_precision"),
     ("trainer.init.precision", "fp16_type"): mapped("model.fp16_type", "bfloat16, float16; cbfloat16 -> bfloat16 "
                                                     "(noted)", _fp16_type),
-    ("trainer.init.precision", "loss_scaling_factor"): mapped("optimizer.initial_loss_scale", "as "
-                                                              "optimizer.loss_scaling_factor",
+    ("trainer.init.precision", "loss_scaling_factor"): mapped("optimizer.initial_loss_scale, "
+                                                              "optimizer.min_loss_scale, optimizer.max_loss_scale",
+                                                              "as optimizer.loss_scaling_factor",
                                                               _loss_scaling_factor),
     ("trainer.init.precision", "initial_loss_scale"): mapped("optimizer.initial_loss_scale"),
     ("trainer.init.precision", "max_loss_scale"): mapped("optimizer.max_loss_scale"),

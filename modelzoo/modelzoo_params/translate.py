@@ -9,7 +9,7 @@ from pathlib import Path
 from modelzoo.config import CODON_VOCAB_SIZE, SCHEDULE_PHASES, DataInput, ModelConfig, OptimizerConfig, \
     RunConfig, SparsityConfig, _Problem
 from modelzoo.modelzoo_params.rules import ARCHITECTURES, BERT_ONLY, DROPOUTS, RULES, SCHEDULER_NAMES, \
-    Refused, Rule, _load_states
+    Refused, Rule, Several, _load_states
 
 # Our sections, by the Model Zoo part whose keys they take ('input': train_input and eval_input).
 NATIVE = {"input": DataInput, "model": ModelConfig, "optimizer": OptimizerConfig, "runconfig": RunConfig,
@@ -91,7 +91,7 @@ def hint_for(loc: list[str], modelzoo: bool = False) -> str | None:
         return f"it belongs in {where} ({where}.{key}: {rule.fate}, docs/modelzoo.md)"
     if rule.fate == "mapped" and rule.ours:
         targets = [o.strip() if "." in o else f"{where}.{o.strip()}" for o in rule.ours.split(",")]
-        return f"did you mean {' and '.join(targets)}? (the Model Zoo's {where}.{key})"
+        return f"did you mean {', '.join(targets)}? (the Model Zoo's {where}.{key})"
     return f"the Model Zoo's {where}.{key} ({rule.fate}: {rule.meaning or 'docs/modelzoo.md'})"
 
 
@@ -291,19 +291,12 @@ def _trainer_part(part: str, value, path: tuple, t: Translation, runconfig: dict
             except Refused as e:
                 t.refuse(key_path, str(e))
                 continue
-        if key == "loss_scaling_factor":
-            _set_loss_scale(v, key_path, optimizer)
-            continue
         if section == "model":  # precision's enabled, fp16_type: converted above
             t.set(rule.ours, v, key_path)
         else:
-            {"runconfig": runconfig, "optimizer": optimizer}[section][ours] = (v, key_path)
-
-
-def _set_loss_scale(value, path, target: dict) -> None:
-    if value is not None:
-        for key in ("initial_loss_scale", "min_loss_scale", "max_loss_scale"):
-            target[key] = (value, path)
+            target = {"runconfig": runconfig, "optimizer": optimizer}[section]
+            for name, value in (v.items() if isinstance(v, Several) else [(ours, v)]):
+                target[name] = (value, key_path)
 
 
 def _apply_unmapped(rule: Rule, path: tuple, t: Translation) -> None:
@@ -361,14 +354,9 @@ def _translate_value(rule: Rule, section: str, key: str, value, key_path: tuple,
     except Refused as e:
         t.refuse(key_path, str(e), ours if rule.ours and "," not in rule.ours else "")
         return
-    if key == "betas":
-        t.set(f"{section}.beta1", converted[0], key_path)
-        t.set(f"{section}.beta2", converted[1], key_path)
-    elif key == "loss_scaling_factor":
-        scale = {}
-        _set_loss_scale(converted, key_path, scale)
-        for name, (v, p) in scale.items():
-            t.set(f"{section}.{name}", v, p)
+    if isinstance(converted, Several):
+        for name, v in converted.items():
+            t.set(f"{section}.{name}", v, key_path)
     elif key == "learning_rate":
         _learning_rate(value, key_path, t)
     elif rule.ours:
