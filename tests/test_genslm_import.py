@@ -125,7 +125,7 @@ def test_not_a_genslm_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "x.pt"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, bad)
     with pytest.raises(CheckpointError, match="no tensor 'gpt_neox.embed_in.weight' under any layout.*"
-                                              "GenSLM Lightning checkpoint.*DeepSpeed fp32"):
+                                              "'_forward_module.model.gpt_neox...'.*a DeepSpeed model-states file"):
         genslm.read_checkpoint(bad)
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
@@ -152,6 +152,8 @@ def _layouts(model) -> dict:
         # torch.save(model.state_dict()) from transformers 5.x: lm_head, not embed_out
         "transformers5_state_dict": dict(model.state_dict()),
         "lightning_lm_head": {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+        # DeepSpeed's own model-states file (mp_rank_00_model_states.pt) of a bare model
+        "deepspeed_model_states": {"module": {f"module.{k}": v for k, v in hf4.items()}, "buffer_names": []},
     }
 
 
@@ -166,7 +168,7 @@ def _logits_of(lm, ids):
 
 
 @pytest.mark.parametrize("layout", ["unprefixed", "deepspeed_lightning2", "deepspeed_lightning1", "deepspeed_bare",
-                                    "transformers5_state_dict", "lightning_lm_head"])
+                                    "transformers5_state_dict", "lightning_lm_head", "deepspeed_model_states"])
 def test_every_layout_imports_to_the_same_logits(layout, released, tmp_path):
     from modelzoo.tools.convert_checkpoint import main
     model, _, arch, _ = released
@@ -185,7 +187,7 @@ def test_a_missing_tensor_is_named_as_the_file_spells_it(released, tmp_path):
     torch.save(state, tmp_path / "partial.pt")
     from modelzoo.tools.convert_checkpoint import import_genslm
     with pytest.raises(CheckpointError, match=r"no tensor 'module\.model\.gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias'"
-                                              r" in this DeepSpeed fp32 of Lightning < 1\.8"):
+                                              r" in this Lightning < 1\.8 DeepSpeed in a bare state dict"):
         import_genslm(str(tmp_path / "partial.pt"), str(arch), str(tmp_path / "md"))
     assert not (tmp_path / "md" / "checkpoint_0.mdl").exists()
 

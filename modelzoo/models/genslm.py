@@ -118,23 +118,27 @@ def read_pickled(path: str | Path):
 
 @dataclass(frozen=True)
 class Layout:
-    name: str
     container: str | None  # the top-level key holding the tensors, or None: the file is the state dict
     prefix: str  # before each transformers name
 
+    @property
+    def name(self) -> str:
+        return f"{_PREFIXES[self.prefix]} in {_CONTAINERS[self.container]}"
+
     def describe(self) -> str:
-        where = f"'{self.container}'" if self.container else "a bare state dict"
-        return f"{self.name} ({where}, keys '{self.prefix}gpt_neox...')"
+        return f"{self.name} (keys '{self.prefix}gpt_neox...')"
 
 
-LAYOUTS = (
-    Layout("GenSLM Lightning checkpoint", "state_dict", "model."),
-    Layout("GenSLM inference weights", "state_dict", ""),
-    Layout("DeepSpeed fp32 of Lightning >= 1.8", None, "_forward_module.model."),
-    Layout("DeepSpeed fp32 of Lightning < 1.8", None, "module.model."),
-    Layout("DeepSpeed fp32 of a bare model", None, "module."),
-    Layout("transformers state dict", None, ""),
-)
+# Where the tensors are (Lightning's checkpoint dict; DeepSpeed's model-states file; the file
+# itself, as zero_to_fp32 and torch.save(model.state_dict()) write it) ...
+_CONTAINERS = {"state_dict": "a Lightning checkpoint's state_dict", "module": "a DeepSpeed model-states file",
+               None: "a bare state dict"}
+# ... and what wraps the GPTNeoXForCausalLM there: GenSLM's LightningModule (self.model), nothing
+# (GenSLM's own loader, transformers), Lightning's DeepSpeed wrapper (>= 1.8 and before), DeepSpeed.
+_PREFIXES = {"model.": "GenSLM's LightningModule", "": "unprefixed GPT-NeoX",
+             "_forward_module.model.": "Lightning >= 1.8 DeepSpeed", "module.model.": "Lightning < 1.8 DeepSpeed",
+             "module.": "DeepSpeed"}
+LAYOUTS = tuple(Layout(container, prefix) for container in _CONTAINERS for prefix in _PREFIXES)
 
 
 @dataclass
@@ -168,9 +172,10 @@ def read_checkpoint(path: str | Path) -> GenSLMState:
     content = read_pickled(path)
     found = _layout_of(content) if isinstance(content, dict) else None
     if found is None:
-        known = "; ".join(layout.describe() for layout in LAYOUTS)
-        raise CheckpointError(f"{path}: no tensor {EMBED_IN!r} under any layout this reader knows "
-                              f"(not a GenSLM GPT-NeoX checkpoint): {known}")
+        containers = ", ".join(_CONTAINERS.values())
+        prefixes = ", ".join(repr(prefix + "gpt_neox...") for prefix in _PREFIXES)
+        raise CheckpointError(f"{path}: no tensor {EMBED_IN!r} under any layout this reader knows (not a GenSLM "
+                              f"GPT-NeoX checkpoint): keys {prefixes} in {containers}")
     layout, holder = found
     tensors = {}
     for key, value in holder.items():
