@@ -13,7 +13,7 @@ from Bio.Seq import Seq
 from modelzoo.data.sequences import read_records
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.evaluation import profiles
-from modelzoo.evaluation.ngram import CODONS, START, CodonNGrams
+from modelzoo.evaluation.ngram import CODONS, SMOOTHINGS, START, CodonNGrams
 from modelzoo.evaluation.substitutions import (CLASSES, Substitution, auroc, classify, coding_region,
                                                sample_substitutions, snippets)
 
@@ -75,10 +75,15 @@ def reference_probability(records, max_order, order, smoothing, gram):
                 counts.update(tuple(padded[p + max_order - k: p + max_order]) for k in range(1, max_order + 1))
     continuation = Counter(g[1:] for g in counts if len(g) > 1)
 
-    def discount(table, k):
-        n1 = sum(1 for g, c in table.items() if len(g) == k and c == 1)
-        n2 = sum(1 for g, c in table.items() if len(g) == k and c == 2)
-        return min(max(n1 / (n1 + 2 * n2), 0.1), 1.0) if n1 + n2 else 0.5
+    def discount(table, k, count):
+        """Chen & Goodman's discount of a gram seen ``count`` times (modified: its own, plain: D1)."""
+        n = [sum(1 for g, c in table.items() if len(g) == k and c == i) for i in range(5)]
+        y = n[1] / (n[1] + 2 * n[2]) if n[1] + n[2] else 0.5
+        if smoothing == "kneser_ney" or count == 1:
+            return min(max(y, 0.1), 1)
+        if count == 2:
+            return min(max(2 - 3 * y * n[3] / n[2] if n[2] else y, 0.1), 2)
+        return min(max(3 - 4 * y * n[4] / n[3] if n[3] else y, 0.1), 3)
 
     def p(g, top):
         if not g:
@@ -91,8 +96,9 @@ def reference_probability(records, max_order, order, smoothing, gram):
             return lower
         if smoothing == "witten_bell":
             return (same.get(g, 0) + types * lower) / (total + types)
-        d = discount(table, len(g))
-        return max(same.get(g, 0) - d, 0) / total + d * types / total * lower
+        c = same.get(g, 0)
+        mass = sum(discount(table, len(g), n) for n in same.values())  # each seen target gives up its discount
+        return (c - discount(table, len(g), c) if c else 0) / total + mass / total * lower
 
     return p(tuple(gram[-order:]), True)
 
@@ -105,7 +111,7 @@ def test_every_order_matches_a_direct_computation_from_the_definitions():
     query = np.array([0, 1, 64, 2, 3, 0, 0, 1, 5, 2])  # a start, an [UNK] in contexts, a codon never seen
     logp = ngrams.log_probs(np.where(query < CODONS, TOK.codon_ids[np.minimum(query, CODONS - 1)], TOK.unk_id))
     padded = [START] * 3 + list(query)
-    for smoothing in ("kneser_ney", "witten_bell"):
+    for smoothing in SMOOTHINGS:
         for order in range(1, 5):
             for t, w in enumerate(query):
                 if w < CODONS:
@@ -119,7 +125,9 @@ def test_every_order_and_smoothing_is_a_distribution_over_the_64_codons():
     ngrams = CodonNGrams(4).fit(records)
     unk, codon = int(ngrams.compact([TOK.unk_id])[0]), int(ngrams.compact(ids("AAA"))[0])
     history = np.array([[START] * 3, [START, START, 0], [codon, codon, codon], [63, unk, codon], [unk, 5, 7]])
-    for smoothing, p in ngrams.next_codon_probabilities(history).items():
+    probabilities = ngrams.next_codon_probabilities(history)
+    assert set(probabilities) == set(SMOOTHINGS)
+    for smoothing, p in probabilities.items():
         assert p.shape == (4, 5, CODONS) and (p > 0).all(), smoothing
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-12)
 

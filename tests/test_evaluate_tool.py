@@ -11,7 +11,7 @@ import pytest
 
 from modelzoo import GenomeLM
 from modelzoo.evaluation import profiles
-from modelzoo.evaluation.ngram import CodonNGrams
+from modelzoo.evaluation.ngram import SMOOTHINGS, CodonNGrams
 from modelzoo.tools import evaluate
 from tests.conftest import GENOMES
 from tests.test_inference_cli import model_dir, records  # noqa: F401 (the tiny trained model and its genomes)
@@ -43,7 +43,7 @@ def test_every_task_beside_its_baseline(model_dir, records, tmp_path, capsys):
     assert perplexity["scored_codons"] == n.sum()
     encoded = [lm.tokenizer.encode(r.seq, lm.reading_frame) for r in records]
     ngrams = CodonNGrams(4).fit(encoded)
-    for smoothing in ("kneser_ney", "witten_bell"):
+    for smoothing in SMOOTHINGS:
         nats = sum(np.nansum(ngrams.log_probs(x)[smoothing][:, 1:], axis=1) for x in encoded)
         np.testing.assert_allclose(perplexity["ngram"][smoothing], np.exp(-nats / n.sum()), rtol=1e-9)
     best = perplexity["best_ngram"]
@@ -92,7 +92,8 @@ def test_every_task_beside_its_baseline(model_dir, records, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "variants", "--eval_fasta", GENOMES], "task variants needs --labels and --label_column"),
     (["--tasks", "perplexity,typo"], "--tasks 'typo': choose from"),
-    (["--tasks", "perplexity", "--train_fasta", "no/such.fasta", "--eval_fasta", GENOMES], "no/such.fasta: no such file"),
+    (["--tasks", "perplexity", "--train_fasta", "no/such.fasta", "--eval_fasta", GENOMES],
+     "no/such.fasta: no such file"),
     (["--tasks", "mutation_effects", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--cds_features", "CDS"],
      "features='CDS' needs a GenBank file, this is FASTA"),
     (["--tasks", "perplexity,variants", "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--labels",

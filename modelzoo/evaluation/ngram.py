@@ -1,14 +1,17 @@
 """Interpolated codon n-grams of every order 1..max_order, fitted in one streaming pass.
 
-Two smoothings, both interpolated (every order mixes in the one below, down to uniform over the
+Three smoothings, all interpolated (every order mixes in the one below, down to uniform over the
 64 codons, so every codon keeps some probability and each context's distribution sums to 1):
 
-- Kneser-Ney, plain interpolated (Chen & Goodman 1998, one absolute discount per order,
-  D_k = n1 / (n1 + 2 n2) from the counts of grams seen once and twice, kept within [0.1, 1]):
-  P(w | h) = max(c(hw) - D, 0) / c(h) + D N1+(h .) / c(h) P(w | h'), where h' is h without its
-  oldest codon; the highest order counts occurrences, the lower orders count continuations
-  (how many distinct codons precede h'w).
-- Witten-Bell: P(w | h) = (c(hw) + N1+(h .) P(w | h')) / (c(h) + N1+(h .)).
+- Kneser-Ney, modified (Chen & Goodman 1998): P(w | h) = (c(hw) - D(c(hw))) / c(h)
+  + (D1 N1(h .) + D2 N2(h .) + D3 N3+(h .)) / c(h) P(w | h'), where h' is h without its oldest
+  codon, Ni(h .) counts the codons seen i times after h (N3+: 3 or more), D(0) = 0 and
+  D1 = Y, D2 = 2 - 3Y n3/n2, D3 = 3 - 4Y n4/n3 with Y = n1 / (n1 + 2 n2), ni being the number of
+  grams of that order seen i times (each D kept within [0.1, i]). The highest order counts
+  occurrences; the lower orders count continuations (how many distinct codons precede h'w).
+- Kneser-Ney, plain: the same with one discount D = Y (kept within [0.1, 1]) for every count.
+- Witten-Bell: P(w | h) = (c(hw) + N1+(h .) P(w | h')) / (c(h) + N1+(h .)), occurrences at
+  every order.
 
 A context never seen backs off to the order below. Each record is its own sequence: its context
 starts with max_order - 1 start symbols, and no gram crosses from one record into the next.
@@ -33,33 +36,62 @@ UNK = 64  # compact symbol of [UNK] (and any other non-codon token)
 START = 65  # compact symbol before a record's first codon
 BASE = 66
 MAX_ORDER = 8
-SMOOTHINGS = ("kneser_ney", "witten_bell")
+SMOOTHINGS = ("kneser_ney_modified", "kneser_ney", "witten_bell")
 _COMPACT_EVERY = 1 << 22  # pending grams per order before they are merged into the counts
 
 
 @dataclass
 class _Level:
     """Counts of the grams of one length k (k - 1 context codons and a target), sorted by key,
-    with per-context totals and the number of distinct targets seen after each context."""
+    with, per context, the total count and how many distinct targets follow it once, twice and
+    three or more times; and the Kneser-Ney discounts these counts give."""
     grams: np.ndarray
     counts: np.ndarray
     contexts: np.ndarray
     totals: np.ndarray
-    types: np.ndarray
-    discount: float
+    followers: np.ndarray  # (3, contexts): targets seen once, twice, three or more times
+    discount: float  # plain Kneser-Ney: one discount
+    discounts: np.ndarray  # modified Kneser-Ney: the discounts of counts 1, 2 and 3+
 
     @classmethod
     def of(cls, grams: np.ndarray, counts: np.ndarray) -> "_Level":
-        contexts, first, types = np.unique(grams // BASE, return_index=True, return_counts=True)
-        totals = np.add.reduceat(counts, first) if len(first) else np.zeros(0, dtype=np.int64)
-        n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
-        discount = float(np.clip(n1 / (n1 + 2 * n2), 0.1, 1.0)) if n1 + n2 else 0.5
-        return cls(grams, counts, contexts, totals, types, discount)
+        contexts, first = np.unique(grams // BASE, return_index=True)  # grams sorted: contexts contiguous
 
-    def lookup(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """c(hw), c(h) and N1+(h .) of each query gram (zeros where unseen)."""
-        return (_find(self.grams, self.counts, query), _find(self.contexts, self.totals, query // BASE),
-                _find(self.contexts, self.types, query // BASE))
+        def per_context(values):
+            return np.add.reduceat(values, first) if len(first) else np.zeros(0, dtype=np.int64)
+
+        followers = np.stack([per_context(f.astype(np.int64)) for f in (counts == 1, counts == 2, counts >= 3)])
+        n1, n2, n3, n4 = (int((counts == i).sum()) for i in (1, 2, 3, 4))
+        y = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+        modified = [y, 2 - 3 * y * n3 / n2 if n2 else y, 3 - 4 * y * n4 / n3 if n3 else y]  # Chen & Goodman
+        discounts = np.array([min(max(d, 0.1), i) for i, d in enumerate(modified, start=1)])
+        return cls(grams, counts, contexts, per_context(counts), followers, float(discounts[0]), discounts)
+
+    def lookup(self, query: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per query gram: its count c(hw), its context's total c(h), and the numbers of codons
+        seen once, twice, three or more times after the context (all 0 for an unseen context)."""
+        if not len(self.contexts):
+            return (np.zeros(len(query), dtype=np.int64),) * 5
+        at = np.minimum(np.searchsorted(self.contexts, query // BASE), len(self.contexts) - 1)
+        seen = self.contexts[at] == query // BASE
+        return (_find(self.grams, self.counts, query), np.where(seen, self.totals[at], 0),
+                *(np.where(seen, f[at], 0) for f in self.followers))
+
+    def interpolate(self, found: tuple[np.ndarray, ...], lower: np.ndarray, smoothing: str) -> np.ndarray:
+        """P(target | context) of query grams (their ``lookup``) under one smoothing, given the
+        probabilities ``lower`` of the same targets one order below; an unseen context gives ``lower``."""
+        c, total, once, twice, more = found
+        safe = np.maximum(total, 1)
+        if smoothing == "witten_bell":
+            types = once + twice + more
+            p = (c + types * lower) / np.maximum(total + types, 1)
+        elif smoothing == "kneser_ney":
+            p = np.maximum(c - self.discount, 0) / safe + self.discount * (once + twice + more) / safe * lower
+        else:  # kneser_ney_modified
+            d1, d2, d3 = self.discounts
+            d = np.select([c == 0, c == 1, c == 2], [0.0, d1, d2], d3)
+            p = (c - d) / safe + (d1 * once + d2 * twice + d3 * more) / safe * lower
+        return np.where(total > 0, p, lower)
 
 
 def _find(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -156,17 +188,18 @@ class CodonNGrams:
         targets are codons) under each smoothing: {smoothing: (max_order, m)}, row k - 1 the
         model of order k."""
         m = len(keys[0])
-        kn, wb = np.empty((self.max_order, m)), np.empty((self.max_order, m))
-        lower_cont = lower_wb = np.full(m, 1.0 / CODONS)
+        out = {smoothing: np.empty((self.max_order, m)) for smoothing in SMOOTHINGS}
+        lower = {smoothing: np.full(m, 1.0 / CODONS) for smoothing in SMOOTHINGS}  # below order 1: uniform
         for k in range(self.max_order):
-            c, total, types = self.raw[k].lookup(keys[k])
-            kn[k] = _kneser_ney(c, total, types, self.raw[k].discount, lower_cont)
-            wb[k] = lower_wb = np.where(total > 0, (c + types * lower_wb) / np.maximum(total + types, 1), lower_wb)
-            if k + 1 < self.max_order:
-                level = self.continuation[k]
-                c, total, types = level.lookup(keys[k])
-                lower_cont = _kneser_ney(c, total, types, level.discount, lower_cont)
-        return {"kneser_ney": kn, "witten_bell": wb}
+            raw = self.raw[k].lookup(keys[k])
+            continuation = self.continuation[k].lookup(keys[k]) if k + 1 < self.max_order else None
+            for smoothing, p in out.items():
+                p[k] = self.raw[k].interpolate(raw, lower[smoothing], smoothing)
+                if smoothing == "witten_bell":
+                    lower[smoothing] = p[k]
+                elif continuation is not None:  # Kneser-Ney's lower orders count continuations
+                    lower[smoothing] = self.continuation[k].interpolate(continuation, lower[smoothing], smoothing)
+        return out
 
     def log_probs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Natural-log probability of each codon of one record given the codons before it in the
@@ -208,9 +241,3 @@ class CodonNGrams:
             draws = rng.random(num_sequences) * cumulative[:, -1]
             history[:, t] = np.minimum((cumulative < draws[:, None]).sum(1), CODONS - 1)
         return [self.tokenizer.codon_ids[row[at:]].astype(np.int64) for row in history]
-
-
-def _kneser_ney(c, total, types, discount, lower):
-    seen = total > 0
-    safe = np.maximum(total, 1)
-    return np.where(seen, np.maximum(c - discount, 0) / safe + discount * types / safe * lower, lower)

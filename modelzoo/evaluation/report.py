@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from modelzoo.evaluation.tasks import Row
+from modelzoo.evaluation.ngram import SMOOTHINGS
+from modelzoo.evaluation.tasks import SMOOTHING_NAMES, Row
 
 JSON = "results.json"
 MARKDOWN = "results.md"
@@ -64,14 +65,14 @@ def to_markdown(header: dict, results: dict) -> str:
 
 def _perplexity(r: dict) -> list[str]:
     orders = range(1, len(r["ngram"]["kneser_ney"]) + 1)
-    rows = [[f"codon {k}-gram"] + [r["ngram"][s][k - 1] for s in ("kneser_ney", "witten_bell")] for k in orders]
+    rows = [[f"codon {k}-gram"] + [r["ngram"][s][k - 1] for s in SMOOTHINGS] for k in orders]
     best = r["best_ngram"]
     ratio = [(x["model"] / x["best_ngram"], x) for x in r["per_record"] if x["scored_codons"]]
     worst = sorted(ratio, key=lambda rx: -rx[0])[:WORST]
     return [f"{r['scored_codons']} codons of {r['records']} records scored (those the model scores). Model: "
             f"{_figure(r['model'])}; best n-gram: order {best['order']}, {best['smoothing']} "
             f"({_figure(best['perplexity'])}; chosen on this set, in the baseline's favour); uniform: 64.", ""] + \
-        _table(["n-gram", "Kneser-Ney (interpolated)", "Witten-Bell (interpolated)"], rows) + \
+        _table(["n-gram"] + [f"{SMOOTHING_NAMES[s]} (interpolated)" for s in SMOOTHINGS], rows) + \
         ["", "Records where the model fares worst against the best n-gram (perplexity, model / n-gram): " +
          ", ".join(f"{x['id']} {_figure(x['model'])} / {_figure(x['best_ngram'])}" for _, x in worst) + "."]
 

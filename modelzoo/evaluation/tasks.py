@@ -29,7 +29,8 @@ from modelzoo.inference import STOP_CODONS, GenomeLM
 TASKS = ("perplexity", "variants", "mutation_effects", "generation")
 MAP = "variants_map.png"
 CONTAINMENT_K = 5  # codons per k-mer in the copying check (15 nt: chance matches are rare)
-SMOOTHING_NAMES = {"kneser_ney": "Kneser-Ney", "witten_bell": "Witten-Bell"}
+SMOOTHING_NAMES = {"kneser_ney_modified": "modified Kneser-Ney", "kneser_ney": "Kneser-Ney",
+                   "witten_bell": "Witten-Bell"}
 
 
 @dataclass

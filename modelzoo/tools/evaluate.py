@@ -9,8 +9,9 @@ OUT gets results.json (every figure), results.md (one table: each task's figures
 beside its baseline's, and whether the model beats it; then each task's details) and, for the
 variants task, variants_map.png. Tasks (docs/evaluation.md says exactly what each measures):
 
-- perplexity: per-codon perplexity on --eval_fasta beside interpolated Kneser-Ney and Witten-Bell
-  codon n-grams of every order 1..8 fitted on --train_fasta, over the codons the model scores;
+- perplexity: per-codon perplexity on --eval_fasta beside interpolated (modified and plain)
+  Kneser-Ney and Witten-Bell codon n-grams of every order 1..8 fitted on --train_fasta, over the
+  codons the model scores;
 - variants: leave-one-out 1-NN and 5-NN accuracy and k-means adjusted Rand index of --label_column
   for the model's default embeddings beside codon-frequency and nucleotide k-mer profiles;
 - mutation_effects: zero-shot log-likelihood ratios of random synonymous, missense and nonsense
