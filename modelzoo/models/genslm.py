@@ -5,8 +5,9 @@ Layouts (told apart by their keys, ``LAYOUTS``): GenSLM's Lightning checkpoints 
 with the model under ``model.``, also what Lightning's DeepSpeed conversion writes); the
 unprefixed ``state_dict`` that GenSLM's ``GenSLM`` class loads (into a bare GPTNeoXForCausalLM);
 DeepSpeed's consolidated fp32 state dict (``zero_to_fp32``: a bare dict under Lightning's wrapper,
-``_forward_module.model.`` or ``module.model.``, or ``module.``); and any of these re-saved from a
-newer transformers, which calls the LM head ``lm_head`` instead of ``embed_out``.
+``_forward_module.model.`` or ``module.model.``, or ``module.``) and its model-states file (the
+same under ``module``); and any of these re-saved from a newer transformers, which calls the LM
+head ``lm_head`` instead of ``embed_out``.
 
 Those files are pickles, and a pickle may name any Python callable to run while it loads. This
 reader never imports or calls one: the unpickler builds tensors through an explicit allowlist of
@@ -92,7 +93,7 @@ class _InertUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str):
-        return _REAL.get((module, name)) or _inert_class(module, name)
+        return _REAL[module, name] if (module, name) in _REAL else _inert_class(module, name)
 
 
 _INERT_PICKLE = types.SimpleNamespace(Unpickler=_InertUnpickler, __name__="modelzoo_inert_pickle",
