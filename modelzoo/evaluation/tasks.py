@@ -202,7 +202,7 @@ def perplexity(run: EvalRun) -> dict:
             ids = run.encode(rec.seq)
             if len(ids) != len(values):
                 raise DataError(f"{s.eval_fasta}: record {rec.id}: {len(values)} scores for {len(ids)} codons")
-            scored = np.isfinite(values)
+            scored = np.isfinite(values) & np.isin(ids, lm.tokenizer.codon_ids)  # the n-grams score codons only
             own = sums.add(ids, scored)
             model_nats += float(values[scored].sum())
             per_record.append((rec.id, int(scored.sum()), float(values[scored].sum()), own))
@@ -314,10 +314,10 @@ def mutation_effects(run: EvalRun) -> dict:
         logp = as_read.codon_log_probs(texts, batch_size=s.batch_size)
         for k, (sub, ref, alt, lo, hi) in enumerate(batch):
             model_ref, model_alt = logp[2 * k][lo:hi], logp[2 * k + 1][lo:hi]
-            both = np.isfinite(model_ref) & np.isfinite(model_alt)
-            scores["model"][sub.kind].append(float((model_alt - model_ref)[both].sum()))
             ngram_ref, ngram_alt = (run.ngrams.log_probs(run.lm.tokenizer.encode(t))[smoothing][order - 1][lo:hi]
                                     for t in (ref, alt))
+            both = np.isfinite(model_ref + model_alt + ngram_ref + ngram_alt)  # codons both score
+            scores["model"][sub.kind].append(float((model_alt - model_ref)[both].sum()))
             scores["ngram"][sub.kind].append(float((ngram_alt - ngram_ref)[both].sum()))
         bar.update(len(batch))
 
