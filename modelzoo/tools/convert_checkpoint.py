@@ -47,6 +47,7 @@ from modelzoo.config import ModelConfig, Params, load_params
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import CheckpointError, ConfigError, UserError
 from modelzoo.files import check_output_dir, check_output_file, output_file
+from modelzoo.inference import model_inputs
 from modelzoo.models import build_model, hf
 from modelzoo.training import checkpoint as ckpt
 
@@ -87,6 +88,12 @@ def _examples() -> list[str]:
             "--model_dir model_dir/genslm_25M"]
 
 
+def _inputs(model_dir: str, checkpoint_path: str | None) -> list[Path]:
+    """What an export reads, which its output may be none of: the model_dir and every checkpoint
+    in it (with seals), symbolic links resolved (the inference tools' rule)."""
+    return model_inputs(argparse.Namespace(model_dir=model_dir, checkpoint_path=checkpoint_path))
+
+
 def _exported(model_dir: str, checkpoint_path: str | None) -> tuple[Path, dict, dict, ModelConfig]:
     """The checkpoint to export, its state, its raw params and its model config."""
     path = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
@@ -101,9 +108,8 @@ def _exported(model_dir: str, checkpoint_path: str | None) -> tuple[Path, dict, 
 
 def export(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False,
            pytorch_bin: bool = False) -> str:
-    found = Path(checkpoint_path) if checkpoint_path else ckpt.newest_good_checkpoint(model_dir)
     out = Path(output_dir)
-    inputs = [found, model_dir]
+    inputs = _inputs(model_dir, checkpoint_path)
     check_output_dir(out, hf.EXPORT_TOOL, overwrite, inputs)  # before the checkpoint is read
     path, state, raw, cfg = _exported(model_dir, checkpoint_path)
     hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw), overwrite=overwrite, inputs=inputs,
@@ -117,10 +123,9 @@ GENSLM_TOOL = "modelzoo.tools.convert_checkpoint --to genslm"  # the owner its o
 def export_genslm(model_dir: str, checkpoint_path: str | None, output_path: str, config_path: str | None = None,
                   overwrite: bool = False) -> str:
     """A GPT-NeoX checkpoint -> GenSLM's weights file (and its architecture file)."""
-    from modelzoo.inference import model_inputs
     from modelzoo.models import genslm
 
-    inputs = model_inputs(argparse.Namespace(model_dir=model_dir, checkpoint_path=checkpoint_path))
+    inputs = _inputs(model_dir, checkpoint_path)
     outputs = [(output_path, "--output_path")] + ([(config_path, "--config")] if config_path else [])
     for target, flag in outputs:  # refused before the checkpoint is read
         check_output_file(target, GENSLM_TOOL, overwrite, inputs, flag)
