@@ -38,11 +38,12 @@ from tqdm import tqdm
 from data_preparation import pipeline, windows
 from data_preparation.pipeline import unk_counts as _unk_counts  # noqa: F401 (tests use the old name)
 from data_preparation.windows import windows_of  # noqa: F401
+from modelzoo.config import SEED_RANGE
 from modelzoo.data.shards import ShardWriter, file_sha256, shard_files
 from modelzoo.data.tokenizer import READING_FRAMES, CodonTokenizer
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import DataError, UserError
-from modelzoo.files import output_dir
+from modelzoo.files import check_path, output_dir
 
 SPLITS = ("train", "val", "test")
 COMMAND = "python -m data_preparation.prepare_genomes"
@@ -112,12 +113,18 @@ def check_options(args) -> tuple[float, float, float]:
         (args.num_workers is not None and not 1 <= args.num_workers <= MAX_WORKERS,
          f"--num_workers {args.num_workers}: need 1 to {MAX_WORKERS}"),
         (args.windows_per_file < 1, f"--windows_per_file {args.windows_per_file}: need at least 1"),
-        (args.seed < 0, f"--seed {args.seed}: need a whole number >= 0"),
+        (not SEED_RANGE["ge"] <= args.seed <= SEED_RANGE["le"],
+         f"--seed {args.seed}: need {SEED_RANGE['ge']} to {SEED_RANGE['le']} (as the params' seeds)"),
         (not 0 <= args.max_n_fraction <= 1, f"--max_n_fraction {args.max_n_fraction}: need a fraction in [0, 1]"),
     ]
     for bad, message in problems:
         if bad:
             raise UserError(message)
+    for path in args.input:
+        path = check_path(path, "--input")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            why = "is a directory" if path.is_dir() else "cannot be read" if path.exists() else "no such file"
+            raise DataError(f"--input {path}: {why}")
     return fracs
 
 

@@ -626,13 +626,17 @@ def _slide(start: int, length: int, context: int) -> int:
     return start if length - start <= context else length - max(1, context // 2)
 
 
+MAX_GENERATED = 10 ** 6  # codons per sequence, and sequences: generate holds them all in memory
+
+
 def _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
-    problems = [(max_codons < 1, f"max_codons {max_codons}: must be >= 1"),
+    problems = [(not 1 <= max_codons <= MAX_GENERATED, f"max_codons {max_codons}: must be 1 to {MAX_GENERATED:,}"),
                 (not 0 <= temperature < math.inf, f"temperature {temperature}: must be a finite number >= 0 "
                                                   f"(0 = greedy)"),
                 (top_k is not None and top_k < 1, f"top_k {top_k}: must be >= 1"),
                 (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p}: must be in (0, 1]"),
-                (num_return_sequences < 1, f"num_return_sequences {num_return_sequences}: must be >= 1"),
+                (not 1 <= num_return_sequences <= MAX_GENERATED,
+                 f"num_return_sequences {num_return_sequences}: must be 1 to {MAX_GENERATED:,}"),
                 (batch_size < 1, f"batch_size {batch_size}: must be >= 1")]
     for bad, message in problems:
         if bad:
@@ -687,8 +691,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
+MAX_BATCH = 1 << 20  # windows per forward pass: far past any memory, short of overflowing anything
+
+
 def model_from_args(args) -> GenomeLM:
     if not (args.checkpoint_path or args.model_dir):
         raise ConfigError("--model_dir (or --checkpoint_path) is required")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch_size {args.batch_size}: must be 1 to {MAX_BATCH:,}")
     return GenomeLM.load(args.checkpoint_path or args.model_dir, device=_device(args.device))
 

@@ -104,6 +104,12 @@ def test_bad_inputs_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
                     tmp_path / "g.fasta"], "whole codons"),
         *[(generate, ["--model_dir", model_dir, "--max_codons", 5, "--temperature", t, "--output",
                       tmp_path / "g.fasta"], f"temperature {t}: must be a finite number >= 0") for t in ("nan", "inf")],
+        (generate, ["--model_dir", model_dir, "--max_codons", 5, "--seed", 2 ** 64, "--output", tmp_path / "g.fasta"],
+         "--seed 18446744073709551616: must be 0 to"),
+        (generate, ["--model_dir", model_dir, "--max_codons", 10 ** 7, "--output", tmp_path / "g.fasta"],
+         "max_codons 10000000: must be 1 to 1,000,000"),
+        (score, ["--model_dir", model_dir, "--batch_size", 2 ** 64, "--input", GENOMES, "--output", tmp_path / "s.tsv"],
+         "--batch_size 18446744073709551616: must be 1 to"),
         *[(tool, ["--model_dir", model_dir, "--device", device, *argv], f"--device {device!r}: not usable here")
           for device in ("foo", "cuda:99", "meta")
           for tool, argv in ((generate, ["--max_codons", 5, "--output", tmp_path / "g.fasta"]),

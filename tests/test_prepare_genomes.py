@@ -142,7 +142,9 @@ def test_errors_leave_nothing_behind(tmp_path, capsys):
 def test_options_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     for option, value, said in [("--windows_per_file", 0, "--windows_per_file 0: need at least 1"),
-                                ("--seed", -1, "--seed -1: need a whole number >= 0"),
+                                ("--seed", -1, "--seed -1: need 0 to 4294967295"),
+                                ("--seed", 2 ** 64, "--seed 18446744073709551616: need 0 to"),
+                                ("--input", tmp_path / "missing.fa", "no such file"),
                                 ("--split", "nan,0,1", "--split 'nan,0,1'"),
                                 ("--split", "1.5,-0.5,0", "--split '1.5,-0.5,0'"),
                                 ("--max_seq_length", 10 ** 11, "--max_seq_length 100000000000: need 1 to"),

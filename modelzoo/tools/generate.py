@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from modelzoo.config import SEED_RANGE
 from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.errors import ConfigError
 from modelzoo.files import output_file
 from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 
@@ -40,6 +42,8 @@ def build_parser() -> OneLineParser:
 
 
 def generate(args) -> str:
+    if args.seed is not None and not SEED_RANGE["ge"] <= args.seed <= SEED_RANGE["le"]:
+        raise ConfigError(f"--seed {args.seed}: must be {SEED_RANGE['ge']} to {SEED_RANGE['le']}")
     with output_file(args.output, TOOL, args.overwrite, inputs=model_inputs(args)) as out:
         lm = model_from_args(args)
         sequences = lm.generate(args.prompt, max_codons=args.max_codons, temperature=args.temperature,
