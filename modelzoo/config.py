@@ -515,17 +515,20 @@ def read_yaml(path: str) -> tuple[dict, dict[tuple, int]]:
     return raw, lines
 
 
-def _key_lines(node, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    out = {} if out is None else out
+def _key_lines(node, prefix: tuple = (), out: dict | None = None, seen: set | None = None) -> dict[tuple, int]:
+    out, seen = ({} if out is None else out), (set() if seen is None else seen)
+    if id(node) in seen:  # an alias: its keys have their lines already (and it may hold itself)
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = prefix + (str(key.value),)
             out.setdefault(path, key.start_mark.line + 1)
-            _key_lines(value, path, out)
+            _key_lines(value, path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out.setdefault(prefix + (str(i),), item.start_mark.line + 1)
-            _key_lines(item, prefix + (str(i),), out)
+            _key_lines(item, prefix + (str(i),), out, seen)
     return out
 
 

@@ -318,3 +318,40 @@ def test_rotary_dim_becomes_rotary_pct_exactly(shards_msl64, tmp_path):
             .replace("rotary_dim: 2", "rotary_dim: 10")  # head_dim 48: 10 / 48 * 48 = 9.999...
     params = load_params(fixture("neox_trainer.yaml", tmp_path, shards_msl64, edit=edit))
     assert int(params.model.head_dim * params.model.rotary_pct) == 10 and math.isclose(params.model.rotary_pct, 10 / 48)
+
+
+# ------------------------------------------------------------------ hostile or broken values: one line each, never a traceback
+
+ODD_VALUES = [None, -1, 2**70, 0.5, float("nan"), "x", "a\0b", [], [1], {}, {"a": 1}, True, [{"LinearLR": 5}],
+              "LoadCheckpointStates", ["LoadCheckpointStates"], {"AdamW": 5}, {3: 4}]
+
+
+def _paths(node, prefix=()):
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield prefix + (key,)
+        yield from _paths(value, prefix + (key,))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.yaml")))
+def test_mutated_modelzoo_files_fail_in_lines_not_tracebacks(name, shards_msl64, tmp_path):
+    import copy
+    import random
+    rng = random.Random(name)
+    base = yaml.safe_load(fixture(name, tmp_path, shards_msl64, tmp_path / "labels.tsv").read_text())
+    paths = list(_paths(base))
+    for trial in range(40):
+        raw = copy.deepcopy(base)
+        for path in rng.sample(paths, 2):
+            parent = raw
+            try:  # an earlier mutation may have replaced a part of this path
+                for part in path[:-1]:
+                    parent = parent[part]
+                parent[path[-1]] = copy.deepcopy(rng.choice(ODD_VALUES))
+            except (KeyError, IndexError, TypeError):
+                pass
+        path = write_params(tmp_path / f"m{trial}.yaml", raw)
+        try:
+            load_params(path)
+        except ConfigError as e:
+            assert all(line.startswith(f"{path}: ") for line in str(e).splitlines()), str(e)

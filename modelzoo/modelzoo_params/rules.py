@@ -159,7 +159,7 @@ def _sparsity_level(value, ctx):
 
 
 def _load_states(value, ctx):
-    return ",".join(value) if isinstance(value, list) else value
+    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 # What each Model Zoo key becomes. Sections: 'input' is train_input/eval_input and the 2.4

@@ -118,7 +118,7 @@ def translate(raw: dict, source: str) -> Translation:
 
 def _sectioned(raw: dict, t: Translation) -> dict:
     sections = {}
-    for key, values in raw.items():
+    for key, values in _string_keys(raw):
         if key in SECTIONED:
             if not isinstance(values, dict):
                 t.refuse((key,), "expected a mapping")
@@ -131,7 +131,7 @@ def _sectioned(raw: dict, t: Translation) -> dict:
 
 def _trainer_sections(raw: dict, t: Translation) -> dict:
     """The 2.4 layout as the sectioned one: each part with the path it has in the file."""
-    for key in raw:
+    for key, _ in _string_keys(raw):
         if key != "trainer":
             t.refuse((key,), "unknown key beside trainer: (a file has one layout)")
     trainer = raw["trainer"]
@@ -143,7 +143,7 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
         return {}
     sections: dict = {"runconfig": ({}, ("trainer", "init"))}
     parts = {}
-    for key, value in trainer.items():
+    for key, value in _string_keys(trainer):
         rule = RULES.get(("trainer", key))
         if rule is None:
             t.refuse(("trainer", key), "unknown key; a trainer has init, fit, validate, validate_all")
@@ -155,7 +155,7 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
             parts[key] = value
     init, fit = parts.get("init", {}), parts.get("fit", {})
     runconfig, optimizer = {}, {}
-    for key, value in init.items() if isinstance(init, dict) else ():
+    for key, value in _string_keys(init):
         path = ("trainer", "init", key)
         rule = RULES.get(("trainer.init", key))
         if rule is None:
@@ -182,7 +182,7 @@ def _trainer_sections(raw: dict, t: Translation) -> dict:
     if optimizer:
         sections["optimizer"] = (optimizer, ("trainer", "init", "optimizer"))
     sections["runconfig"] = (runconfig, ("trainer", "init"))
-    for key, value in fit.items():
+    for key, value in _string_keys(fit):
         path = ("trainer", "fit", key)
         if key == "ckpt_path":
             runconfig["checkpoint_path"] = (value, path)
@@ -220,9 +220,9 @@ def _trainer_optimizer(value, path: tuple, t: Translation) -> dict:
     if not (isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), (dict, type(None)))):
         t.refuse(path, "expected one optimizer: {AdamW: {...}}")
         return {}
-    (kind, settings), = value.items()
+    (kind, settings), = _string_keys(value)
     out = {"optimizer_type": (kind, path + (kind,))}
-    for key, v in (settings or {}).items():
+    for key, v in _string_keys(settings or {}):
         out[key] = (v, path + (kind, key))
     return out
 
@@ -237,23 +237,27 @@ def _trainer_schedulers(value, path: tuple, t: Translation):
     if not (isinstance(entry, dict) and len(entry) == 1):
         t.refuse(path, "expected {SchedulerName: {...}}")
         return None
-    (kind, settings), = entry.items()
+    (kind, settings), = _string_keys(entry)
+    if not isinstance(settings, (dict, type(None))):
+        t.refuse(path + ("0", kind), "expected the scheduler's settings as a mapping")
+        return None
     if kind == "SequentialLR":
-        inner = (settings or {}).get("schedulers") if isinstance(settings, dict) else None
+        inner = (settings or {}).get("schedulers")
         if not isinstance(inner, list):
             t.refuse(path + ("0", kind), "expected schedulers: [ ... ]")
             return None
         milestones = settings.get("milestones")
         phases = []
         for item in inner:
-            if not (isinstance(item, dict) and len(item) == 1):
+            if not (isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())),
+                                                                              (dict, type(None)))):
                 t.refuse(path + ("0", kind, "schedulers"), "expected {SchedulerName: {...}} phases")
                 return None
-            (name, s), = item.items()
+            (name, s), = _string_keys(item)
             phases.append({"scheduler": SCHEDULER_NAMES.get(name, name), **(s or {})})
         lengths = [p.get("total_iters") for p in phases[:-1]]
-        if milestones is not None and (None in lengths or milestones != [sum(lengths[:i + 1])
-                                                                       for i in range(len(lengths))]):
+        if milestones is not None and (not all(isinstance(n, int) for n in lengths)
+                                       or milestones != [sum(lengths[:i + 1]) for i in range(len(lengths))]):
             t.refuse(path + ("0", kind, "milestones"), f"{milestones!r}: phases change where each one's total_iters "
                                                       f"ends ({lengths!r})")
             return None
@@ -263,9 +267,10 @@ def _trainer_schedulers(value, path: tuple, t: Translation):
 
 def _callbacks(value, path: tuple, t: Translation, runconfig: dict) -> None:
     for i, item in enumerate(value if isinstance(value, list) else [value]):
-        name = next(iter(item)) if isinstance(item, dict) and item else str(item)
-        if name == "LoadCheckpointStates" and isinstance(item[name], dict) and "load_checkpoint_states" in item[name]:
-            runconfig["load_checkpoint_states"] = (_load_states(item[name]["load_checkpoint_states"], t),
+        name = str(next(iter(item))) if isinstance(item, dict) and item else str(item)
+        settings = item.get(name) if isinstance(item, dict) else None
+        if name == "LoadCheckpointStates" and isinstance(settings, dict) and "load_checkpoint_states" in settings:
+            runconfig["load_checkpoint_states"] = (_load_states(settings["load_checkpoint_states"], t),
                                                    path + (str(i), name, "load_checkpoint_states"))
         else:
             t.ignore(path + (name,), "a callback with no counterpart here (gradient norms are logged anyway)")
@@ -275,7 +280,7 @@ def _trainer_part(part: str, value, path: tuple, t: Translation, runconfig: dict
     if not isinstance(value, dict):
         t.refuse(path, "expected a mapping")
         return
-    for key, v in value.items():
+    for key, v in _string_keys(value):
         key_path = path + (key,)
         rule = RULES.get((f"trainer.init.{part}", key))
         if rule is None:
@@ -318,9 +323,14 @@ def _unknown(t: Translation, path: tuple, part: str) -> None:
     t.refuse(path, f"unknown key; {hint}")
 
 
+def _string_keys(values) -> list:
+    """A mapping's items with its keys as the file's text (yaml keys may be numbers); none if not a mapping."""
+    return [(str(k), v) for k, v in values.items()] if isinstance(values, dict) else []
+
+
 def _items(values: dict, path: tuple):
     """(key, value, the key's path in the file) of a section in either layout."""
-    for key, value in values.items():
+    for key, value in _string_keys(values):
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], tuple):
             yield key, value[0], value[1]
         else:
@@ -439,7 +449,7 @@ def _multistep(phase: dict) -> list[dict]:
 def _piecewise(phase: dict) -> list[dict]:
     rates, milestones = phase.get("learning_rates"), phase.get("milestones")
     if not (isinstance(rates, list) and isinstance(milestones, list) and len(rates) == len(milestones) + 1
-            and milestones == sorted(milestones)):
+            and all(isinstance(m, int) for m in milestones) and milestones == sorted(milestones)):
         raise Refused("PiecewiseConstant needs learning_rates (one more than milestones) and increasing milestones")
     edges = [0] + milestones
     return [{"scheduler": "Constant", "learning_rate": r, "total_iters": b - a}
@@ -507,8 +517,8 @@ def _translate_model(values: dict, path: tuple, name: str | None, t: Translation
 
 def _dropouts(flags: dict, t: Translation) -> None:
     given = {k: v for k, v in flags.items() if k in DROPOUTS}  # in file order
-    rates = {v for v, _ in given.values()}
-    if len(rates) > 1:
+    rates = [v for v, _ in given.values()]
+    if any(r != rates[0] for r in rates):
         first, *rest = given.items()
         t.refuse(first[1][1], f"{', '.join(f'{k} {v}' for k, (v, _) in given.items())} differ: the models apply one "
                               f"dropout_rate to embeddings, residual branches and MLP; give them one value")
