@@ -73,10 +73,12 @@ def test_every_task_beside_its_baseline(model_dir, records, tmp_path, capsys):
 
     # generation: 3 sequences of 20 codons each from the model and the best n-gram
     generation = results["generation"]
+    for who in ("model", "ngram", "training"):  # training: 3 stretches of 20 codons from an ATG of GENOMES
+        figures = generation[who]
+        assert figures["sequences"] == 3 and figures["intact_fraction"] in (0, 1 / 3, 2 / 3, 1)
+        assert 0 <= figures["codon_usage_js_distance"] <= 1 and 1 <= figures["open_reading_frame_codons"] <= 20
     for who in ("model", "ngram"):
         figures = generation[who]
-        assert figures["intact_fraction"] in (0, 1 / 3, 2 / 3, 1)
-        assert 0 <= figures["codon_usage_js_distance"] <= 1
         assert 0 <= figures["nearest_training_containment_mean"] <= figures["nearest_training_containment_max"] <= 1
 
     table = (out / "results.md").read_text()

@@ -97,11 +97,14 @@ def _mutations(r: dict) -> list[str]:
 
 
 def _generation(r: dict) -> list[str]:
-    keys = ("intact_fraction", "open_reading_frame_codons", "codon_usage_js_distance",
+    keys = ("sequences", "intact_fraction", "open_reading_frame_codons", "codon_usage_js_distance",
             "nearest_training_containment_mean", "nearest_training_containment_max")
+    columns = [("model", "model"), ("ngram", "n-gram sampler"), ("training", "training stretches from an ATG")]
+    shown = [(key, name) for key, name in columns if key in r]
     return [f"{r['num_generated']} sequences of {r['codons']} codons from ATG each, temperature "
-            f"{r['temperature']}; containment: codon {r['containment_k']}-mers.", ""] + \
-        _table(["figure", "model", "n-gram sampler"], [[k, r["model"][k], r["ngram"][k]] for k in keys])
+            f"{r['temperature']}; containment: codon {r['containment_k']}-mers. Training stretches: as many "
+            f"stretches of as many codons from an in-frame ATG of the training records, drawn at random.", ""] + \
+        _table(["figure"] + [name for _, name in shown], [[k] + [r[key].get(k) for key, _ in shown] for k in keys])
 
 
 _DETAILS = {"perplexity": _perplexity, "variants": _variants, "mutation_effects": _mutations,

@@ -358,7 +358,8 @@ def _llr_figures(by_class: dict[str, list[float]]) -> dict:
 
 def generation(run: EvalRun) -> dict:
     """Sequences sampled from ATG by the model and by the best n-gram: intact reading frames,
-    codon usage against the training set's, and how much of them the training set holds."""
+    codon usage against the training set's, and how much of them the training set holds; beside
+    the same figures of stretches of training records from an ATG (what natural looks like)."""
     lm, s = run.lm, run.settings
     if not lm.is_causal:
         raise ConfigError(f"task generation needs a causal model; this checkpoint is {lm.config.name}")
@@ -370,19 +371,23 @@ def generation(run: EvalRun) -> dict:
     sets = {"model": [lm.tokenizer.encode(t).astype(np.int64) for t in texts],
             "ngram": run.ngrams.sample(smoothing, order, prompt, s.num_generated, s.generate_codons - 1,
                                        np.random.default_rng(s.seed))}
-    nearest = _nearest_training(run, sets)
+    nearest, natural = _training_pass(run, sets, s.generate_codons)
     stops = np.array([int(lm.tokenizer.encode(c)[0]) for c in STOP_CODONS])
     figures = {}
-    for who, generated in sets.items():
+    for who, generated in [*sets.items(), ("training", natural)]:
+        if not generated:
+            continue
         stop_at = [np.isin(ids, stops) for ids in generated]
         usage = sum(profiles.codon_counts(ids, lm.tokenizer) for ids in generated)
         figures[who] = {
+            "sequences": len(generated),
             "intact_fraction": float(np.mean([not at[:-1].any() for at in stop_at])),
             "open_reading_frame_codons": float(np.mean([at.argmax() + 1 if at.any() else len(at) for at in stop_at])),
             "codon_usage_js_distance": profiles.js_distance(usage, run.train_codon_counts),
-            "nearest_training_containment_mean": float(np.mean(nearest[who])),
-            "nearest_training_containment_max": float(np.max(nearest[who])),
         }
+        if who in nearest:
+            figures[who]["nearest_training_containment_mean"] = float(np.mean(nearest[who]))
+            figures[who]["nearest_training_containment_max"] = float(np.max(nearest[who]))
     baseline = f"codon {order}-gram ({SMOOTHING_NAMES[smoothing]}) sampler"
     rows = (("intact_fraction", "intact reading frame (no stop before the last codon)", "higher"),
             ("codon_usage_js_distance", "codon-usage Jensen-Shannon distance to training", "lower"),
@@ -394,17 +399,31 @@ def generation(run: EvalRun) -> dict:
             "temperature": s.temperature, "containment_k": CONTAINMENT_K, **figures}
 
 
-def _nearest_training(run: EvalRun, sets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per generated sequence, the largest fraction of its codon k-mers that one training record
-    holds (one more streaming pass over the training FASTA)."""
+def _training_pass(run: EvalRun, sets: dict[str, list[np.ndarray]], codons: int
+                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """One more streaming pass over the training FASTA: per generated sequence, the largest
+    fraction of its codon k-mers that one training record holds; and a natural reference, up to
+    as many stretches of ``codons`` codons from an ATG of the training records, in the model's
+    frame, drawn uniformly among all such stretches (reservoir sampling, seeded)."""
     tok = run.lm.tokenizer
     keys = {who: [profiles.codon_kmers(ids, CONTAINMENT_K, tok) for ids in seqs] for who, seqs in sets.items()}
     best = {who: np.zeros(len(seqs)) for who, seqs in sets.items()}
-    for rec in tqdm(_records(run.settings.train_fasta), desc="nearest training record", unit=" records"):
-        reference = profiles.codon_kmers(run.encode(rec.seq), CONTAINMENT_K, tok)
+    wanted, atg = len(sets["model"]), int(tok.encode("ATG")[0])
+    rng, reference, seen = np.random.default_rng(run.settings.seed), [], 0
+    for rec in tqdm(_records(run.settings.train_fasta), desc="training records", unit=" records"):
+        ids = run.encode(rec.seq)
+        reference_keys = profiles.codon_kmers(ids, CONTAINMENT_K, tok)
         for who, queries in keys.items():
-            best[who] = np.maximum(best[who], [profiles.containment(q, reference) for q in queries])
-    return best
+            best[who] = np.maximum(best[who], [profiles.containment(q, reference_keys) for q in queries])
+        starts = np.flatnonzero(ids[: max(len(ids) - codons + 1, 0)] == atg)
+        slots = rng.integers(0, seen + np.arange(1, len(starts) + 1))  # Algorithm R: item t may take slot < t
+        for t, (start, slot) in enumerate(zip(starts.tolist(), slots.tolist())):
+            if seen + t < wanted:
+                reference.append(ids[start: start + codons])
+            elif slot < wanted:
+                reference[slot] = ids[start: start + codons]
+        seen += len(starts)
+    return best, reference
 
 
 RUNNERS = {"perplexity": perplexity, "variants": variants, "mutation_effects": mutation_effects,
