@@ -213,3 +213,15 @@ def test_malformed_transformers_directories_are_one_line(case, message, tmp_path
                         "--model_dir", tmp_path / "new")
     assert code == 2 and out.count("\n") == 1 and message in out, out
     assert not (tmp_path / "new").exists()
+
+
+def test_a_config_key_of_the_wrong_type_is_one_line():
+    from modelzoo.errors import ConfigError
+    from modelzoo.models.hf import model_fields_from_hf
+    config = {"model_type": "gpt_neox", "vocab_size": 69, "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 16, "layer_norm_eps": 1e-5}
+    assert model_fields_from_hf(config, "c.json")["hidden_size"] == 32
+    with pytest.raises(ConfigError, match=r"^c\.json: malformed gpt_neox config \(AttributeError"):
+        model_fields_from_hf({**config, "rope_parameters": [0.5]}, "c.json")
+    with pytest.raises(ConfigError, match=r"^c\.json: malformed gpt_neox config \((TypeError|ValueError)"):
+        model_fields_from_hf({**config, "rotary_pct": [0.5]}, "c.json")

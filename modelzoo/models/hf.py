@@ -140,7 +140,10 @@ def model_fields_from_hf(hf: dict, source: str) -> dict:
 
     for spec in MODELS.values():
         if spec.hf.model_type == kind:
-            return spec.hf.fields(hf, get, need)
+            try:
+                return spec.hf.fields(hf, get, need)
+            except (TypeError, AttributeError, ValueError) as e:  # a key of the wrong type, e.g. a list
+                raise ConfigError(f"{source}: malformed {kind} config ({type(e).__name__}: {e})") from None
     convertible = ", ".join(spec.hf.model_type for spec in MODELS.values())
     raise ConfigError(f"{source}: model_type {kind!r} is not supported; convertible: {convertible}")
 
