@@ -121,11 +121,15 @@ def test_labels_naming_too_few_records_are_refused_before_any_work(model_dir, tm
     assert not (tmp_path / "eval").exists()
 
 
-def test_mutation_effects_on_the_cds_of_a_genbank_file(model_dir, tmp_path, capsys):
+def test_mutation_effects_on_the_cds_of_a_genbank_file_in_bf16(model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     code, text = run(capsys, "--model_dir", model_dir, "--output_dir", out, "--tasks", "mutation_effects",
                      "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--cds_fasta", "tests/data/NC_045512.2.gb",
-                     "--cds_features", "CDS", "--mutations_per_class", 1, "--mutation_records", 4, "--max_order", 3)
+                     "--cds_features", "CDS", "--mutations_per_class", 1, "--mutation_records", 4, "--max_order", 3,
+                     "--bf16")
     assert code == 0, text
-    result = json.loads((out / "results.json").read_text())["tasks"]["mutation_effects"]
+    saved = json.loads((out / "results.json").read_text())
+    result = saved["tasks"]["mutation_effects"]
     assert result["records"] == 4 and result["substitutions"] == {"synonymous": 4, "missense": 4, "nonsense": 4}
+    assert saved["model"]["precision"] == "bfloat16 autocast" and all(
+        math.isfinite(v) for v in result["model"]["mean_llr"].values())

@@ -51,7 +51,7 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
 def to_markdown(header: dict, results: dict) -> str:
     model = header["model"]
     lines = [f"# Evaluation of {model['name']} {model['source']} (step {model['step']})", "",
-             f"Reading frame {model['reading_frame']}; device {model['device']}; seed {header['settings']['seed']}. "
+             f"Reading frame {model['reading_frame']}; device {model['device']}, {model['precision']}; seed {header['settings']['seed']}. "
              f"Inputs: " + ", ".join(f"{k} `{v}`" for k, v in header["inputs"].items() if v) + ".", ""]
     summary = [[task, r.metric, r.model, r.baseline, r.baseline_value, _verdict(r)]
                for task, result in results.items() for r in result["summary"]]
