@@ -440,24 +440,26 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check_lengths(self):
+        wrong = []  # every cross-section problem at once, as the per-key ones are
         for name in ("train_input", "eval_input"):
             section = getattr(self, name)
             if section and section.max_seq_length > self.model.max_position_embeddings:
-                raise _CrossFieldError((name, "max_seq_length"),
-                                       f"{section.max_seq_length} is above model.max_position_embeddings "
-                                       f"({self.model.max_position_embeddings})")
+                wrong.append(_CrossFieldError((name, "max_seq_length"),
+                                              f"{section.max_seq_length} is above model.max_position_embeddings "
+                                              f"({self.model.max_position_embeddings})"))
             if section and section.pack_sequences and self.model.num_labels is not None:
-                raise _CrossFieldError((name, "pack_sequences"), "a classifier (model.num_labels) labels each "
-                                                                 "window with one record's class; packed windows "
-                                                                 "hold several records")
+                wrong.append(_CrossFieldError((name, "pack_sequences"), "a classifier (model.num_labels) labels each "
+                                                                        "window with one record's class; packed "
+                                                                        "windows hold several records"))
             if section and self.model.num_labels is not None:
-                for key in ("labels_file", "label_column"):
-                    if getattr(section, key) is None:
-                        raise _CrossFieldError((name, key), "required when model.num_labels is set (classifier)")
+                wrong += [_CrossFieldError((name, key), "required when model.num_labels is set (classifier)")
+                          for key in ("labels_file", "label_column") if getattr(section, key) is None]
         if self.train_input and self.eval_input and self.train_input.reading_frame != self.eval_input.reading_frame:
-            raise _CrossFieldError(("eval_input", "reading_frame"),
-                                   f"{self.eval_input.reading_frame} differs from train_input.reading_frame "
-                                   f"({self.train_input.reading_frame}): a model is evaluated on what it reads")
+            wrong.append(_CrossFieldError(("eval_input", "reading_frame"),
+                                          f"{self.eval_input.reading_frame} differs from train_input.reading_frame "
+                                          f"({self.train_input.reading_frame}): a model is evaluated on what it reads"))
+        if wrong:
+            raise _CrossFieldError(wrong[0].loc, str(wrong[0]), wrong[1:])
         return self
 
     def to_yaml(self) -> str:
@@ -465,9 +467,12 @@ class Params(Section):
 
 
 class _CrossFieldError(ValueError):
-    def __init__(self, loc: tuple, message: str):
+    """A problem of one key seen from another (pydantic would name only the section); ``more``:
+    further problems found by the same check."""
+
+    def __init__(self, loc: tuple, message: str, more: list | None = None):
         super().__init__(message)
-        self.loc = loc
+        self.loc, self.more = loc, more or []
 
 
 # ---------------------------------------------------------------- loading and error messages
@@ -486,7 +491,10 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     raw.setdefault("runconfig", {})
     if not isinstance(raw["runconfig"], dict):
         raise ConfigError(f"{path}: runconfig: expected a mapping")
-    raw["runconfig"].update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw["runconfig"].update(given)
+    for key in given if translation else ():
+        translation.origin.pop(("runconfig", key), None)  # a flag's value is not the file's key
     return validate_params(raw, path, check_paths, lines=lines, translation=translation)
 
 
@@ -635,8 +643,13 @@ def _problems_of(error: ValidationError) -> list[_Problem]:
         raw_loc = err["loc"]
         tag = next((i for i, part in enumerate(raw_loc) if _is_union_tag(part)), len(raw_loc))
         groups.setdefault(tuple(_clean_loc(raw_loc[:tag])), []).append(err)
-    return [_problem(max(errs, key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0))))
-            for errs in groups.values()]
+    problems = []
+    for errs in groups.values():
+        err = max(errs, key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0)))
+        problems.append(_problem(err))
+        ctx_error = err.get("ctx", {}).get("error")
+        problems += [_Problem(more.loc, str(more)) for more in getattr(ctx_error, "more", [])]
+    return problems
 
 
 def _problem(err: dict) -> _Problem:

@@ -118,6 +118,13 @@ def test_bert_classifier_with_our_label_keys(shards_msl64, tmp_path):
     assert (params.model.name, params.model.num_labels, params.model.dropout_rate) == ("bert", 2, 0.1)
     assert params.train_input.labels_file == str(labels) and params.eval_input.label_column == "clade"
     assert [p.scheduler for p in params.optimizer.schedule_phases] == ["Linear", "Constant"]
+    # without our label keys: each missing one, all at once
+    unlabelled = fixture("bert_classifier_sectioned.yaml", tmp_path, shards_msl64, labels, edit=lambda text: "\n".join(
+        line for line in text.splitlines() if "labels_file" not in line and "label_column" not in line))
+    with pytest.raises(ConfigError) as e:
+        load_params(unlabelled)
+    assert [line.split(": ")[1] for line in str(e.value).splitlines()] == [
+        "train_input.labels_file", "train_input.label_column", "eval_input.labels_file", "eval_input.label_column"]
 
 
 def test_gptj_1x_steps_and_other_schedulers(shards_msl64, tmp_path):
