@@ -178,6 +178,12 @@ def test_every_layout_imports_to_the_same_logits(layout, released, tmp_path):
     assert main(["--from", "genslm", "--input_path", str(path), "--config", str(arch), "--model_dir", str(md)]) == 0
     ids = torch.randint(5, 69, (2, 40), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits_of(GenomeLM.load(md), ids), _logits_of_twin(model, ids), rtol=0, atol=1e-5)
+    # and out again, to what GenSLM's loader reads
+    out, out_arch = tmp_path / "back.pt", tmp_path / "back.json"
+    assert main(["--to", "genslm", "--model_dir", str(md), "--output_path", str(out), "--config", str(out_arch)]) == 0
+    twin, _, result = _genslm_loader(out, out_arch)
+    assert result.missing_keys == []
+    torch.testing.assert_close(_logits_of_twin(twin, ids), _logits_of_twin(model, ids), rtol=0, atol=1e-5)
 
 
 def test_a_missing_tensor_is_named_as_the_file_spells_it(released, tmp_path):
