@@ -6,6 +6,7 @@ computed in the same run (``python -m modelzoo.tools.evaluate``; see docs/evalua
 - ``profiles``: codon-frequency and nucleotide k-mer profiles, leave-one-out k-NN accuracy,
   adjusted Rand index, Jensen-Shannon distance (the variant and codon-usage baselines);
 - ``substitutions``: point substitutions classed by the standard genetic code, AUROC;
+- ``harness``: the settings, the run (the model, the n-grams fitted once) and the table row;
 - ``tasks``: the four tasks (perplexity, variants, mutation_effects, generation);
 - ``report``: results.json and the results.md table.
 """

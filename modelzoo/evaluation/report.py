@@ -6,7 +6,7 @@ import json
 import math
 
 from modelzoo.evaluation.ngram import SMOOTHINGS
-from modelzoo.evaluation.tasks import SMOOTHING_NAMES, Row
+from modelzoo.evaluation.harness import SMOOTHING_NAMES, Row
 
 JSON = "results.json"
 MARKDOWN = "results.md"

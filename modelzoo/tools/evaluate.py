@@ -36,7 +36,8 @@ import torch
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError
 from modelzoo.evaluation import report
-from modelzoo.evaluation.tasks import RUNNERS, TASKS, EvalRun, Settings, check_inputs, check_settings
+from modelzoo.evaluation.harness import TASKS, EvalRun, Settings, check_inputs, check_settings
+from modelzoo.evaluation.tasks import RUNNERS
 from modelzoo.files import output_dir
 from modelzoo.inference import add_model_arguments, model_from_args
 
