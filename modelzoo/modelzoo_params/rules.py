@@ -113,11 +113,13 @@ def _equal_to(expected, what: str):
 
 
 def _nonlinearity(value, ctx):
+    """GELU only; the GPT models compute its tanh form (gelu_new), BERT the exact one (gelu)."""
     if _lower(value) not in ("gelu", "gelu_new"):
         raise Refused(f"{value!r}: the models compute GELU (gelu or gelu_new)")
-    if _lower(value) == "gelu" and ctx.model_name != "bert":
-        ctx.notes.append(f"nonlinearity gelu: {ctx.model_name} computes GELU's tanh form (transformers' gelu_new), "
-                         f"within 1e-3 of the exact one")
+    computed = "gelu" if ctx.model_name == "bert" else "gelu_new"
+    if _lower(value) != computed:
+        ctx.notes.append(f"{value}: {ctx.model_name} computes {computed} (GELU's "
+                         f"{'exact' if computed == 'gelu' else 'tanh'} form, as transformers), within 1e-3 of {value}")
 
 
 def _attention_type(value, ctx):
@@ -232,7 +234,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("model", "rotary_emb_base"): mapped("rotary_emb_base"),
     ("model", "num_labels"): mapped("num_labels", "BERT classifier (then labels_file and label_column are "
                                     "needed in the inputs)"),
-    ("model", "attention_softmax_fp32"): mapped("attention_in_fp32"),
+    ("model", "attention_softmax_fp32"): mapped("attention_in_fp32", "true: attention (scores, softmax, weighted "
+                                                "values) in fp32 with mixed precision; false: in fp16_type"),
     ("model", "position_embedding_type"): mapped("", "selects the architecture: learned (gpt2, bert), rotary "
                                                  "(gptj, gpt_neox); another value is refused"),
     ("model", "share_embedding_weights"): mapped("", "selects the architecture: true for gpt2 and bert (tied "
@@ -243,13 +246,15 @@ RULES: dict[tuple[str, str], Rule] = {
     ("model", "use_ffn_bias_in_attention"): mapped("", "must match the model: true except gptj"),
     ("model", "use_ffn_bias"): mapped("", "must be true (every model's MLP has biases)"),
     ("model", "use_bias_in_output"): mapped("", "must match the model: true for gptj only"),
-    ("model", "nonlinearity"): mapped("", "gelu or gelu_new: the model's GELU (GPT models the tanh form, as "
-                                      "transformers); others refused", _nonlinearity),
-    ("model", "encoder_nonlinearity"): mapped("", "gelu or gelu_new: BERT's GELU; others refused", _nonlinearity),
+    ("model", "nonlinearity"): mapped("", "gelu or gelu_new: the model's GELU (GPT models compute the tanh form, "
+                                      "gelu_new, as transformers; gelu is noted); others refused", _nonlinearity),
+    ("model", "encoder_nonlinearity"): mapped("", "gelu or gelu_new: BERT's exact GELU (gelu_new is noted); others "
+                                              "refused", _nonlinearity),
     ("model", "attention_type"): mapped("", "scaled_dot_product only", _attention_type),
     ("model", "pooler_nonlinearity"): mapped("", "tanh only (BERT's pooler)", _equal_to("tanh", "BERT's pooler is "
                                                                                               "tanh")),
-    ("model", "mlm_nonlinearity"): mapped("", "gelu only (BERT's MLM transform)", _nonlinearity),
+    ("model", "mlm_nonlinearity"): mapped("", "gelu or gelu_new: BERT's MLM transform's exact GELU",
+                                          _nonlinearity),
     ("model", "norm_type"): mapped("", "layernorm only", _equal_to("layernorm", "the models use LayerNorm")),
     ("model", "problem_type"): mapped("", "single_label_classification only (BERT classifier)",
                                       _equal_to("single_label_classification", "the classifier predicts one class "
