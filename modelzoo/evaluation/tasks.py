@@ -181,7 +181,7 @@ def generation(run: EvalRun) -> dict:
         raise ConfigError(f"task generation needs a causal model; this checkpoint is {lm.config.name}")
     prompt = lm.tokenizer.encode("ATG").astype(np.int64)
     texts = lm.generate("ATG", max_codons=s.generate_codons - 1, temperature=s.temperature,
-                        num_return_sequences=s.num_generated, seed=s.seed, batch_size=max(s.batch_size, 1),
+                        num_return_sequences=s.num_generated, seed=s.seed, batch_size=min(s.num_generated, 64),
                         progress=True)
     smoothing, order = run.best_ngram()
     sets = {"model": [lm.tokenizer.encode(t).astype(np.int64) for t in texts],
