@@ -658,21 +658,21 @@ def add_model_arguments(parser, overwrite: str | None = None) -> None:
 
 def model_inputs(args) -> list[Path]:
     """What a tool reads of the model, which its output may be none of and hold none of: the
-    --model_dir or --checkpoint_path named, and every checkpoint (with its seal) of the directory
-    the checkpoint is in, as given and with symbolic links resolved."""
-    source = args.checkpoint_path or args.model_dir
-    if not source or "\0" in str(source):
-        return []
-    given = Path(source)
-    inputs = [given]
-    try:
-        resolved = given.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: nothing to protect beyond the name
-        return inputs
-    directory = resolved if resolved.is_dir() else resolved.parent
-    inputs.append(resolved)
-    for _, path in ckpt.list_checkpoints(directory):
-        inputs += [path, path.with_name(path.name + ".sha256")]
+    --model_dir and --checkpoint_path named, and every checkpoint (with its seal) of the
+    directory each is or is in, as given and with symbolic links resolved."""
+    inputs = []
+    for source in (args.checkpoint_path, args.model_dir):
+        if not source or "\0" in str(source):
+            continue
+        given = Path(source)
+        inputs.append(given)
+        try:
+            resolved = given.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: nothing to protect beyond the name
+            continue
+        inputs.append(resolved)
+        for _, path in ckpt.list_checkpoints(resolved if resolved.is_dir() else resolved.parent):
+            inputs += [path, path.with_name(path.name + ".sha256")]
     return inputs
 
 
