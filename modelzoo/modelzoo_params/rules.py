@@ -198,6 +198,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("input", "mixed_precision"): noted("precision is the model's setting"),
     ("input", "n_parallel_reads"): noted("DataLoader tuning; shards are memory-mapped"),
     ("input", "num_examples"): noted("the shards' manifest holds the number of windows"),
+    ("input", "vocab_size"): noted(TEXT_DATA),
+    ("input", "label_vocab_file"): noted(TEXT_DATA),
+    ("input", "use_multiple_workers"): noted("DataLoader tuning; shards are memory-mapped"),
     ("input", "is_training"): noted("train_input is read for training, eval_input for evaluation"),
     # -------- model
     ("model", "name"): mapped("name", "gpt2 and gpt3 (GPT-2's architecture) -> gpt2; gptj -> gptj, or gpt_neox "
@@ -250,6 +253,15 @@ RULES: dict[tuple[str, str], Rule] = {
                                       "gelu_new, as transformers; gelu is noted); others refused", _nonlinearity),
     ("model", "encoder_nonlinearity"): mapped("", "gelu or gelu_new: BERT's exact GELU (gelu_new is noted); others "
                                               "refused", _nonlinearity),
+    ("model", "use_bfloat16"): mapped("fp16_type", "true -> bfloat16, false -> float16 (1.x name)",
+                                      lambda v, c: "bfloat16" if v is True else "float16"),
+    ("model", "use_position_embedding"): mapped("", "selects the architecture: true for gpt2 and bert, false for "
+                                                "gptj and gpt_neox (rotary)"),
+    ("model", "include_padding_in_loss"): mapped("", "must be false: [PAD] positions never count in the loss",
+                                                 _equal_to(False, "[PAD] positions never count in the loss")),
+    ("model", "mask_padding_in_positional_embed"): noted("[PAD] positions never count in the loss"),
+    ("model", "use_cls_bias"): noted("BERT's next-sentence head: BERT here has none (codon records have no "
+                                     "sentence pairs)"),
     ("model", "attention_type"): mapped("", "scaled_dot_product only", _attention_type),
     ("model", "pooler_nonlinearity"): mapped("", "tanh only (BERT's pooler)", _equal_to("tanh", "BERT's pooler is "
                                                                                               "tanh")),
@@ -274,6 +286,8 @@ RULES: dict[tuple[str, str], Rule] = {
                                               _true_only("every model ends with a LayerNorm")),
     ("model", "embeddings_scale"): mapped("", "must be 1.0", _equal_to(1.0, "embeddings are not scaled")),
     ("model", "output_logits_scale"): refused("muP logit scaling is not implemented"),
+    ("model", "output_logits_alpha"): refused("muP logit scaling is not implemented"),
+    ("model", "attention_logits_alpha"): refused("muP attention scaling is not implemented"),
     ("model", "scale_qk_dot_by_d"): refused("muP attention scaling is not implemented"),
     ("model", "mup_base_hidden_size"): refused("muP is not implemented"),
     ("model", "mup_base_filter_size"): refused("muP is not implemented"),
@@ -308,6 +322,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("optimizer", "steps_per_increase"): mapped("steps_per_increase"),
     ("optimizer", "correct_bias"): mapped("", "must be true (torch's Adam corrects its bias)",
                                           _true_only("torch's Adam always corrects its bias")),
+    ("optimizer", "epsilon"): mapped("eps", "same meaning (1.x name)"),
+    ("optimizer", "disable_lr_steps_reset"): noted("schedule phases count steps from the run's start"),
+    ("optimizer", "ws_summary"): noted(HARDWARE),
     ("optimizer", "log_summaries"): noted("TensorBoard gets loss, learning rate and gradient norm"),
     ("optimizer", "max_gradient_value"): refused("clipping by value is not implemented; use max_gradient_norm"),
     ("optimizer", "adjust_learning_rate"): refused("muP per-layer learning rates are not implemented"),
@@ -323,6 +340,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("runconfig", "log_steps"): mapped("log_steps"),
     ("runconfig", "checkpoint_steps"): mapped("checkpoint_steps"),
     ("runconfig", "max_checkpoints"): mapped("max_checkpoints"),
+    ("runconfig", "keep_checkpoint_max"): mapped("max_checkpoints", "same meaning (1.x name)"),
     ("runconfig", "eval_steps"): mapped("eval_steps"),
     ("runconfig", "eval_frequency"): mapped("eval_frequency"),
     ("runconfig", "seed"): mapped("seed"),
@@ -356,6 +374,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("runconfig", "validate_only"): noted("a command-line flag here: run.py ... --validate_only"),
     ("runconfig", "compile_only"): noted("a command-line flag here: run.py ... --compile_only"),
     ("runconfig", "target_device"): noted("the device is run.py's first argument"),
+    ("runconfig", "save_losses"): noted("losses go to model_dir's TensorBoard events and run log"),
+    ("runconfig", "use_appliance_data"): noted(HARDWARE),
+    ("runconfig", "show_debug_metrics"): noted(HARDWARE),
     # -------- sparsity (Model Zoo: fraction pruned; ours: fraction kept)
     ("sparsity", "sparsity"): mapped("density", "density = 1 - sparsity", _sparsity_level),
     ("sparsity", "type"): mapped("algorithm", "static, gmp, set, rigl", _lower),
@@ -439,16 +460,18 @@ BERT_ONLY = ("encoder_nonlinearity", "pooler_nonlinearity", "mlm_loss_weight", "
              "task_dropout", "mlm_nonlinearity", "num_segments", "problem_type")
 # What each of our models is, in the Model Zoo's architecture flags.
 ARCHITECTURES = {
-    "gpt2": {"position_embedding_type": "learned", "share_embedding_weights": True, "use_untied_layer_norm": False,
+    "gpt2": {"position_embedding_type": "learned", "use_position_embedding": True, "share_embedding_weights": True,
+             "use_untied_layer_norm": False,
              "use_projection_bias_in_attention": True, "use_ffn_bias_in_attention": True, "use_ffn_bias": True,
              "use_bias_in_output": False},
-    "gptj": {"position_embedding_type": "rotary", "share_embedding_weights": False, "use_untied_layer_norm": False,
+    "gptj": {"position_embedding_type": "rotary", "use_position_embedding": False, "share_embedding_weights": False,
+             "use_untied_layer_norm": False,
              "use_projection_bias_in_attention": False, "use_ffn_bias_in_attention": False, "use_ffn_bias": True,
              "use_bias_in_output": True},
-    "gpt_neox": {"position_embedding_type": "rotary", "share_embedding_weights": False,
+    "gpt_neox": {"position_embedding_type": "rotary", "use_position_embedding": False, "share_embedding_weights": False,
                  "use_untied_layer_norm": True, "use_projection_bias_in_attention": True,
                  "use_ffn_bias_in_attention": True, "use_ffn_bias": True, "use_bias_in_output": False},
-    "bert": {"position_embedding_type": "learned", "share_embedding_weights": True,
+    "bert": {"position_embedding_type": "learned", "use_position_embedding": True, "share_embedding_weights": True,
              "use_projection_bias_in_attention": True, "use_ffn_bias_in_attention": True, "use_ffn_bias": True},
 }
 DROPOUTS = ("dropout_rate", "embedding_dropout_rate", "residual_dropout_rate", "task_dropout")

@@ -428,6 +428,11 @@ def _phase(phase: dict) -> list[dict]:
         phase["total_iters"] = phase.pop("decay_steps")
     if kind == "CosineDecay" and "decay_steps" in phase:
         phase["total_iters"] = phase.pop("decay_steps")
+    if "alpha" in phase:  # 1.x: the end rate as a fraction of the initial one, where no end rate is given
+        alpha = phase.pop("alpha")
+        if "end_learning_rate" not in phase and isinstance(alpha, (int, float)) \
+                and isinstance(phase.get("initial_learning_rate"), (int, float)):
+            phase["end_learning_rate"] = phase["initial_learning_rate"] * alpha
     phase.pop("disable_lr_steps_reset", None)
     return [phase]
 
