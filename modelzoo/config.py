@@ -560,7 +560,8 @@ def validate_params(raw: dict, source: str = "<params>", check_paths: bool = Tru
     if check_paths:
         problems += _path_problems(params, raw)
     if translation:  # a key the translation refused is not also "missing"
-        problems = translation.problems + [p for p in problems if p.loc not in translation.blocked]
+        kept = [p for p in problems if p.loc not in translation.blocked]
+        problems = translation.problems + (kept if kept or translation.problems else problems)
     if problems:
         raise ConfigError("\n".join(_ordered_lines(problems, source, lines or {}, translation)))
     if translation:

@@ -464,13 +464,16 @@ def _piecewise(phase: dict) -> list[dict]:
 def _translate_input(section: str, values: dict, path: tuple, t: Translation) -> None:
     _translate_keys("input", section, _items(values, path), t)
     ours = t.params.get(section, {})
-    if "data_dir" not in ours:
+    data_dir = ours.get("data_dir")
+    if "max_seq_length" in ours:
+        return
+    if not isinstance(data_dir, str) or "\0" in data_dir:
         t.blocked.add((section, "max_seq_length"))  # no shards to read it from: data_dir is reported
-    elif "max_seq_length" not in ours and isinstance(ours.get("data_dir"), str):
-        length = manifest_max_seq_length(ours["data_dir"])
+    else:
+        length = manifest_max_seq_length(data_dir)
         if length is None:
-            t.refuse(path, f"max_sequence_length is not given and {ours['data_dir']} has no shard manifest to "
-                           f"read it from", f"{section}.max_seq_length")
+            t.refuse(path, f"max_sequence_length is not given and {data_dir} holds no shard manifest to read it "
+                           f"from", f"{section}.max_seq_length")
         else:
             t.set(f"{section}.max_seq_length", length, path + ("data_dir",))
 
