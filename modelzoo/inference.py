@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from modelzoo.config import ModelConfig
-from modelzoo.data.tokenizer import CodonTokenizer
+from modelzoo.data.tokenizer import READING_FRAMES, CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError, DataError
 from modelzoo.models import MODELS, build_model, spec_of
 from modelzoo.models.base import StagedModel
@@ -573,10 +573,18 @@ def _saved_params(state: dict, path: Path) -> dict:
     """The params saved in the checkpoint, as a mapping with a model section (the data paths may be gone)."""
     try:
         raw = yaml.safe_load(state["params"])
-    except (KeyError, TypeError, yaml.YAMLError):
+    except (KeyError, TypeError, ValueError, RecursionError, yaml.YAMLError):
         raw = None
     if not isinstance(raw, dict) or "model" not in raw:
         raise CheckpointError(f"{path}: checkpoint holds no params with a model section")
+    for name in ("train_input", "eval_input"):  # where the reading frame is read from
+        section = raw.get(name)
+        if section is not None and not isinstance(section, dict):
+            raise CheckpointError(f"{path}: saved params {name}: {section!r:.60} is not a section")
+        frame = (section or {}).get("reading_frame", "as_read")
+        if frame not in READING_FRAMES:
+            raise CheckpointError(f"{path}: saved params {name}.reading_frame: {frame!r:.60} is not one of "
+                                  f"{', '.join(READING_FRAMES)}")
     return raw
 
 
@@ -586,8 +594,8 @@ def _model_config(raw: dict, path: Path) -> ModelConfig:
         return ModelConfig.model_validate(raw["model"])
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise CheckpointError(f"{path}: saved params model.{where}: {first['msg']}") from None
+        where = "".join(f".{x}" for x in first["loc"])
+        raise CheckpointError(f"{path}: saved params model{where}: {first['msg']}") from None
 
 
 def _reading_frame(raw: dict) -> str:

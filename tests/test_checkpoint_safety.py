@@ -260,3 +260,23 @@ def test_every_loader_refuses_a_wrong_typed_checkpoint(tmp_path, trained, capsys
         assert line.startswith(f"error: {path}: {field}"), line
     after = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.name.startswith("checkpoint")}
     assert after == before and not (tmp_path / "fresh").exists()
+
+
+def test_saved_params_of_the_wrong_shape_are_one_line_for_genome_lm_load(tmp_path, trained):
+    """The params text a checkpoint carries is parsed by GenomeLM.load: a section that is not one,
+    an unknown reading frame or a model section of the wrong type name the file and the key."""
+    import yaml
+    state = ckpt.load_checkpoint(ckpt.checkpoint_path(trained[1], 2))
+    saved = yaml.safe_load(state["params"])
+    for case, params, said in [
+        ("section", {**saved, "train_input": "x"}, "saved params train_input: 'x' is not a section"),
+        ("frame", {**saved, "eval_input": {**saved["eval_input"], "reading_frame": 7}},
+         "saved params eval_input.reading_frame: 7 is not one of as_read, longest_orf"),
+        ("model", {**saved, "model": 5}, "saved params model: Input should be a valid dictionary"),
+        ("size", {**saved, "model": {**saved["model"], "hidden_size": "two"}}, "saved params model.hidden_size: "),
+    ]:
+        path = sealed(tmp_path / case / "checkpoint_2.mdl", {**state, "params": yaml.safe_dump(params)})
+        ckpt.load_checkpoint(path)  # its fields have their types: only the params text is wrong
+        with pytest.raises(CheckpointError) as info:
+            GenomeLM.load(path)
+        assert str(info.value).startswith(f"{path}: {said}") and "\n" not in str(info.value), str(info.value)
