@@ -540,7 +540,7 @@ def _key_lines(node, prefix: tuple = (), out: dict | None = None, seen: set | No
     return out
 
 
-class _Problem:
+class Problem:
     """One thing wrong with a params file: where (our schema's key path) and what."""
 
     def __init__(self, loc: tuple, message: str):
@@ -589,7 +589,7 @@ def _ordered_lines(problems: list, source: str, lines: dict, translation) -> lis
     return list(unique)
 
 
-def _path_problems(params: Params | None, raw: dict) -> list[_Problem]:
+def _path_problems(params: Params | None, raw: dict) -> list[Problem]:
     """The data a run needs must exist. With the schema broken, the data_dirs the file names are
     still checked, so one run reports them too."""
     if params is None:
@@ -605,9 +605,9 @@ def _path_problems(params: Params | None, raw: dict) -> list[_Problem]:
     problems = []
     for name in needs:
         if params is not None and sections[name] is None:
-            problems.append(_Problem((name,), f"section is required for mode {mode!r}"))
+            problems.append(Problem((name,), f"section is required for mode {mode!r}"))
     if params is not None and "train_input" in needs and params.optimizer is None:
-        problems.append(_Problem(("optimizer",), f"section is required for mode {mode!r}"))
+        problems.append(Problem(("optimizer",), f"section is required for mode {mode!r}"))
     for name in needs:
         section = sections[name]
         if not isinstance(section, dict) or not isinstance(section.get("data_dir"), str):
@@ -617,13 +617,13 @@ def _path_problems(params: Params | None, raw: dict) -> list[_Problem]:
             continue  # the schema says so
         if isinstance(prepare, dict):
             if Path(data_dir).name not in ("train", "val", "test"):
-                problems.append(_Problem((name, "data_dir"), f"with prepare, the last part of data_dir must be "
+                problems.append(Problem((name, "data_dir"), f"with prepare, the last part of data_dir must be "
                                                              f"train, val or test (got {Path(data_dir).name!r})"))
             for path in prepare.get("input") or []:
                 if isinstance(path, str) and "\0" not in path and not Path(path).is_file():
-                    problems.append(_Problem((name, "prepare", "input"), f"file {path!r} does not exist"))
+                    problems.append(Problem((name, "prepare", "input"), f"file {path!r} does not exist"))
         elif not Path(data_dir).is_dir():
-            problems.append(_Problem((name, "data_dir"), f"directory {data_dir!r} does not exist (prepare it "
+            problems.append(Problem((name, "data_dir"), f"directory {data_dir!r} does not exist (prepare it "
                                                          f"with python -m data_preparation.prepare_genomes)"))
     return problems
 
@@ -631,11 +631,11 @@ def _path_problems(params: Params | None, raw: dict) -> list[_Problem]:
 def describe_validation_error(error: ValidationError, source: str, prefix: tuple = ()) -> str:
     """A pydantic error as lines 'source: key.path: what is wrong' (one per problem), for any
     part of the schema validated on its own (e.g. a model section read from elsewhere)."""
-    problems = [_Problem(prefix + p.loc, p.message) for p in _problems_of(error)]
+    problems = [Problem(prefix + p.loc, p.message) for p in _problems_of(error)]
     return "\n".join(_ordered_lines(problems, source, {}, None))
 
 
-def _problems_of(error: ValidationError) -> list[_Problem]:
+def _problems_of(error: ValidationError) -> list[Problem]:
     """One problem per key the user wrote wrong. In a union (learning_rate: number | phase | list
     of phases) pydantic reports every member's complaint; the deepest is about what was written."""
     rank = {"extra_forbidden": 3, "union_tag_invalid": 2, "literal_error": 2, "missing": 1}
@@ -649,23 +649,23 @@ def _problems_of(error: ValidationError) -> list[_Problem]:
         err = max(errs, key=lambda e: (len(_clean_loc(e["loc"])), rank.get(e["type"], 0)))
         problems.append(_problem(err))
         ctx_error = err.get("ctx", {}).get("error")
-        problems += [_Problem(more.loc, str(more)) for more in getattr(ctx_error, "more", [])]
+        problems += [Problem(more.loc, str(more)) for more in getattr(ctx_error, "more", [])]
     return problems
 
 
-def _problem(err: dict) -> _Problem:
+def _problem(err: dict) -> Problem:
     loc = _clean_loc(err["loc"])
     ctx_error = err.get("ctx", {}).get("error")
     if isinstance(ctx_error, _CrossFieldError):
-        return _Problem(ctx_error.loc, str(ctx_error))
+        return Problem(ctx_error.loc, str(ctx_error))
     if err["type"] == "extra_forbidden":
-        return _Problem(loc, "unknown key" + unknown_key_hint(loc, _valid_keys(loc[:-1], err["loc"])))
+        return Problem(loc, "unknown key" + unknown_key_hint(loc, _valid_keys(loc[:-1], err["loc"])))
     if err["type"] == "missing":
-        return _Problem(loc, "required key is missing")
+        return Problem(loc, "required key is missing")
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {_short(value)})"
-    return _Problem(loc, f"{msg}{shown}")
+    return Problem(loc, f"{msg}{shown}")
 
 
 def _short(value) -> str:

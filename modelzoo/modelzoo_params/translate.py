@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelzoo.config import CODON_VOCAB_SIZE, SCHEDULE_PHASES, DataInput, ModelConfig, OptimizerConfig, \
-    RunConfig, SparsityConfig, _Problem
+    RunConfig, SparsityConfig, Problem
 from modelzoo.modelzoo_params.rules import ARCHITECTURES, BERT_ONLY, DROPOUTS, RULES, SCHEDULER_NAMES, \
     Refused, Rule, Several, _load_states
 
@@ -20,7 +20,7 @@ SECTIONED = ("train_input", "eval_input", "model", "optimizer", "runconfig", "sp
 @dataclass
 class Translation:
     """A Model Zoo file turned into our params: ``params`` (a native dict), the problems found
-    (``_Problem`` with the file's own key paths), ``origin`` (our key path -> the file's key path,
+    (``Problem`` with the file's own key paths), ``origin`` (our key path -> the file's key path,
     so a later schema error names the key the user wrote) and the notes for the run log."""
     source: str
     params: dict = field(default_factory=lambda: {"model": {}, "runconfig": {}})
@@ -44,7 +44,7 @@ class Translation:
     def refuse(self, theirs: tuple, message: str, ours: str = "") -> None:
         """``ours``: the key of ours the refused one would have set; the schema's complaint that it
         is missing would repeat this one, so it is not reported."""
-        self.problems.append(_Problem(theirs, message))
+        self.problems.append(Problem(theirs, message))
         if ours:
             self.blocked.add(tuple(ours.split(".")))
 
