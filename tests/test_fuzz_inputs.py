@@ -13,7 +13,6 @@ import copy
 import io
 import math
 import random
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 

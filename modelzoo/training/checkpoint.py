@@ -287,7 +287,7 @@ def _numpy_state(saved):
 
 def _optimizer_problem(saved, model: dict) -> str | None:
     """optim.optimizer_state_by_name's format: a type, and per parameter of the model its state."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("type"), str) or not isinstance(saved.get("state"), dict):
+    if not (isinstance(saved, dict) and isinstance(saved.get("type"), str) and isinstance(saved.get("state"), dict)):
         return f": {_shown(saved)} is not {{type: name, state: {{parameter: {{name: value}}}}}}"
     known = OPTIMIZER_STATE.get(saved["type"])
     if known is None:
