@@ -160,7 +160,7 @@ def _sparsity_level(value, ctx):
     return round(1.0 - float(value), 12)
 
 
-def _load_states(value, ctx):
+def load_states(value, ctx):
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
@@ -348,7 +348,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("runconfig", "mode"): mapped("mode"),
     ("runconfig", "checkpoint_path"): mapped("checkpoint_path"),
     ("runconfig", "load_checkpoint_states"): mapped("load_checkpoint_states", "a list or comma string",
-                                                    _load_states),
+                                                    load_states),
     ("runconfig", "num_csx"): mapped("num_csx"),
     ("runconfig", "save_initial_checkpoint"): noted("checkpoints are written every checkpoint_steps and at the end"),
     ("runconfig", "autoload_last_checkpoint"): noted("a run always resumes from model_dir's newest checkpoint"),

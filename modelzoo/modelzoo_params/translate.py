@@ -9,7 +9,7 @@ from pathlib import Path
 from modelzoo.config import CODON_VOCAB_SIZE, SCHEDULE_PHASES, DataInput, ModelConfig, OptimizerConfig, \
     RunConfig, SparsityConfig, Problem
 from modelzoo.modelzoo_params.rules import ARCHITECTURES, BERT_ONLY, DROPOUTS, RULES, SCHEDULER_NAMES, \
-    Refused, Rule, Several, _load_states
+    Refused, Rule, Several, load_states
 
 # Our sections, by the Model Zoo part whose keys they take ('input': train_input and eval_input).
 NATIVE = {"input": DataInput, "model": ModelConfig, "optimizer": OptimizerConfig, "runconfig": RunConfig,
@@ -270,7 +270,7 @@ def _callbacks(value, path: tuple, t: Translation, runconfig: dict) -> None:
         name = str(next(iter(item))) if isinstance(item, dict) and item else str(item)
         settings = item.get(name) if isinstance(item, dict) else None
         if name == "LoadCheckpointStates" and isinstance(settings, dict) and "load_checkpoint_states" in settings:
-            runconfig["load_checkpoint_states"] = (_load_states(settings["load_checkpoint_states"], t),
+            runconfig["load_checkpoint_states"] = (load_states(settings["load_checkpoint_states"], t),
                                                    path + (str(i), name, "load_checkpoint_states"))
         else:
             t.ignore(path + (name,), "a callback with no counterpart here (gradient norms are logged anyway)")
