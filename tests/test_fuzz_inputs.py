@@ -25,11 +25,12 @@ from data_preparation import prepare_genomes
 from modelzoo import cli
 from modelzoo.config import ModelConfig
 from modelzoo.models import build_model
-from modelzoo.tools import convert_checkpoint, embed, generate, mutations, score
+from modelzoo.tools import convert_checkpoint, convert_params, embed, evaluate, generate, mutations, score
 from modelzoo.training.checkpoint import save_checkpoint
 from tests.conftest import tiny_params
 
 SEED = 25
+MODELZOO_PARAMS = Path(__file__).parent / "data" / "modelzoo" / "gpt2_sectioned.yaml"  # a Model Zoo file
 PARAMS_CASES = 120
 TOOL_CASES = 200
 
@@ -143,12 +144,14 @@ def world(tmp_path_factory, shards_msl64):
     genes = ["".join(rng.choice(list("ACGT"), size=3 * n)) for n in (12, 40, 12, 7)]
     (root / "genes.fasta").write_text("".join(f">g{k}\n{seq}\n" for k, seq in enumerate(genes)))
     (root / "ref.fasta").write_text(f">ref\n{genes[0]}\n")
+    text = MODELZOO_PARAMS.read_text().replace("$SHARDS", str(shards_msl64)).replace("$MODEL_DIR", str(root / "mz"))
+    (root / "modelzoo.yaml").write_text(text)
     return root, shards_msl64
 
 
 def tool_cases(root: Path) -> dict:
     """Each tool's main, a working command line (outputs under OUT), and the flags it knows."""
-    md, genes, ref = (str(root / name) for name in ("md", "genes.fasta", "ref.fasta"))
+    md, genes, ref, modelzoo = (str(root / name) for name in ("md", "genes.fasta", "ref.fasta", "modelzoo.yaml"))
     model = ["--model_dir", md, "--batch_size", "4", "--device", "cpu"]
     model_flags = ["--model_dir", "--checkpoint_path", "--device", "--batch_size", "--overwrite"]
     return {
@@ -168,6 +171,12 @@ def tool_cases(root: Path) -> dict:
                              "--windows_per_file", "--reading_frame", "--features", "--overwrite", "--pack_sequences"]),
         "convert_checkpoint": (convert_checkpoint.main, ["--to", "hf", "--model_dir", md, "--output_dir", "OUT/hf"],
                                ["--checkpoint_path", "--output_dir", "--overwrite", "--model_dir"]),
+        "evaluate": (evaluate.main, [*model, "--output_dir", "OUT/ev", "--tasks", "perplexity", "--train_fasta", genes,
+                                     "--eval_fasta", genes, "--max_order", "2"],
+                     model_flags + ["--tasks", "--train_fasta", "--eval_fasta", "--max_order", "--seed",
+                                    "--num_generated", "--generate_codons", "--temperature", "--kmer_sizes"]),
+        "convert_params": (convert_params.main, ["--input", modelzoo, "--output", "OUT/params.yaml"],
+                           ["--input", "--output", "--overwrite"]),
     }
 
 
