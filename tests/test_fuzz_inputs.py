@@ -206,6 +206,11 @@ def test_validate_only_over_mutated_params(world, tmp_path):
 def test_tools_over_mutated_arguments(world, tmp_path, monkeypatch):
     root, _ = world
     cases = tool_cases(root)
+    for name, (main, base, _) in sorted(cases.items()):  # each mutation starts from a command that works
+        out = tmp_path / f"base_{name}"
+        out.mkdir()
+        code, err = outcome(main, [a.replace("OUT", str(out)) if a.startswith("OUT/") else a for a in base])
+        assert code == 0, f"{name}: {err}"
     rng = random.Random(SEED)
     codes = {0: 0, 2: 0}
     for n in range(TOOL_CASES):
