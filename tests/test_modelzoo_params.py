@@ -362,3 +362,21 @@ def test_mutated_modelzoo_files_fail_in_lines_not_tracebacks(name, shards_msl64,
             load_params(path)
         except ConfigError as e:
             assert all(line.startswith(f"{path}: ") for line in str(e).splitlines()), str(e)
+
+
+@pytest.mark.parametrize("given,flags,ours", [
+    ("gpt3", {}, "gpt2"), ("gpt2", {}, "gpt2"), ("gptj", {}, "gptj"),
+    ("gptj", {"use_untied_layer_norm": True}, "gpt_neox"), ("gpt_neox", {}, "gpt_neox"), ("bert", {}, "bert"),
+    (None, {"position_embedding_type": "rotary"}, "gptj"),
+    (None, {"position_embedding_type": "rotary", "use_untied_layer_norm": True}, "gpt_neox"),
+    (None, {"encoder_nonlinearity": "gelu"}, "bert"), (None, {}, "gpt2"),
+])
+def test_model_names(given, flags, ours):
+    from modelzoo.modelzoo_params import translate
+    model = {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 4, "max_position_embeddings": 64, **flags}
+    if given:
+        model["name"] = given
+    t = translate({"model": model}, "p.yaml")
+    assert t.params["model"]["name"] == ours and not t.problems
+    assert (f"model.name not given (a sectioned Model Zoo file): {ours}, from the model's keys" in t.notes) == \
+        (given is None)
