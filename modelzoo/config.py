@@ -27,6 +27,10 @@ MODES = ("train", "eval", "train_and_eval", "eval_all")
 CHECKPOINT_STATES = frozenset({"model", "optimizer", "scheduler", "dataloader", "rng"})
 # Ids of the codon tokenizer (modelzoo/data/codon_wordlevel_69vocab.json; a test keeps them equal).
 CODON_VOCAB_SIZE = 69
+# Bounds on the model's sizes, far above any model this toolkit could train (GenSLM's 25B: width
+# 8192, 64 blocks, 10,240 tokens), so that every weight's element count stays a 64-bit integer and
+# building a model never runs for ever: a size past them is a typo, refused in one line.
+MAX_WIDTH, MAX_LAYERS = 2**16, 2**10
 # A seed every generator takes as it is: numpy's legacy seed and torch's both accept [0, 2**32).
 SEED_RANGE = {"ge": 0, "le": 2**32 - 1}
 
@@ -99,13 +103,15 @@ class DataInput(Section):
 class ModelConfig(Section):
     name: Literal["gpt2", "gptj", "gpt_neox", "bert"] = Field(description="Architecture: gpt2, gptj, gpt_neox "
                                                                          "(GenSLM's models) or bert.")
-    vocab_size: int = Field(CODON_VOCAB_SIZE, gt=0, description="Vocabulary size: at least the codon tokenizer's 69 ids "
+    vocab_size: int = Field(CODON_VOCAB_SIZE, gt=0, le=MAX_WIDTH, description="Vocabulary size: at least the codon tokenizer's 69 ids "
                                                                  "(69 = GenSLM's codon vocabulary).")
-    hidden_size: int = Field(gt=0, description="Width of the residual stream.")
-    num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
-    num_heads: int = Field(gt=0, description="Attention heads; must divide hidden_size.")
-    filter_size: Optional[int] = Field(None, gt=0, description="MLP inner width (default 4 * hidden_size).")
-    max_position_embeddings: int = Field(gt=0, description="Longest sequence the model accepts.")
+    hidden_size: int = Field(gt=0, le=MAX_WIDTH, description="Width of the residual stream.")
+    num_hidden_layers: int = Field(gt=0, le=MAX_LAYERS, description="Number of transformer blocks.")
+    num_heads: int = Field(gt=0, le=MAX_WIDTH, description="Attention heads; must divide hidden_size.")
+    filter_size: Optional[int] = Field(None, gt=0, le=4 * MAX_WIDTH, description="MLP inner width (default 4 * "
+                                                                                 "hidden_size).")
+    max_position_embeddings: int = Field(gt=0, le=MAX_WIDTH * 16, description="Longest sequence the model "
+                                                                             "accepts.")
     dropout_rate: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, residual branches and MLP.")
     attention_dropout_rate: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
     layer_norm_epsilon: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")

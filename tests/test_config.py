@@ -135,3 +135,11 @@ def test_compile_only_refuses_a_plan_that_does_not_fit_on_every_backend(raw, tmp
     refusal = "runconfig.csx.wafer_memory_gb: stage 1 GPT2Block needs" if device == "CSX" else \
         "--compile_only: does not fit with these params; no setting fits"
     assert len(err) == 1 and err[0].startswith(f"error: {refusal}")
+
+
+def test_model_sizes_past_any_trainable_model_are_one_line(raw):
+    """Sizes whose weights' element counts would overflow, or whose model would take for ever to build."""
+    for key, value in (("hidden_size", 2**64), ("num_hidden_layers", 2**20), ("max_position_embeddings", 2**70),
+                       ("filter_size", 2**40), ("vocab_size", 2**64), ("num_heads", 2**64)):
+        assert error_of(raw, lambda r: r["model"].update({key: value})).startswith(
+            f"p.yaml: model.{key}: Input should be less than or equal to ")
