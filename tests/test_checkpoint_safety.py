@@ -223,6 +223,8 @@ def wrong_types(state: dict) -> dict[str, tuple[dict, str]]:
         "optimizer shape": ({**state, "optimizer": {**opt, "state": {some: {
             **opt["state"][some], "exp_avg": torch.zeros(3)}}}}, f"field optimizer.state[{some!r}]['exp_avg']: shape"),
         "optimizer type": ({**state, "optimizer": {**opt, "type": 7}}, "field optimizer: "),
+        "optimizer value": ({**state, "optimizer": {**opt, "state": {some: {**opt["state"][some], "step": "1"}}}},
+                            f"field optimizer.state[{some!r}]['step']: '1' (str) is not a tensor or number"),
         "dataloader": ({**state, "dataloader": {"epoch": "0", "batches_done": 2}}, "field dataloader: "),
     }
 
@@ -280,3 +282,26 @@ def test_saved_params_of_the_wrong_shape_are_one_line_for_genome_lm_load(tmp_pat
         with pytest.raises(CheckpointError) as info:
             GenomeLM.load(path)
         assert str(info.value).startswith(f"{path}: {said}") and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_optimizer_state_table_is_what_torch_keeps():
+    """checkpoint.OPTIMIZER_STATE against the state torch.optim keeps after a step, for every
+    optimizer_type the params offer (with the options that add state: momentum, amsgrad)."""
+    import typing
+
+    from modelzoo.config import OptimizerConfig
+    from modelzoo.training import optim
+    for kind in typing.get_args(OptimizerConfig.model_fields["optimizer_type"].annotation):
+        weight = torch.nn.Parameter(torch.ones(2, 2))
+        optimizer = optim.build_optimizer([("w", weight)], OptimizerConfig(optimizer_type=kind, learning_rate=0.1,
+                                                                           momentum=0.9))
+        weight.grad = torch.ones(2, 2)
+        optimizer.step()
+        kept = set(optimizer.state[weight])
+        if kind != "SGD":  # what amsgrad adds, should a checkpoint of torch's own Adam come along
+            other = torch.nn.Parameter(torch.ones(2))
+            amsgrad = type(optimizer)([other], amsgrad=True)
+            other.grad = torch.ones(2)
+            amsgrad.step()
+            kept |= set(amsgrad.state[other])
+        assert kept == ckpt.OPTIMIZER_STATE[type(optimizer).__name__], kind
