@@ -100,6 +100,21 @@ class DataInput(Section):
                                                        "id (default: the first column).")
 
 
+class LoraConfig(Section):
+    rank: int = Field(8, gt=0, description="Rank r of each adapter: W x + (alpha / r) B A x, with A (r x in) and B "
+                                           "(out x r).")
+    alpha: float = Field(16.0, gt=0, description="Scale of the adapters' update: alpha / rank multiplies B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (the frozen path has none).")
+    targets: list[str] = Field(["attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out"], min_length=1,
+                               description="Linear layers that get adapters, by module name: a target selects a "
+                                           "layer whose name is it or ends with '.' + it, or matches it as a "
+                                           "shell-style pattern (e.g. 'blocks.1*.attn.qkv', 'head.lm_head'). Each "
+                                           "target must select at least one Linear layer.")
+    trainable: list[str] = Field([], description="Parameters trained in full beside the adapters, by shell-style "
+                                                 "name pattern (e.g. 'head.*' for a classifier's new head, "
+                                                 "'*.bias'); every other parameter is frozen.")
+
+
 class ModelConfig(Section):
     name: Literal["gpt2", "gptj", "gpt_neox", "bert"] = Field(description="Architecture: gpt2, gptj, gpt_neox "
                                                                          "(GenSLM's models) or bert.")
@@ -141,6 +156,9 @@ class ModelConfig(Section):
     rotary_emb_base: float = Field(10000.0, gt=0, description="gptj, gpt_neox: base of the rotary angles.")
     num_labels: Optional[int] = Field(None, gt=1, description="BERT only: number of classes; when set, the model "
                                                               "is a sequence classifier on the pooled [CLS].")
+    lora: Optional[LoraConfig] = Field(None, description="LoRA fine-tuning: adapters on the target Linear layers "
+                                                         "train, every other weight stays frozen (default: all "
+                                                         "weights train).")
 
     @property
     def head_dim(self) -> int:
@@ -468,6 +486,13 @@ class Params(Section):
             raise _CrossFieldError(wrong[0].loc, str(wrong[0]), wrong[1:])
         return self
 
+    @model_validator(mode="after")
+    def _check_lora(self):
+        if self.model.lora is not None and self.sparsity is not None:
+            raise _CrossFieldError(("model", "lora"), "LoRA freezes the weights that sparsity would prune or regrow; "
+                                                      "drop the sparsity section (or model.lora)")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
@@ -753,7 +778,7 @@ def reference_markdown() -> str:
                 ("optimizer.learning_rate phase: Polynomial", PolynomialLR),
                 ("train_input.prepare / eval_input.prepare", PrepareSpec),
                 ("sparsity", SparsityConfig), ("sparsity.groups[]", SparsityGroup),
-                ("runconfig", RunConfig), ("runconfig.csx", CSXConfig)]
+                ("runconfig", RunConfig), ("runconfig.csx", CSXConfig), ("model.lora", LoraConfig)]
     for title, cls in sections:
         lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
         for key, field in cls.model_fields.items():
