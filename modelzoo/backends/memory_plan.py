@@ -45,6 +45,7 @@ def memory_plan(model: StagedModel, micro_batch: tuple[int, int], ranks: int, op
     """Bytes per rank. Master weights, gradients and optimizer state are fp32 (mixed precision
     computes in its low-precision dtype under autocast, from fp32 weights)."""
     n = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA: the adapters only
     shard = ranks if sharding == "fsdp" else 1
     states = optimizer_state_tensors(optimizer_cfg) if training else 0
     costs = stage_costs(model, micro_batch, model.config.compute_dtype, training)
@@ -69,7 +70,8 @@ def memory_plan(model: StagedModel, micro_batch: tuple[int, int], ranks: int, op
     b, t = micro_batch
     logits = b * t * model.config.vocab_size * 4 * (2 if training else 1)  # fp32 logits and their gradient
     return MemoryPlan(ranks, sharding, activation_checkpointing, micro_batch, n * 4 // shard,
-                      n * 4 // shard if training else 0, states * n * 4 // shard, working, activations, logits)
+                      trained * 4 // shard if training else 0, states * trained * 4 // shard, working, activations,
+                      logits)
 
 
 def format_memory_plan(plans: list[MemoryPlan], chosen: MemoryPlan, device: str, device_bytes: int | None) -> str:

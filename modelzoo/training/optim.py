@@ -24,9 +24,12 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimizerConfig) -> list[dict]:
+    """The parameters that train (frozen ones, e.g. the base weights under LoRA, get no optimizer
+    and so no state), with and without weight decay."""
     with_decay, without = [], []
     for name, param in named_params:
-        (with_decay if decays(name, param) else without).append(param)
+        if param.requires_grad:
+            (with_decay if decays(name, param) else without).append(param)
     groups = [{"params": with_decay, "weight_decay": cfg.weight_decay},
               {"params": without, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -109,5 +112,7 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, 
                               "use --load_checkpoint_states model to start a fresh optimizer")
     for name, values in saved["state"].items():
         param = params[name]
+        if not param.requires_grad:  # frozen here (LoRA), trained where the state was saved
+            continue
         optimizer.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) and v.ndim else v)
                                   for k, v in values.items()}

@@ -139,7 +139,8 @@ class CSXBackend(Backend):
                 deferred.materialize()
             owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
             self._setup_sparsity(model, owned)
-        self.memoryx = MemoryX(owned, store, optimizer_cfg)
+        frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)  # LoRA's base
+        self.memoryx = MemoryX(owned, store, optimizer_cfg, frozen)
         del owned, live
         self.wafer.strip_weights()
         self.uses = {}

@@ -56,19 +56,22 @@ def _released(shape: torch.Size) -> torch.Tensor:
 
 
 class MemoryX:
-    def __init__(self, masters, store, optimizer_cfg: OptimizerConfig | None):
+    def __init__(self, masters, store, optimizer_cfg: OptimizerConfig | None, frozen: frozenset[str] = frozenset()):
         """``masters``: name -> weight, as a dict or as (name, weight) pairs, which a disk store
-        writes out one by one as they come (e.g. from deferred_init's replay)."""
+        writes out one by one as they come (e.g. from deferred_init's replay). ``frozen``: names
+        that never train (e.g. the base weights under LoRA): held and streamed, but no optimizer
+        state (and the wafer sends no gradient for them)."""
         self.store = store
         self.handles: dict[str, nn.Parameter] = {}
         for name, tensor in (masters.items() if isinstance(masters, dict) else masters):
             master = tensor.detach().float()  # in RAM this aliases the model's tensor: no copy
             self.store.put(f"w/{name}", master)
-            self.handles[name] = nn.Parameter(master if self.store.resident else _released(master.shape))
+            self.handles[name] = nn.Parameter(master if self.store.resident else _released(master.shape),
+                                              requires_grad=name not in frozen)
             del master, tensor
         self.optimizer_cfg = optimizer_cfg
         self.optimizer = None
-        if optimizer_cfg is not None and self.handles:
+        if optimizer_cfg is not None and any(h.requires_grad for h in self.handles.values()):
             self.optimizer = optim.build_optimizer(self.handles.items(), optimizer_cfg)
         self._state_keys: dict[str, list[str]] = {}  # optimizer state tensors kept in the store
         self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
@@ -318,7 +321,8 @@ class MemoryX:
             for k in self._state_keys.pop(name, ()):
                 self.store.pop(f"s/{name}/{k}")
             self._scalars.pop(name, None)
-        mine = {n: v for n, v in saved.get("state", {}).items() if n in self.handles}
+        mine = {n: v for n, v in saved.get("state", {}).items()
+                if n in self.handles and self.handles[n].requires_grad}  # frozen (LoRA) weights keep none
         for name, values in mine.items():
             handle = self.handles[name]
             optim.load_optimizer_state_by_name(self.optimizer, {**saved, "state": {name: values}}, self.handles)

@@ -29,6 +29,7 @@ class StageCost:
     output_bytes: int  # boundary activation it hands to the next stage
     saved_bytes: int  # activations autograd keeps while its backward runs
     peak_bytes: int = 0
+    trained_bytes: int = 0  # of weight_bytes, the weights that get a gradient (LoRA: the adapters only)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Plan:
     streamed_out: int  # gradient bytes streamed per step per system
     keep_activations: bool = False  # stages keep their autograd activations until their backward
     activations: str = ""  # which of the two and why, for the run log and --compile_only
+    frozen: int = 0  # parameters that never train (LoRA's base weights): no gradient, no optimizer state
 
     @property
     def peak(self) -> StageCost:
@@ -111,18 +113,19 @@ def _assemble(model: StagedModel, costs: list[StageCost], micro_batch: tuple[int
     kept = sum(c.saved_bytes for c in costs[:-1]) if (keep_activations and training) else 0
     for i, c in enumerate(costs):
         ahead = sum(costs[j % n].weight_bytes for j in range(i + 1, i + 1 + prefetch_depth))
-        grads = c.weight_bytes if training else 0
+        grads = c.trained_bytes if training else 0
         grad_in = costs[i - 1].output_bytes if (training and i > 0) else 0
         own_saved = c.saved_bytes if (not kept or i == n - 1) else 0  # else already counted in kept
         c.peak_bytes = boundary + kept + c.weight_bytes + ahead + grads + own_saved + c.output_bytes + grad_in
     unique = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # frozen: no gradient, no state
     states = optimizer_state_tensors(optimizer_cfg) if training else 0
-    memoryx = unique * 4 * (1 + (1 + states if training else 0))
+    memoryx = 4 * (unique + (trained * (1 + states) if training else 0))
     weights = sum(c.weight_bytes for c in costs)
     streamed_in = micro_batches * (weights + (weights - costs[-1].weight_bytes if training else 0))
-    streamed_out = micro_batches * weights if training else 0
+    streamed_out = micro_batches * sum(c.trained_bytes for c in costs) if training else 0
     return Plan(costs, micro_batch, micro_batches, model.config.compute_dtype, prefetch_depth, systems, boundary,
-                memoryx, states, streamed_in, streamed_out, keep_activations and training)
+                memoryx, states, streamed_in, streamed_out, keep_activations and training, frozen=unique - trained)
 
 
 def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.dtype,
@@ -141,7 +144,8 @@ def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.d
         hidden = None
         for i, stage in enumerate(model.stages()):
             weights = {n: torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype,
-                                      requires_grad=training) for n, p in stage.named_parameters()}
+                                      requires_grad=training and p.requires_grad)
+                       for n, p in stage.named_parameters()}
             bound = dict(weights)
             bound.update({n: torch.empty(x.shape, dtype=x.dtype) for n, x in stage.named_buffers()})
             if torch.is_tensor(hidden) and training:
@@ -159,8 +163,10 @@ def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.d
                     autocast("cpu", model.config):
                 out = functional_call(stage, bound, (hidden, batch))
             weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+            trained_bytes = sum(w.numel() * w.element_size() for w in weights.values() if w.requires_grad)
             output_bytes = out.numel() * out.element_size() if torch.is_tensor(out) else 0
-            costs.append(StageCost(f"{i} {type(stage).__name__}", weight_bytes, output_bytes, sum(saved.values())))
+            costs.append(StageCost(f"{i} {type(stage).__name__}", weight_bytes, output_bytes, sum(saved.values()),
+                                   trained_bytes=trained_bytes))
             hidden = out
     del mode
     return costs
@@ -198,7 +204,9 @@ def format_plan(plan: Plan, wafer_memory_gb: float, memoryx_where: str) -> str:
     lines += [f"peak wafer memory: {size_text(peak.peak_bytes)} at stage {peak.label} "
               f"(of {wafer_memory_gb:g} GiB; all boundary activations: {size_text(plan.boundary_bytes)})",
               f"MemoryX ({memoryx_where}): {size_text(plan.memoryx_bytes)} fp32 (weights, gradients, "
-              f"{plan.state_tensors} optimizer state tensor(s) per weight), ~{size_text(int(per_system))} per system",
+              f"{plan.state_tensors} optimizer state tensor(s) per {'trained ' if plan.frozen else ''}weight"
+              f"{f'; {plan.frozen:,} frozen weights have neither' if plan.frozen else ''}), "
+              f"~{size_text(int(per_system))} per system",
               f"streamed per step per system: weights in {size_text(plan.streamed_in)}, "
               f"gradients out {size_text(plan.streamed_out)}"]
     if plan.activations:

@@ -51,6 +51,8 @@ class Wafer:
         self.bindings = [[(local, names[id(p)]) for local, p in stage.named_parameters()]
                          for stage in self.stages]
         self.shapes = {n: p.shape for n, p in model.named_parameters()}
+        # what gets a gradient: frozen weights (LoRA's base) stream in but none leaves the wafer
+        self.trained = {n for n, p in model.named_parameters() if p.requires_grad}
 
     def stage_names(self, i: int) -> list[str]:
         return [name for _, name in self.bindings[i]]
@@ -122,7 +124,8 @@ class Wafer:
         for i in range(last):
             # own copies: in RAM MemoryX streams fp32 masters themselves, whose storage must live on
             streamed = next(weights)
-            leaves = {name: streamed[name].detach().clone().requires_grad_() for name in self.stage_names(i)}
+            leaves = {name: streamed[name].detach().clone().requires_grad_(name in self.trained)
+                      for name in self.stage_names(i)}
             hidden, inputs = _differentiable(hidden)
             with torch.enable_grad():
                 hidden = self.run(i, leaves, hidden, batch)
@@ -145,7 +148,7 @@ class Wafer:
     def _differentiate(self, i, weights, hidden, batch, grad_out, loss_scaling, gradients_out):
         """(Re)compute stage i with autograd and differentiate it: returns (loss or None, the
         gradient of its input activation)."""
-        leaves = {name: weights[name].detach().requires_grad_() for name in self.stage_names(i)}
+        leaves = {name: weights[name].detach().requires_grad_(name in self.trained) for name in self.stage_names(i)}
         hidden, inputs = _differentiable(hidden)
         with torch.enable_grad():
             out = self.run(i, leaves, hidden, batch)
@@ -182,12 +185,14 @@ def _differentiable_outputs(out) -> list[torch.Tensor]:
 
 def _backward(i: int, outputs, grad_outputs, inputs: list[torch.Tensor], leaves: dict[str, torch.Tensor],
               gradients_out: GradientSink) -> list[torch.Tensor]:
-    """Differentiate stage i's outputs: its weight gradients go to ``gradients_out``; returns the
-    gradient of each of its input activations (zeros where the output did not depend on one)."""
-    wrt = inputs + list(leaves.values())
+    """Differentiate stage i's outputs: its weight gradients go to ``gradients_out`` (None for a
+    frozen weight, which is not differentiated); returns the gradient of each of its input
+    activations (zeros where the output did not depend on one)."""
+    trained = [name for name, leaf in leaves.items() if leaf.requires_grad]
+    wrt = inputs + [leaves[name] for name in trained]
     grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True) if wrt and outputs \
         else [None] * len(wrt)
-    gradients_out(i, dict(zip(leaves, grads[len(inputs):])))
+    gradients_out(i, {**dict.fromkeys(leaves), **dict(zip(trained, grads[len(inputs):]))})
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads[:len(inputs)])]
 
 
