@@ -26,6 +26,14 @@ pickle) with its architecture file; MD also gets params_genslm.yaml (dropout 0, 
 
     python -m modelzoo.tools.convert_checkpoint --from genslm --input_path CKPT.pt --config ARCH.json --model_dir MD
 
+Fold a LoRA run's adapters into its weights (W + alpha / r B A) and write the merged model as a
+new model_dir: its checkpoint at the same step (no optimizer state: the adapters' is moot) and
+params_merged.yaml, the params without model.lora, from which run.py trains the whole model on:
+
+    python -m modelzoo.tools.convert_checkpoint --merge_lora --model_dir MD [--checkpoint_path C] --output_dir OUT
+
+--to hf and --to genslm fold a LoRA checkpoint's adapters the same way before they export it.
+
 OUT gets config.json, model.safetensors and tokenizer.json / tokenizer_config.json, which
 ``AutoModelFor*.from_pretrained(OUT)`` and ``PreTrainedTokenizerFast.from_pretrained(OUT)`` load;
 OUT appears complete or not at all, and --overwrite replaces an earlier export only, never a
@@ -47,6 +55,7 @@ from modelzoo.config import ModelConfig, Params, load_params
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import CheckpointError, ConfigError, UserError
 from modelzoo.files import check_output_dir, check_output_file, output_file
+from modelzoo.files import output_dir as output_dir_of
 from modelzoo.inference import model_inputs
 from modelzoo.models import build_model, hf
 from modelzoo.training import checkpoint as ckpt
@@ -63,13 +72,18 @@ def build_parser() -> OneLineParser:
                      help="export a checkpoint to a transformers directory, or to GenSLM's weights file")
     way.add_argument("--from", dest="from_", choices=["hf", "genslm"],
                      help="import a transformers directory, or a GenSLM Lightning checkpoint, as checkpoint_0")
-    p.add_argument("--model_dir", required=True, help="--to: read its newest checkpoint; --from: write checkpoint_0 "
-                                                      "here (must hold no checkpoint yet)")
-    p.add_argument("--checkpoint_path", help="--to: export this checkpoint instead of the newest in model_dir")
-    p.add_argument("--output_dir", help="--to: the transformers directory to write (must not exist or be empty, "
-                                        "or be an earlier export with --overwrite)")
+    way.add_argument("--merge_lora", action="store_true",
+                     help="fold a LoRA checkpoint's adapters into its weights: a new model_dir (--output_dir)")
+    p.add_argument("--model_dir", required=True, help="--to, --merge_lora: read its newest checkpoint; --from: write "
+                                                      "checkpoint_0 here (must hold no checkpoint yet)")
+    p.add_argument("--checkpoint_path", help="--to, --merge_lora: read this checkpoint instead of the newest in "
+                                             "model_dir")
+    p.add_argument("--output_dir", help="--to hf: the transformers directory to write; --merge_lora: the merged "
+                                        "model_dir (must not exist or be empty, or be an earlier output of the same "
+                                        "kind with --overwrite)")
     p.add_argument("--output_path", help="--to genslm: the .pt file to write")
-    p.add_argument("--overwrite", action="store_true", help="--to: replace an earlier export of this tool")
+    p.add_argument("--overwrite", action="store_true", help="--to, --merge_lora: replace an earlier output of this "
+                                                            "tool")
     p.add_argument("--pytorch_bin", action="store_true", help="--to hf: also write pytorch_model.bin")
     p.add_argument("--input_dir", help="--from: the transformers directory to read")
     p.add_argument("--params", help="--from hf: params yaml whose model section matches the transformers config")
@@ -82,6 +96,7 @@ def build_parser() -> OneLineParser:
 def _examples() -> list[str]:
     return [f"{PROG} --to hf --model_dir model_dir/run1 --output_dir hf/run1",
             f"{PROG} --to genslm --model_dir model_dir/genslm_25M --output_path genslm_25M.pt",
+            f"{PROG} --merge_lora --model_dir model_dir/lora_run --output_dir model_dir/lora_run_merged",
             f"{PROG} --from hf --input_dir hf/run1 --params configs/genslm/gptj_25M_msl2048.yaml "
             "--model_dir model_dir/run2",
             f"{PROG} --from genslm --input_path patric_25m_epoch01.pt --config 'neox_25,290,752.json' "
@@ -106,12 +121,28 @@ def _exported(model_dir: str, checkpoint_path: str | None) -> tuple[Path, dict, 
     return path, state, raw, ModelConfig.model_validate(raw["model"])
 
 
+def _merged(path: Path, state: dict, raw: dict, cfg: ModelConfig) -> tuple[dict, dict, ModelConfig]:
+    """A LoRA checkpoint's state, raw params and model config with its adapters folded into the
+    weights (the model without model.lora); any other checkpoint's as they are."""
+    if cfg.lora is None:
+        return state, raw, cfg
+    from modelzoo.models import lora
+    model = lora.merged_state(state["model"], cfg.lora, str(path))
+    with torch.device("meta"):
+        plain = cfg.model_copy(update={"lora": None})
+        expected = {k: v.shape for k, v in build_model(plain).state_dict().items()}
+    ckpt.check_model_state(path, model, expected)
+    raw = {**raw, "model": {k: v for k, v in raw["model"].items() if k != "lora"}}
+    return {**state, "model": model}, raw, plain
+
+
 def export(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False,
            pytorch_bin: bool = False) -> str:
     out = Path(output_dir)
     inputs = _inputs(model_dir, checkpoint_path)
     check_output_dir(out, hf.EXPORT_TOOL, overwrite, inputs)  # before the checkpoint is read
     path, state, raw, cfg = _exported(model_dir, checkpoint_path)
+    state, raw, cfg = _merged(path, state, raw, cfg)
     hf.save_hf(out, cfg, state["model"], label_names=_label_names(raw), overwrite=overwrite, inputs=inputs,
                pytorch_bin=pytorch_bin)
     return f"wrote {hf.architecture(cfg)} from {path} to {out}"
@@ -129,7 +160,8 @@ def export_genslm(model_dir: str, checkpoint_path: str | None, output_path: str,
     outputs = [(output_path, "--output_path")] + ([(config_path, "--config")] if config_path else [])
     for target, flag in outputs:  # refused before the checkpoint is read
         check_output_file(target, GENSLM_TOOL, overwrite, inputs, flag)
-    path, state, _, cfg = _exported(model_dir, checkpoint_path)
+    path, state, raw, cfg = _exported(model_dir, checkpoint_path)
+    state, _, cfg = _merged(path, state, raw, cfg)
     if cfg.name != "gpt_neox":
         raise ConfigError(f"{path}: --to genslm needs a gpt_neox checkpoint (GenSLM's models are GPT-NeoX); "
                           f"this is {cfg.name} (use --to hf)")
@@ -142,6 +174,30 @@ def export_genslm(model_dir: str, checkpoint_path: str | None, output_path: str,
             f.write(json.dumps(genslm.architecture_json(cfg), indent=4) + "\n")
     also = f" and its architecture file {config_path}" if config_path else ""
     return f"wrote GenSLM weights ({cfg.name}, step {content['global_step']}) from {path} to {output_path}{also}"
+
+
+MERGE_TOOL = "modelzoo.tools.convert_checkpoint --merge_lora"  # the owner its output directories name
+
+
+def merge_lora(model_dir: str, checkpoint_path: str | None, output_dir: str, overwrite: bool = False) -> str:
+    """A LoRA checkpoint -> a new model_dir holding the merged model at the same step."""
+    inputs = _inputs(model_dir, checkpoint_path)
+    with output_dir_of(output_dir, MERGE_TOOL, overwrite, inputs) as tmp:  # refused before any reading
+        path, state, raw, cfg = _exported(model_dir, checkpoint_path)
+        if cfg.lora is None:
+            raise ConfigError(f"{path}: its params have no model.lora: there are no adapters to merge")
+        from modelzoo.models.lora import adapter_layers
+        layers = len(adapter_layers(state["model"]))
+        state, raw, _ = _merged(path, state, raw, cfg)
+        raw = {**raw, "runconfig": {**(raw.get("runconfig") or {}), "model_dir": str(output_dir)}}
+        params = yaml.safe_dump(raw, sort_keys=False)
+        # the adapters' optimizer state has no use in the merged model: training it starts afresh
+        merged = {k: v for k, v in state.items() if k not in ("optimizer", "loss_scale")}
+        step = int(state.get("step") or 0)
+        ckpt.save_checkpoint(tmp, step, {**merged, "params": params})
+        (tmp / "params_merged.yaml").write_text(params)
+    return f"wrote {ckpt.checkpoint_path(output_dir, step)} and params_merged.yaml from {path}: the adapters " \
+           f"of {layers} layers folded into their weights"
 
 
 def _label_names(raw_params: dict) -> list[str] | None:
@@ -218,12 +274,14 @@ def _write_imported(params: Params, ours: dict, source) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    way = f"--to {args.to}" if args.to else f"--from {args.from_}"
+    way = f"--to {args.to}" if args.to else f"--from {args.from_}" if args.from_ else "--merge_lora"
     needed = {"--to hf": ["output_dir"], "--to genslm": ["output_path"], "--from hf": ["input_dir", "params"],
-              "--from genslm": ["input_path", "config"]}[way]
+              "--from genslm": ["input_path", "config"], "--merge_lora": ["output_dir"]}[way]
     missing = [f"--{k}" for k in needed if getattr(args, k) is None]
     if missing:
         parser.error(f"{way} needs {' and '.join(missing)}")
+    if args.merge_lora:
+        return run_entry(lambda: merge_lora(args.model_dir, args.checkpoint_path, args.output_dir, args.overwrite))
     if args.to == "genslm":
         return run_entry(lambda: export_genslm(args.model_dir, args.checkpoint_path, args.output_path, args.config,
                                                args.overwrite))
