@@ -25,11 +25,10 @@ fewer framed by [CLS] ... [SEP] for BERT.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import functools
-import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
@@ -39,9 +38,12 @@ import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from modelzoo import inference_batching as batching
+from modelzoo.backends.base import autocast, precision_on
 from modelzoo.config import ModelConfig
 from modelzoo.data.tokenizer import READING_FRAMES, CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError, DataError
+from modelzoo.inference_batching import Packed, Piece
 from modelzoo.models import MODELS, build_model, spec_of
 from modelzoo.models.base import StagedModel
 from modelzoo.models.layers import KVCache
@@ -51,6 +53,7 @@ STOP_CODONS = ("TAA", "TAG", "TGA")
 POOLINGS = ("surprise", "mean", "cls", "genslm")
 SURPRISE_LAYER = 0  # the layer surprise pooling reads by default: which codons surprised the model
 Layer = Union[int, str]  # a boundary activation's index, or "final"
+DEFAULT_BATCH_WINDOWS = 8  # batch_tokens by default: this many windows of the model's full context
 
 
 class GenomeLM:
@@ -67,6 +70,7 @@ class GenomeLM:
         self.tokenizer = tokenizer or CodonTokenizer()
         self._codon_ids = torch.as_tensor(self.tokenizer.codon_ids.astype(np.int64), device=self.device)
         self._stop_ids = torch.as_tensor([int(self.tokenizer.encode(c)[0]) for c in STOP_CODONS], device=self.device)
+        self._compute, self.precision_note = precision_on(config, self.device.type)  # the training runs' decision
 
     # ------------------------------------------------------------------ loading
 
@@ -110,7 +114,8 @@ class GenomeLM:
     # ------------------------------------------------------------------ embeddings
 
     def embed(self, sequences: Sequence, layer: Layer | Sequence[Layer] | None = None, pooling: str | None = None,
-              batch_size: int = 8, bf16: bool = False, progress: bool = False) -> np.ndarray:
+              batch_size: int | None = None, bf16: bool = False, progress: bool = False,
+              batch_tokens: int | None = None) -> np.ndarray:
         """One vector per sequence: (n, hidden_size) float32.
 
         layer: index into the boundary activations (0 = embeddings, k = after block k, -1 = last
@@ -128,59 +133,77 @@ class GenomeLM:
             from the first nucleotide), only its first ``max_position_embeddings`` tokens, one
             window, every non-pad position averaged ([UNK] included). Default: surprise for GPT
             models, mean for BERT.
+        batch_tokens: tokens per forward pass, padding included (default: 8 full windows);
+            batch_size: at most this many windows per pass (default: no limit but batch_tokens).
+            Short sequences share a window (packed, each attending only to itself): the results
+            are each sequence's alone, whatever the batches.
+        bf16: deprecated (precision follows the model config, ``precision``): computes under
+            bfloat16 autocast whatever the config says.
         """
-        blocks = [vectors for _, vectors in self.embed_stream(sequences, layer, pooling, batch_size, bf16, progress)]
+        blocks = [vectors for _, vectors in self.embed_stream(sequences, layer, pooling, batch_size, bf16, progress,
+                                                              batch_tokens)]
         if blocks:
             return np.concatenate(blocks, axis=-2)
         width = self.config.hidden_size
         return np.zeros((0, width) if _one_layer(layer) else (len(layer), 0, width), dtype=np.float32)
 
     def embed_stream(self, sequences: Iterable, layer: Layer | Sequence[Layer] | None = None,
-                     pooling: str | None = None, batch_size: int = 8, bf16: bool = False, progress: bool = False
-                     ) -> Iterator[tuple[list, np.ndarray]]:
-        """``embed`` for inputs of any length (an iterator of records, say), a batch of windows
+                     pooling: str | None = None, batch_size: int | None = None, bf16: bool = False,
+                     progress: bool = False, batch_tokens: int | None = None) -> Iterator[tuple[list, np.ndarray]]:
+        """``embed`` for inputs of any length (an iterator of records, say), a round of the input
         at a time: yields (sequences, vectors) for consecutive runs of the input, the sequences
-        as given and their vectors (``embed``'s layout), as soon as they are done. The batches,
-        and so the vectors, are those ``embed`` gives for the whole input."""
+        as given and their vectors (``embed``'s layout), in input order. The batches, and so the
+        vectors, are those ``embed`` gives for the whole input; under a process group each
+        process computes a share of them and every process yields them all."""
         pooling = pooling or self.default_pooling
         self._check_pooling(pooling)
         if layer is None:
             layer = self.default_layer(pooling)
         wanted = [self._state_index(k) for k in ([layer] if _one_layer(layer) else list(layer))]
-        blocks_out = self.config.num_hidden_layers  # the state index of the last block's output
-        final = blocks_out + 1  # layer "final"'s index: where the head's output would be
-
-        def step(windows):
-            ids, keep = self._padded(windows)
-            needed = len(self.model.stages()) if pooling == "surprise" else min(max(wanted), blocks_out) + 1
-            with self._autocast(bf16):
-                states = self._states(ids, needed)
-                normed = self._final_norm(states[blocks_out]) if final in wanted else None
-            if pooling == "cls":
-                weights = torch.zeros_like(keep)
-                weights[:, 0] = 1
-            elif pooling == "surprise":
-                weights = self._surprise_weights(ids, states[-1]["logits"], keep)
-            elif pooling == "genslm":  # GenSLM averages every position its attention mask keeps
-                weights = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(w) for w in windows])[:, None])
-                weights = weights.float()
-            else:
-                weights = keep
-            pooled = [((normed if k == final else states[k]).float().cpu() * weights[..., None]).sum(1) for k in wanted]
-            return torch.stack(pooled, 1).double(), weights.sum(1).double()
-
+        if bf16:
+            warnings.warn("embed(bf16=True) is deprecated: precision follows the model config's "
+                          "mixed_precision (GenomeLM.precision)", DeprecationWarning, stacklevel=2)
         if pooling == "genslm":
-            encoded, items_of = self._encoded_as_genslm, lambda ids: [ids]
+            encoded, pieces_of = self._encoded_as_genslm, lambda ids: [Piece(ids)]
         else:
-            encoded, items_of = self._encoded, self._windows
-        blocks = self._per_sequence(sequences, items_of, step, [(len(wanted), self.config.hidden_size), ()],
-                                    batch_size, progress, "embed", encoded)
+            encoded, pieces_of = self._encoded, lambda ids: map(Piece, self._windows(ids))
 
-        def mean(sums, counts):
-            vectors = (sums / counts[:, None, None]).float().numpy()  # (sequences, layers, hidden)
+        def reduce(per_sequence):
+            means = []
+            for _, found in per_sequence:
+                sums, counts = found[0][1]
+                for _, (s, c) in found[1:]:
+                    sums, counts = sums + s, counts + c
+                means.append((sums / counts).float().numpy())  # (layers, hidden)
+            vectors = np.stack(means)
             return vectors[:, 0] if _one_layer(layer) else vectors.transpose(1, 0, 2)
 
-        return ((done, mean(*totals)) for done, totals in blocks)
+        step = functools.partial(self._pooled, wanted=wanted, pooling=pooling, bf16=bf16)
+        return self._streamed(sequences, pieces_of, step, reduce, batch_size, batch_tokens, progress, "embed", encoded)
+
+    def _pooled(self, packed: Packed, wanted: list[int], pooling: str, bf16: bool) -> list:
+        """Each piece's pooled layers, weighted (float64 sums, layers x hidden) and its total weight."""
+        blocks_out = self.config.num_hidden_layers  # the state index of the last block's output
+        final = blocks_out + 1  # layer "final"'s index: where the head's output would be
+        kept = {blocks_out if k == final else k for k in wanted}
+        needed = len(self.model.stages()) if pooling == "surprise" else max(kept) + 1
+        with self._autocast(bf16):
+            states = self._states(packed.batch, needed, kept)
+            if final in wanted:
+                states[final] = self._final_norm(states[blocks_out])
+        codon = torch.from_numpy(self._scored(packed.input_ids.cpu().numpy(), False).reshape(-1)).float()
+        if pooling == "cls":
+            weights = torch.zeros_like(codon)
+            weights[packed.starts()] = 1
+        elif pooling == "surprise":
+            weights = self._surprise_weights(packed, states["logits"], codon)
+        elif pooling == "genslm":  # GenSLM averages every position its attention mask keeps
+            weights = (packed.piece_of >= 0).float()
+        else:
+            weights = codon
+        width = self.config.hidden_size
+        pooled = torch.stack([packed.per_piece(states[k].float().reshape(-1, width).cpu(), weights) for k in wanted], 1)
+        return list(zip(pooled, packed.per_piece(weights)))
 
     def _check_pooling(self, pooling: str) -> None:
         if pooling not in POOLINGS:
@@ -228,65 +251,69 @@ class GenomeLM:
         return {"surprise": SURPRISE_LAYER, "genslm": "final"}.get(pooling, -1)
 
     @staticmethod
-    def _surprise_weights(ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Per codon position: its surprisal squared, (-log p(codon | earlier codons of the window))^2,
-        on the CPU; the first codon of a window (nothing predicts it) and non-codons get none. A
-        small floor keeps a sequence the model predicts perfectly at its mean."""
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        weights = torch.zeros_like(keep)
-        weights[:, 1:] = logp.square() * keep[:, 1:]
-        return weights + 1e-6 * keep
+    def _surprise_weights(packed: Packed, logits: torch.Tensor, codon: torch.Tensor) -> torch.Tensor:
+        """Per token: its surprisal squared, (-log p(codon | earlier codons of its piece))^2, on
+        the CPU; a piece's first codon (nothing predicts it) and non-codons get none. A small
+        floor keeps a sequence the model predicts perfectly at its mean."""
+        return _next_token_log_probs(packed, logits).square() * packed.follows() * codon + 1e-6 * codon
 
-    def _states(self, ids: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
-        """The activations after each of the first ``n_stages`` stages (the first: token embeddings)."""
-        batch = {"input_ids": ids, "attention_mask": (ids != self.tokenizer.pad_id).long()}
-        hidden, states = None, []
-        for stage in self.model.stages()[:n_stages]:
+    def _states(self, batch: dict, n_stages: int, kept: set[int]) -> dict:
+        """The activations after those of the first ``n_stages`` stages named in ``kept`` (0: the
+        token embeddings), and the head's "logits" when every stage runs."""
+        hidden, states = None, {}
+        for k, stage in enumerate(self.model.stages()[:n_stages]):
             hidden = stage(hidden, batch)
-            states.append(hidden)
+            if k in kept:
+                states[k] = hidden
+        if n_stages == len(self.model.stages()):
+            states["logits"] = hidden["logits"]
         return states
 
     # ------------------------------------------------------------------ log-likelihood
 
-    def log_likelihood(self, sequences: Sequence, per_codon_mean: bool = False, batch_size: int = 8,
-                       progress: bool = False, return_counts: bool = False, score_unk: bool = False):
+    def log_likelihood(self, sequences: Sequence, per_codon_mean: bool = False, batch_size: int | None = None,
+                       progress: bool = False, return_counts: bool = False, score_unk: bool = False,
+                       batch_tokens: int | None = None):
         """Log-probability in nats of each sequence's codons, summed (or averaged per scored codon).
 
         Causal models score each codon given the ones before it in its window; windows overlap
         by one codon so that every codon but the first is scored. BERT gives the
         pseudo-log-likelihood: each codon is masked in turn and scored from both sides. [UNK]
         codons are not scored (no codon was observed); a sequence with nothing to score gets 0
-        (mean: nan).
+        (mean: nan). Batches as ``embed``'s (batch_tokens, batch_size).
         score_unk: score [UNK] targets too, as GenSLM's loss does (the log-probability of the
             [UNK] token there), for numbers comparable with GenSLM's. (GenSLM also reads one more
             [UNK] for a trailing partial codon, and only a model's first context of codons.)
         return_counts: also return the number of scored codons per sequence.
         """
         blocks = [scores for _, scores in self.log_likelihood_stream(sequences, per_codon_mean, batch_size, progress,
-                                                                    score_unk)]
+                                                                    score_unk, batch_tokens)]
         values, counts = (np.concatenate(part) for part in zip(*blocks)) if blocks else \
             (np.zeros(0), np.zeros(0, dtype=np.int64))
         return (values, counts) if return_counts else values
 
-    def log_likelihood_stream(self, sequences: Iterable, per_codon_mean: bool = False, batch_size: int = 8,
-                              progress: bool = False, score_unk: bool = False
+    def log_likelihood_stream(self, sequences: Iterable, per_codon_mean: bool = False, batch_size: int | None = None,
+                              progress: bool = False, score_unk: bool = False, batch_tokens: int | None = None
                               ) -> Iterator[tuple[list, tuple[np.ndarray, np.ndarray]]]:
-        """``log_likelihood`` for inputs of any length, a batch at a time: yields (sequences,
-        (values, scored codon counts)) for consecutive runs of the input as soon as they are done
-        (see ``embed_stream``); the values are those ``log_likelihood`` gives for the whole input."""
+        """``log_likelihood`` for inputs of any length, a round at a time: yields (sequences,
+        (values, scored codon counts)) for consecutive runs of the input, in input order (see
+        ``embed_stream``); the values are those ``log_likelihood`` gives for the whole input."""
         self._need_token_head("log_likelihood")
-        items_of, step = (self._causal_windows, functools.partial(self._causal_scores, score_unk=score_unk)) \
-            if self.is_causal else (functools.partial(self._masked_positions, score_unk=score_unk), self._masked_scores)
-        blocks = self._per_sequence(sequences, items_of, step, [(), ()], batch_size, progress, "score")
+        if self.is_causal:
+            pieces_of, step = self._causal_pieces, functools.partial(self._causal_sums, score_unk=score_unk)
+        else:
+            pieces_of, step = functools.partial(self._masked_pieces, score_unk=score_unk), self._masked_sums
 
-        def scores(totals, counts):
-            values = totals / counts if per_codon_mean else totals  # mean of nothing scored: 0 / 0 = nan
-            return values.numpy(), counts.numpy().astype(np.int64)
+        def reduce(per_sequence):
+            totals = np.array([_summed(t for _, (t, _) in found) for _, found in per_sequence])
+            counts = np.array([sum(n for _, (_, n) in found) for _, found in per_sequence], dtype=np.int64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (totals / counts if per_codon_mean else totals), counts  # mean of nothing scored: nan
 
-        return ((done, scores(*sums)) for done, sums in blocks)
+        return self._streamed(sequences, pieces_of, step, reduce, batch_size, batch_tokens, progress, "score")
 
-    def codon_log_probs(self, sequences: Sequence, batch_size: int = 8, progress: bool = False,
-                        score_unk: bool = False) -> list[np.ndarray]:
+    def codon_log_probs(self, sequences: Sequence, batch_size: int | None = None, progress: bool = False,
+                        score_unk: bool = False, batch_tokens: int | None = None) -> list[np.ndarray]:
         """Log-probability in nats of every codon of each sequence, as ``log_likelihood`` scores
         it (GPT: given the earlier codons of its window; BERT: masked, from both sides): one
         float64 array per sequence, one entry per codon as read (index = 0-based codon position in
@@ -294,85 +321,76 @@ class GenomeLM:
         NaN where a codon is not scored (GPT: the first codon; any model: [UNK] codons, unless
         ``score_unk``). So ``np.nansum`` of a sequence's array is its ``log_likelihood``.
         """
-        return [values for _, arrays in self.codon_log_probs_stream(sequences, batch_size, progress, score_unk)
-                for values in arrays]
+        return [values for _, arrays in self.codon_log_probs_stream(sequences, batch_size, progress, score_unk,
+                                                                    batch_tokens) for values in arrays]
 
-    def codon_log_probs_stream(self, sequences: Iterable, batch_size: int = 8, progress: bool = False,
-                               score_unk: bool = False) -> Iterator[tuple[list, list[np.ndarray]]]:
-        """``codon_log_probs`` for inputs of any length, a batch at a time: yields (sequences, their
-        per-codon arrays) for consecutive runs of the input as soon as they are done (the batches
-        are ``log_likelihood_stream``'s)."""
+    def codon_log_probs_stream(self, sequences: Iterable, batch_size: int | None = None, progress: bool = False,
+                               score_unk: bool = False, batch_tokens: int | None = None
+                               ) -> Iterator[tuple[list, list[np.ndarray]]]:
+        """``codon_log_probs`` for inputs of any length, a round at a time: yields (sequences, their
+        per-codon arrays) for consecutive runs of the input, in input order (the batches are
+        ``log_likelihood_stream``'s)."""
         self._need_token_head("codon_log_probs")
-        arrays: collections.deque = collections.deque()  # per sequence read, in order, until yielded
+        if self.is_causal:
+            pieces_of, step = self._causal_pieces, functools.partial(self._causal_values, score_unk=score_unk)
+        else:
+            pieces_of, step = functools.partial(self._masked_pieces, score_unk=score_unk), self._masked_sums
 
-        def items_of(ids):  # each item with the array and the codon index its values fill from
-            values = np.full(len(ids), np.nan)
-            arrays.append(values)
-            located = self._causal_windows_at(ids) if self.is_causal else self._masked_positions_at(ids, score_unk)
-            return ((values, at, item) for at, item in located)
+        def reduce(per_sequence):
+            arrays = []
+            for length, found in per_sequence:
+                values = np.full(length, np.nan)
+                for piece, result in found:
+                    if self.is_causal:
+                        values[piece.place: piece.place + len(result)] = result
+                    else:
+                        values[piece.place] = result[0]
+                arrays.append(values)
+            return arrays
 
-        def step(items):
-            found = self._causal_codon_scores([x for _, _, x in items], score_unk) if self.is_causal else \
-                self._masked_scores([x for _, _, x in items])[0].numpy()[:, None]
-            for (values, at, _), v in zip(items, found):
-                values[at: at + len(v)] = v
-            return [torch.zeros(len(items), dtype=torch.float64)]  # nothing to sum: the values are placed
+        return self._streamed(sequences, pieces_of, step, reduce, batch_size, batch_tokens, progress, "score")
 
-        blocks = self._per_sequence(sequences, items_of, step, [()], batch_size, progress, "score")
-        return ((done, [arrays.popleft() for _ in done]) for done, _ in blocks)
-
-    def _causal_windows(self, ids):
-        """Windows overlapping by one codon, so that every codon but the first is scored."""
+    def _causal_pieces(self, ids: np.ndarray) -> Iterator[Piece]:
+        """Windows overlapping by one codon, so that every codon but the first is scored; each
+        placed at the codon index of its first scored codon (its second)."""
         stride = max(1, self.context - 1)
-        return (ids[s: s + self.context] for s in range(0, max(len(ids) - 1, 1), stride))
+        return (Piece(ids[s: s + self.context], place=s + 1) for s in range(0, max(len(ids) - 1, 1), stride))
 
-    def _causal_windows_at(self, ids):
-        """``_causal_windows``, each with the codon index of its first scored codon (its second)."""
-        return zip(itertools.count(1, max(1, self.context - 1)), self._causal_windows(ids))
+    def _causal_log_probs(self, packed: Packed, score_unk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (flattened, on the CPU): its log-probability given the tokens before it in its
+        piece, and whether it is scored (a codon, or [UNK] with ``score_unk``, not a piece's first)."""
+        with self._autocast(False):
+            logits = self.model(packed.batch)["logits"]
+        scored = torch.from_numpy(self._scored(packed.input_ids.cpu().numpy(), score_unk).reshape(-1))
+        return _next_token_log_probs(packed, logits), scored & packed.follows()
 
-    def _causal_codon_scores(self, windows, score_unk: bool = False):
-        """Each window's log-probabilities of its codons after the first (NaN: not scored)."""
-        logp, scored = self._causal_log_probs(windows, score_unk)
-        values = torch.where(scored.bool(), logp.double(), math.nan).numpy()
-        return [v[: len(w) - 1] for v, w in zip(values, windows)]
+    def _causal_sums(self, packed: Packed, score_unk: bool) -> list[tuple[float, int]]:
+        """Each piece's summed log-probability and scored codons."""
+        logp, scored = self._causal_log_probs(packed, score_unk)
+        totals, counts = packed.per_piece(logp, scored), packed.per_piece(scored)
+        return list(zip(totals.tolist(), counts.long().tolist()))
 
-    def _causal_scores(self, windows, score_unk: bool = False):
-        """Summed log-probability and scored codons of each window (each codon given the ones before it)."""
-        logp, scored = self._causal_log_probs(windows, score_unk)
-        return (logp * scored).sum(1).double(), scored.sum(1).double()
+    def _causal_values(self, packed: Packed, score_unk: bool) -> list[np.ndarray]:
+        """Each piece's log-probabilities of its codons after the first (NaN: not scored)."""
+        logp, scored = self._causal_log_probs(packed, score_unk)
+        values = torch.where(scored, logp.double(), math.nan).numpy()
+        return [values[start + 1: end] for start, end in packed.spans]
 
-    def _causal_log_probs(self, windows, score_unk: bool = False):
-        """Log-probability of each window's codons after its first, given the ones before (on the
-        CPU), and which of them are scored (1: a codon, or [UNK] with ``score_unk``; 0: [UNK] or
-        padding)."""
-        ids, keep = self._padded(windows, score_unk)
-        logits = self.model({"input_ids": ids})["logits"][:, :-1].float()
-        targets = ids[:, 1:]
-        logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].cpu()
-        return logp, keep[:, 1:]
-
-    def _masked_positions(self, ids, score_unk: bool = False):
-        """One item per (window, codon position): that position is masked and scored."""
-        return (item for _, item in self._masked_positions_at(ids, score_unk))
-
-    def _masked_positions_at(self, ids, score_unk: bool = False):
-        """``_masked_positions``, each item with the index of its codon in the sequence."""
+    def _masked_pieces(self, ids: np.ndarray, score_unk: bool = False) -> Iterator[Piece]:
+        """One piece per (window, scored codon): the framed window with that codon masked, placed
+        at the codon's index in the sequence."""
         for k, w in enumerate(self._windows(ids)):
             for p in np.flatnonzero(self._scored(w, score_unk)):
-                yield k * self.context + int(p) - 1, (w, p)  # p counts [CLS]
+                yield Piece(w, place=k * self.context + int(p) - 1, mask_at=int(p))  # p counts [CLS]
 
-    def _masked_scores(self, items):
-        """Log-probability of each item's codon, masked, from both sides."""
-        ids = torch.as_tensor(_pad([w for w, _ in items], self.tokenizer.pad_id), device=self.device)
-        at = torch.tensor([p for _, p in items], device=self.device)
-        line = torch.arange(len(items), device=self.device)
-        targets = ids[line, at]
-        masked = ids.clone()
-        masked[line, at] = self.tokenizer.mask_id
-        batch = {"input_ids": masked, "attention_mask": (ids != self.tokenizer.pad_id).long()}
-        logits = self.model(batch)["logits"][line, at].float()
-        logp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
-        return logp.double(), torch.ones(len(items), dtype=torch.float64)
+    def _masked_sums(self, packed: Packed) -> list[tuple[float, int]]:
+        """Log-probability of each piece's masked codon, from both sides (and 1 codon scored)."""
+        with self._autocast(False):
+            logits = self.model(packed.batch)["logits"]
+        at = torch.tensor(packed.masked, device=self.device)
+        targets = torch.tensor(packed.targets, device=self.device)
+        logp = logits.reshape(-1, logits.shape[-1])[at].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        return [(value, 1) for value in logp.double().cpu().tolist()]
 
     # ------------------------------------------------------------------ generation
 
@@ -502,71 +520,63 @@ class GenomeLM:
             else:
                 yield np.concatenate(([self.tokenizer.cls_id], w, [self.tokenizer.sep_id]))
 
-    def _padded(self, windows: list[np.ndarray], score_unk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """[PAD]-padded ids on the device, and the codon-position mask (on the CPU; [UNK]
-        positions too with ``score_unk``)."""
-        ids = _pad(windows, self.tokenizer.pad_id)
-        keep = torch.from_numpy(self._scored(ids, score_unk)).float()
-        return torch.as_tensor(ids, device=self.device), keep
-
     def _scored(self, ids: np.ndarray, score_unk: bool) -> np.ndarray:
         """Which positions hold a codon (or an [UNK], with ``score_unk``)."""
         codon = np.isin(ids, self.tokenizer.codon_ids)
         return codon | (ids == self.tokenizer.unk_id) if score_unk else codon
 
-    def _per_sequence(self, sequences: Iterable, items_of, step, shapes: list[tuple], batch_size: int,
-                      progress: bool, desc: str, encoded=None) -> Iterator[tuple[list, list[torch.Tensor]]]:
-        """Per-sequence float64 sums of ``step``'s results over the sequence's work items, for an
-        input of any length: ``items_of(ids)`` gives one sequence's items (windows, or window
-        positions); items of consecutive sequences are cut into batches of ``batch_size`` whatever
-        sequence they belong to (the batches of the whole input in memory); ``step(items)`` gives
-        each item's contributions, a tensor per entry of ``shapes`` (its shape after the item
-        axis); ``encoded(sequences)`` gives (sequence, ids) pairs (default ``_encoded``). Yields
-        (sequences as given, their sums) as soon as no later item can add to them."""
+    def _streamed(self, sequences: Iterable, pieces_of, step, reduce, batch_size: int | None,
+                  batch_tokens: int | None, progress: bool, desc: str, encoded=None) -> Iterator[tuple[list, object]]:
+        """The results of an input of any length, a round at a time (``inference_batching``):
+        ``encoded(sequences)`` gives (sequence, ids) pairs (default ``_encoded``), ``pieces_of(ids)``
+        one sequence's pieces, ``step(packed)`` a result per piece of a packed batch, and
+        ``reduce([(codons, [(piece, result), ...]) per sequence])`` a round's block. Yields
+        (sequences as given, block) in input order."""
         if isinstance(sequences, (str, bytes)):
             raise ConfigError("sequences: pass a list of sequences, not one string")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size {batch_size}: must be >= 1")
-        return self._summed(sequences, items_of, step, shapes, batch_size, progress, desc, encoded or self._encoded)
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ConfigError(f"batch_tokens {batch_tokens}: must be >= 1")
+        tokens = batch_tokens or DEFAULT_BATCH_WINDOWS * self.config.max_position_embeddings
+        return self._rounds(encoded or self._encoded, sequences, pieces_of, step, reduce, batch_size, tokens,
+                            progress, desc)
 
     @torch.no_grad()
-    def _summed(self, sequences, items_of, step, shapes, batch_size, progress, desc, encoded):
-        pending: list = []  # sequences read whose sums may still grow; pending[0] is sequence number `base`
-        base = 0
-        sums = [torch.zeros((0, *shape), dtype=torch.float64) for shape in shapes]
+    def _rounds(self, encoded, sequences, pieces_of, step, reduce, batch_size, tokens, progress, desc):
+        lengths: list[int] = []  # codons of each sequence of the round
 
-        def items():
-            for k, (item, ids) in enumerate(encoded(sequences)):
-                pending.append(item)
-                yield from ((k, x) for x in items_of(ids))
+        def read():
+            for item, ids in encoded(sequences):
+                lengths.append(len(ids))
+                yield item, ids
 
-        def grown(sums):  # a zero row for each sequence read since
-            more = len(pending) - len(sums[0])
-            return [torch.cat((s, s.new_zeros((more, *s.shape[1:])))) for s in sums] if more else sums
-
-        work = items()
+        most = None if batch_size is None else batch_size * batching.ROUND_BATCHES * batching.shard()[1]
         total = len(sequences) if hasattr(sequences, "__len__") else None
         with tqdm(total=total, desc=desc, unit=" sequences", disable=None if progress else True) as bar:
-            while chunk := list(itertools.islice(work, batch_size)):
-                rows = torch.tensor([k for k, _ in chunk]) - base
-                parts = step([x for _, x in chunk])
-                sums = grown(sums)
-                for s, part in zip(sums, parts):
-                    s.index_add_(0, rows, part)
-                done = chunk[-1][0] - base  # the sequences before the last item's have all their items
-                if done:
-                    yield pending[:done], [s[:done] for s in sums]
-                    del pending[:done]
-                    sums, base = [s[done:] for s in sums], base + done
-                    bar.update(done)
-            if pending:
-                yield pending, grown(sums)
-                bar.update(len(pending))
+            for items, pieces in batching.rounds(read(), pieces_of, batching.round_work(tokens), most):
+                found = batching.results(pieces, step, tokens, batch_size, self.tokenizer.pad_id,
+                                         self.tokenizer.mask_id, self.device)
+                per_sequence = [(n, []) for n in lengths[:len(items)]]
+                del lengths[:len(items)]
+                for piece, result in zip(pieces, found):
+                    per_sequence[piece.owner][1].append((piece, result))
+                yield items, reduce(per_sequence)
+                bar.update(len(items))
+
+    @property
+    def precision(self) -> str:
+        """The dtype the model computes in: the model config's fp16_type where its mixed_precision
+        holds on this device (on a CPU as model.mixed_precision_on_cpu decides, measured once:
+        ``backends.base.precision_on``, the training runs' rule), else float32."""
+        return self._compute.fp16_type if self._compute.mixed_precision else "float32"
 
     def _autocast(self, bf16: bool):
-        if not bf16:
+        if bf16:  # the deprecated embed(bf16=True)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if not self._compute.mixed_precision:  # nothing entered: a caller's own autocast still holds
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device.type, self._compute)
 
 
 def _saved_params(state: dict, path: Path) -> dict:
@@ -620,12 +630,22 @@ def _one_layer(layer) -> bool:
     return isinstance(layer, (int, np.integer, str))
 
 
-def _pad(windows: Iterable[np.ndarray], pad_id: int) -> np.ndarray:
-    windows = list(windows)
-    out = np.full((len(windows), max(len(w) for w in windows)), pad_id, dtype=np.int64)
-    for row, w in zip(out, windows):
-        row[: len(w)] = w
-    return out
+def _next_token_log_probs(packed: Packed, logits: torch.Tensor) -> torch.Tensor:
+    """Per flattened token of a packed batch (on the CPU, float32): the log-probability the
+    logits of the token before it in its row give it (0 for a row's first token; whether that
+    token is of the same piece is ``packed.follows()``)."""
+    ids = packed.input_ids
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+    return torch.cat((logp.new_zeros(len(logp), 1), logp), 1).reshape(-1)
+
+
+def _summed(values: Iterable[float]) -> float:
+    """Left to right in float64, whatever the Python (3.12's sum() compensates): the same bytes
+    in every process."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
 
 
 def _slide(start: int, length: int, context: int) -> int:

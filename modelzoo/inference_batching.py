@@ -1,0 +1,188 @@
+"""Packed, length-aware batches for ``GenomeLM``, a round of the input at a time, shared out
+among the processes of a run.
+
+A *piece* is what the model reads in one go: a window of a sequence (framed [CLS] ... [SEP] for
+BERT), or, for BERT's pseudo-log-likelihood, a framed window with one codon masked. The pieces of
+a round (a bounded run of the input: memory holds a round, never the input) are sorted longest
+first and laid into batches: rows as wide as the batch's longest piece, as many rows as
+``batch_tokens`` allows; a shorter piece joins a row that still has room (first fit). A row that
+holds several pieces carries the training path's packed layout (``document_ids``, and
+``position_ids`` counted from 0 in each piece), so every piece attends only to itself, at its own
+positions: its results are those of the piece alone. A batch whose rows hold one piece each is
+a plain padded batch.
+
+Under a process group (an outer ``torchrun``, or a tool's ``--num_workers_per_node``), every
+process reads the same input and plans the same batches; process r computes batches r, r + K,
+... of each round, and the results are gathered, so that every process yields the whole stream
+in input order, the same bytes as one process (the same batches, summed in the same order).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+ROUND_BATCHES = 4  # batches per round and process: the pieces sorted by length together
+
+
+class Piece:
+    """Tokens the model reads in one go, the sequence of the round they belong to (``owner``),
+    where their results go in it (``place``: a codon index), and the position given [MASK]
+    (``mask_at``, BERT's pseudo-log-likelihood; -1: none)."""
+
+    __slots__ = ("ids", "owner", "place", "mask_at")
+
+    def __init__(self, ids: np.ndarray, place: int = 0, mask_at: int = -1):
+        self.ids, self.place, self.mask_at, self.owner = ids, place, mask_at, -1
+
+
+class Packed:
+    """One batch on the device: what the model reads (``batch``), and where its pieces lie in
+    the flattened (rows * width) tokens: ``spans[k]`` = [start, end) of the batch's k-th piece,
+    ``piece_of`` = k at each token (-1: padding), ``order[k]`` = its index in the round."""
+
+    def __init__(self, rows: list[list[int]], pieces: Sequence[Piece], pad_id: int, mask_id: int, device):
+        width = len(pieces[rows[0][0]].ids)
+        several = any(len(row) > 1 for row in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        piece_of = np.full((len(rows), width), -1, dtype=np.int64)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
+        self.spans, self.order = [], []
+        self.masked, self.targets = [], []  # flattened positions given [MASK], and the tokens there
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                piece = pieces[i]
+                n = len(piece.ids)
+                ids[r, at: at + n] = piece.ids
+                if piece.mask_at >= 0:
+                    ids[r, at + piece.mask_at] = mask_id
+                    self.masked.append(r * width + at + piece.mask_at)
+                    self.targets.append(int(piece.ids[piece.mask_at]))
+                piece_of[r, at: at + n] = len(self.order)
+                positions[r, at: at + n] = np.arange(n)
+                self.spans.append((r * width + at, r * width + at + n))
+                self.order.append(i)
+                at += n
+        self.width = width
+        self.piece_of = torch.from_numpy(piece_of.reshape(-1))
+        self.input_ids = torch.as_tensor(ids, device=device)
+        self.batch = {"input_ids": self.input_ids, "attention_mask": (self.input_ids != pad_id).long()}
+        if several:  # each piece its own document, at positions from 0 (padding: no document)
+            self.batch["document_ids"] = torch.as_tensor(piece_of, device=device)
+            self.batch["position_ids"] = torch.as_tensor(positions, device=device)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def follows(self) -> torch.Tensor:
+        """Per flattened token: whether the token before it is of the same piece (what a causal
+        model predicted it from); False for a piece's first token and for padding."""
+        same = torch.zeros_like(self.piece_of, dtype=torch.bool)
+        same[1:] = (self.piece_of[1:] == self.piece_of[:-1]) & (self.piece_of[1:] >= 0)
+        return same
+
+    def starts(self) -> torch.Tensor:
+        return torch.tensor([s for s, _ in self.spans], dtype=torch.long)
+
+    def per_piece(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Float64 sums per piece of flattened per-token ``values`` (tokens x ...), each token
+        weighted by ``weights`` (default 1); padding adds nothing."""
+        inside = self.piece_of >= 0
+        values = values.double() if weights is None else values.double() * weights.double().view(-1, *[1] * (
+            values.dim() - 1))
+        out = values.new_zeros((len(self), *values.shape[1:]))
+        return out.index_add_(0, self.piece_of[inside], values[inside])
+
+
+def plan(lengths: Sequence[int], batch_tokens: int, max_pieces: int | None = None) -> list[list[list[int]]]:
+    """Batches of rows of piece indices: longest first; a batch's rows are as wide as its first
+    (longest) piece and hold at most ``batch_tokens`` tokens together (padding counted; one row
+    at least) and ``max_pieces`` pieces; a piece goes into the first row of the batch with room."""
+    batches: list[list[list[int]]] = []
+    rows: list[list[int]] = []
+    room: list[int] = []
+    width = count = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in input order
+        n = lengths[i]
+        if rows and (max_pieces is None or count < max_pieces):
+            fit = next((r for r, free in enumerate(room) if free >= n), None)
+            if fit is None and (len(rows) + 1) * width <= batch_tokens:
+                rows.append([])
+                room.append(width)
+                fit = len(rows) - 1
+            if fit is not None:
+                rows[fit].append(i)
+                room[fit] -= n
+                count += 1
+                continue
+        if rows:
+            batches.append(rows)
+        rows, room, width, count = [[i]], [0], n, 1
+    if rows:
+        batches.append(rows)
+    return batches
+
+
+def rounds(encoded: Iterable[tuple[object, np.ndarray]], pieces_of: Callable[[np.ndarray], Iterable[Piece]],
+           work: int, max_pieces: int | None) -> Iterator[tuple[list, list[Piece]]]:
+    """The input a round at a time: (sequences as given, their pieces), a round closing once its
+    pieces hold ``work`` tokens or ``max_pieces`` pieces (a sequence is never split)."""
+    items, pieces, tokens = [], [], 0
+    for item, ids in encoded:
+        for piece in pieces_of(ids):
+            piece.owner = len(items)
+            pieces.append(piece)
+            tokens += len(piece.ids)
+        items.append(item)
+        if tokens >= work or (max_pieces is not None and len(pieces) >= max_pieces):
+            yield items, pieces
+            items, pieces, tokens = [], [], 0
+    if items:
+        yield items, pieces
+
+
+def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_tokens: int,
+            max_pieces: int | None, pad_id: int, mask_id: int, device) -> list:
+    """``compute``'s result for every piece of a round, in the round's order: this process
+    computes its share of the batches, and the shares of the others are gathered."""
+    batches = plan([len(p.ids) for p in pieces], batch_tokens, max_pieces)
+    rank, world = shard()
+    found: dict[int, object] = {}
+    for b in range(rank, len(batches), world):
+        packed = Packed(batches[b], pieces, pad_id, mask_id, device)
+        found.update(zip(packed.order, compute(packed)))
+    if world > 1:
+        found = gathered(found, world)
+    return [found[i] for i in range(len(pieces))]
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the process group the batches are shared in: (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+_results_group = []  # a gloo group for the gathered results, made once when the default group is not gloo
+
+
+def gathered(mine: dict, world: int) -> dict:
+    """Every process's results, merged (results are CPU arrays: they travel over gloo)."""
+    import torch.distributed as dist
+    if not _results_group:
+        _results_group.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=_results_group[0])
+    merged: dict = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def round_work(batch_tokens: int) -> int:
+    """Tokens of pieces per round: ``ROUND_BATCHES`` full batches for each process."""
+    return batch_tokens * ROUND_BATCHES * shard()[1]
