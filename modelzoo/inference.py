@@ -553,7 +553,8 @@ class GenomeLM:
 
         most = None if batch_size is None else batch_size * batching.ROUND_BATCHES * batching.shard()[1]
         total = len(sequences) if hasattr(sequences, "__len__") else None
-        with tqdm(total=total, desc=desc, unit=" sequences", disable=None if progress else True) as bar:
+        quiet = not progress or batching.shard()[0] > 0  # one bar for a group: process 0's
+        with tqdm(total=total, desc=desc, unit=" sequences", disable=True if quiet else None) as bar:
             for items, pieces in batching.rounds(read(), pieces_of, batching.round_work(tokens), most):
                 found = batching.results(pieces, step, tokens, batch_size, self.tokenizer.pad_id,
                                          self.tokenizer.mask_id, self.device)
