@@ -128,3 +128,29 @@ def test_tools_write_what_they_wrote_before_packing(tool, model, flags, compared
         for a, b in zip(row, old):  # ids and counts equal; figures up to their last printed digit
             if a != b:
                 assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=2e-4), (row, old)
+
+
+# ------------------------------------------------------------------ precision: the training runs' decision
+
+def test_precision_follows_the_model_configs_mixed_precision(monkeypatch):
+    from modelzoo.models import layers
+    seqs = genomes()[:6]
+    plain = make_lm("gpt2")
+    fp32 = plain.embed(seqs, pooling="mean")
+    assert plain.precision == "float32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast is left in force
+        assert not np.allclose(plain.embed(seqs, pooling="mean"), fp32, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(0)
+    for setting, speedup, dtype in [(True, 0.5, "bfloat16"), ("auto", 2.0, "bfloat16"), ("auto", 0.5, "float32"),
+                                    (False, 2.0, "float32")]:
+        monkeypatch.setattr(layers, "cpu_matmul_speedups", {torch.bfloat16: speedup})
+        cfg = plain.config.model_copy(update={"mixed_precision": True, "mixed_precision_on_cpu": setting})
+        lm = GenomeLM(plain.model, cfg)
+        assert lm.precision == dtype, (setting, speedup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            expected = plain.embed(seqs, pooling="mean")
+        np.testing.assert_array_equal(lm.embed(seqs, pooling="mean"), expected)
+        with pytest.warns(DeprecationWarning, match="bf16"):  # the old flag still computes in bfloat16
+            old = lm.embed(seqs, pooling="mean", bf16=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            np.testing.assert_array_equal(old, plain.embed(seqs, pooling="mean"))
