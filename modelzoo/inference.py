@@ -726,7 +726,7 @@ MAX_BATCH = 1 << 20  # windows per forward pass: far past any memory, short of o
 def model_from_args(args) -> GenomeLM:
     if not (args.checkpoint_path or args.model_dir):
         raise ConfigError("--model_dir (or --checkpoint_path) is required")
-    if not 1 <= args.batch_size <= MAX_BATCH:
+    if args.batch_size is not None and not 1 <= args.batch_size <= MAX_BATCH:  # None: no cap
         raise ConfigError(f"--batch_size {args.batch_size}: must be 1 to {MAX_BATCH:,}")
     return GenomeLM.load(args.checkpoint_path or args.model_dir, device=_device(args.device))
 
