@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
-import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ from tests.conftest import tiny_params, write_params
 from tests.test_convert_checkpoint import convert, train as run  # a CPU run, a convert_checkpoint call
 from test_csx import assert_close_curves, data_dir, make_backend, make_params, train  # noqa: F401  (fixture)
 
+REPO = Path(__file__).resolve().parent.parent
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
 
 
@@ -142,8 +146,8 @@ def test_csx_trains_as_cpu_adapters_only(data_dir, keep):
     params = lora_params(data_dir, csx={"keep_activations": keep})
     torch.manual_seed(params.runconfig.seed)
     start = build_model(params.model).state_dict()
-    cpu, cpu_backend = train("cpu", params, steps=6)
-    csx, csx_backend = train("csx", params, steps=6)
+    cpu, cpu_backend = train("cpu", params, steps=4)
+    csx, csx_backend = train("csx", params, steps=4)
     assert cpu[0][0] != cpu[-1][0]
     assert_close_curves(cpu, csx)
     for backend in (cpu_backend, csx_backend):
@@ -157,6 +161,36 @@ def test_csx_trains_as_cpu_adapters_only(data_dir, keep):
     handles = csx_backend.memoryx.handles
     assert {n for n, h in handles.items() if h.requires_grad} == {n for n in start if is_adapter(n)}
     csx_backend.close()
+
+
+def run_py(cwd: Path, device: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "run.py"), device, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_two_fsdp_ranks_and_two_csx_systems_follow_one_rank(tmp_path, monkeypatch, capsys):
+    """run.py end to end: FSDP shards frozen and trained weights alike (only the adapters'
+    gradients are reduced), CSX builds the model deferred and splits MemoryX over two systems;
+    the same losses, weights and adapter-only optimizer state as one CPU rank."""
+    from test_data_parallel import STEPS, scalars, write_shards
+    from test_fsdp import assert_same_curve, assert_same_state, checkpoint, write_params as fsdp_params
+    write_shards(tmp_path / "data" / "train", 48, seed=0)
+    write_shards(tmp_path / "data" / "val", 16, seed=1)
+    lora = {"model": {"lora": {"rank": 4, "alpha": 8.0}}}  # no dropout: each rank draws its own masks
+    fsdp_params(tmp_path / "one.yaml", mode="train", extra=lora)
+    fsdp_params(tmp_path / "fsdp.yaml", mode="train", sharding="fsdp", extra=lora)
+    monkeypatch.chdir(tmp_path)
+    run(capsys, "one.yaml", "--model_dir", "one")
+    run_py(tmp_path, "CPU", "--params", "fsdp.yaml", "--model_dir", "fsdp", "--num_workers_per_node", "2")
+    run_py(tmp_path, "CSX", "--params", "one.yaml", "--model_dir", "csx", "--num_csx", "2")
+    one = checkpoint(tmp_path / "one")
+    assert set(one["optimizer"]["state"]) == {n for n in one["model"] if is_adapter(n)}
+    for run_dir in ("fsdp", "csx"):
+        assert_same_curve(scalars(tmp_path / run_dir, "train", "loss"), scalars(tmp_path / "one", "train", "loss"),
+                          range(1, STEPS + 1))
+        assert_same_state(checkpoint(tmp_path / run_dir), one)
 
 
 def test_csx_plan_counts_only_adapters_gradients_and_state(data_dir):
