@@ -221,8 +221,10 @@ def test_fine_tune_from_pretrained_resume_merge_and_export(shards_msl64, tmp_pat
     raw["model"]["lora"] = {**LORA, "targets": ["attn.qkv", "mlp.fc_out"]}
     raw["runconfig"].update(model_dir=str(tmp_path / "lora"), max_steps=4, checkpoint_steps=2)
     lora_yaml = write_params(tmp_path / "lora.yaml", raw)
-    run(capsys, lora_yaml, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "pretrained", 2),
-        "--load_checkpoint_states", "model")
+    out = run(capsys, lora_yaml, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "pretrained", 2),
+              "--load_checkpoint_states", "model")
+    # per block: qkv A 4x32 + B 96x4, fc_out A 4x128 + B 32x4 = 1,152; two blocks
+    assert "fresh LoRA adapters on 4 layers" in out and "training 2,304 of 32,032 parameters (the rest frozen)" in out
     tuned = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "lora", 4))
     for name, value in tuned["model"].items():
         if not is_adapter(name):

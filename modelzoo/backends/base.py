@@ -86,6 +86,14 @@ class Backend(ABC):
         self.close(failed=exc_type is not None)
 
 
+def frozen_note(model: StagedModel | None) -> str:
+    """What trains when some weights are frozen (LoRA), for describe(); '' when all train."""
+    unique = list({id(p): p for p in model.parameters()}.values()) if model is not None else []
+    trained = sum(p.numel() for p in unique if p.requires_grad)
+    total = sum(p.numel() for p in unique)
+    return f", training {trained:,} of {total:,} parameters (the rest frozen)" if trained < total else ""
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from modelzoo.backends import fsdp
-from modelzoo.backends.base import Backend, Recomputed, autocast, loss_weights, rank_and_world, token_metrics
+from modelzoo.backends.base import (Backend, Recomputed, autocast, frozen_note, loss_weights, rank_and_world,
+                                    token_metrics)
 from modelzoo.backends.csx.sparse_stream import sum_over_systems
 from modelzoo.config import OptimizerConfig
 from modelzoo.distributed import init_process_group, local_rank
@@ -91,7 +92,7 @@ class ResidentBackend(Backend):
         precision = f", {cfg.fp16_type} autocast" if cfg is not None and cfg.mixed_precision else ""
         scaling = ", dynamic loss scaling" if self.loss_scaler is not None else ""
         recompute = ", activation checkpointing" if self.activation_checkpointing else ""
-        return f"resident on {self.device}{parallel}{precision}{scaling}{recompute}"
+        return f"resident on {self.device}{parallel}{precision}{scaling}{recompute}{frozen_note(self.model)}"
 
     def plan(self, model, params, ranks):
         from modelzoo.backends.memory_plan import resident_plan_text

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modelzoo.backends.base import Backend, loss_weights, token_metrics
+from modelzoo.backends.base import Backend, frozen_note, loss_weights, token_metrics
 from modelzoo.backends.csx.deferred_init import build_deferred
 from modelzoo.backends.csx.link import Link, check_wafer_device
 from modelzoo.backends.csx.memoryx import MemoryX
@@ -81,7 +81,7 @@ class CSXBackend(Backend):
         # once setup() has made the plan: whether the wafer keeps activations, and why
         activations = f"; {self.activations}" if self.activations else ""
         return (f"CSX weight streaming: {self.systems} system(s){wafer}, MemoryX in {where}, "
-                f"prefetch depth {self.cfg.prefetch_depth}{activations}")
+                f"prefetch depth {self.cfg.prefetch_depth}{activations}{frozen_note(getattr(self, 'model', None))}")
 
     def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
         """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
