@@ -6,7 +6,7 @@
     sequences = lm.generate("ATG", max_codons=300, seed=0, stop_at_stop_codon=True)
     nats = lm.log_likelihood([genome_a])                 # total log-probability per sequence
     per_codon = lm.codon_log_probs([genome_a])           # [array of each codon's log-probability]
-    for records, vectors in lm.embed_stream(read_records("many.fasta.gz")):  # a batch at a time
+    for records, vectors in lm.embed_stream(read_records("many.fasta.gz")):  # a round at a time
         ...                                              # (log_likelihood_stream likewise)
 
 Sequences are nucleotide strings (or ``Record``s from ``modelzoo.data.sequences.read_records``,
@@ -19,7 +19,13 @@ comparable with GenSLM's: ``embed(pooling="genslm")`` and ``log_likelihood(score
 
 Genomes longer than the model's context are cut into windows the way training cut them:
 consecutive windows of ``max_position_embeddings`` codons for GPT-2/GPT-J, and of two codons
-fewer framed by [CLS] ... [SEP] for BERT.
+fewer framed by [CLS] ... [SEP] for BERT. The streams read their input a round at a time (memory
+holds a round, never the input): its windows sorted by length into batches of ``batch_tokens``,
+short ones sharing a row with document attention (``inference_batching``), each sequence's
+results its own alone, in input order. Under a process group (torchrun, or the tools'
+``--num_workers_per_node``) every process computes a share of the batches and yields them all.
+The model computes in the precision its config decides for this device, as training does
+(``GenomeLM.precision``).
 """
 
 from __future__ import annotations

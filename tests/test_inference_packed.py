@@ -154,3 +154,24 @@ def test_precision_follows_the_model_configs_mixed_precision(monkeypatch):
             old = lm.embed(seqs, pooling="mean", bf16=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             np.testing.assert_array_equal(old, plain.embed(seqs, pooling="mean"))
+
+
+# ------------------------------------------------------------------ embed's projector, streamed from disk
+
+@pytest.mark.parametrize("header", [["id"], ["id", "clade"]])
+def test_streamed_projector_writes_what_add_embedding_writes(header, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+    from modelzoo.embedding_projector import write_projector
+    vectors = np.random.default_rng(0).normal(size=(9, 5)).astype(np.float32)
+    rows = [[f"r{k}"] + (["AB"[k % 2]] if len(header) > 1 else []) for k in range(9)]
+    with SummaryWriter(log_dir=str(tmp_path / "theirs")) as writer:
+        writer.add_embedding(torch.from_numpy(vectors), metadata=[r[0] for r in rows] if len(header) == 1 else rows,
+                             metadata_header=header if len(header) > 1 else None, tag="embeddings")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    np.save(ours / "v.npy", vectors)
+    (ours / "ids.tsv").write_text("\n".join("\t".join(r) for r in [header] + rows) + "\n")
+    write_projector(ours, ours / "v.npy", ours / "ids.tsv")
+    for name in ("projector_config.pbtxt", "00000/embeddings/tensors.tsv", "00000/embeddings/metadata.tsv"):
+        assert (ours / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+    assert len(list(ours.glob("events.out.tfevents.*"))) == 1
