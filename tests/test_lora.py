@@ -126,6 +126,9 @@ def test_bad_targets_and_lora_with_sparsity_are_one_line(data_dir):
     with pytest.raises(ConfigError, match=r"model.lora.targets: 'attn.q' selects no Linear layer of this model; "
                                           r"its Linear layers are attn.out, attn.qkv, head.lm_head, mlp.fc_in"):
         build_model(tiny("gpt_neox", targets=["attn.qkv", "attn.q"]))
+    with pytest.raises(ConfigError, match=r"model.lora.trainable: 'head.classifier.\*' matches no parameter of "
+                                          r"this model \(its parameters are named like embeddings.tokens.weight, "):
+        build_model(tiny("gpt2", trainable=["head.classifier.*"]))
     raw = yaml.safe_load(make_params(data_dir).to_yaml())
     raw["model"]["lora"] = LORA
     raw["sparsity"] = {"density": 0.5}

@@ -71,6 +71,11 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout))
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in cfg.trainable:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"model.lora.trainable: {pattern!r} matches no parameter of this model (its "
+                              f"parameters are named like {', '.join(names[:3])})")
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name) or any(fnmatch.fnmatchcase(name, p) for p in cfg.trainable))
     return model
