@@ -656,7 +656,27 @@ def _path_problems(params: Params | None, raw: dict) -> list[Problem]:
         elif not Path(data_dir).is_dir():
             problems.append(Problem((name, "data_dir"), f"directory {data_dir!r} does not exist (prepare it "
                                                          f"with python -m data_preparation.prepare_genomes)"))
+        if Path(data_dir).is_dir():
+            problems += _shard_problems(name, section, data_dir)
     return problems
+
+
+def _shard_problems(name: str, section: dict, data_dir: str) -> list[Problem]:
+    """The section's settings that its shards' manifest contradicts (max_seq_length, reading_frame,
+    pack_sequences), found here once, before anything is built, from the manifest's top-level
+    fields. A section the schema refuses is left to that complaint; a missing or unreadable
+    manifest to opening the shards."""
+    from modelzoo.data.datasets import manifest_fields, shard_mismatches
+    fields = manifest_fields(data_dir)
+    if fields is None:
+        return []
+    try:
+        values = DataInput.model_validate(section)
+    except ValidationError:
+        return []
+    wrong = shard_mismatches(fields, data_dir, max_seq_length=values.max_seq_length,
+                             reading_frame=values.reading_frame, pack_sequences=values.pack_sequences)
+    return [Problem((name, key), message) for key, message in wrong.items()]
 
 
 def describe_validation_error(error: ValidationError, source: str, prefix: tuple = ()) -> str:

@@ -143,3 +143,48 @@ def test_model_sizes_past_any_trainable_model_are_one_line(raw):
                        ("filter_size", 2**40), ("vocab_size", 2**64), ("num_heads", 2**64)):
         assert error_of(raw, lambda r: r["model"].update({key: value})).startswith(
             f"p.yaml: model.{key}: Input should be less than or equal to ")
+
+
+# ---------------------------------------------------------------- the params against their shards
+
+def test_settings_the_shards_contradict_are_lines_naming_the_key_before_anything_is_built(raw, tmp_path, capsys):
+    from modelzoo.cli import main
+    raw["train_input"].update(max_seq_length=32, reading_frame="longest_orf", pack_sequences=True)
+    raw["eval_input"].update(reading_frame="longest_orf")  # as train_input's (a cross-section rule)
+    path = write_params(tmp_path / "p.yaml", raw)
+    assert main(["CPU", "--params", str(path)]) == 2
+    shards = raw["train_input"]["data_dir"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: train_input.max_seq_length: 32 does not match the shards in {shards}: prepare shards with "
+        f"--max_seq_length 32 into another directory, or set it to the shards' max_seq_length 64",
+        f"error: {path}: train_input.reading_frame: reading_frame is longest_orf but the shards in {shards} were "
+        f"prepared with reading_frame as_read (prepare_genomes --reading_frame): set it to as_read, or prepare "
+        f"longest_orf shards into another directory",
+        f"error: {path}: train_input.pack_sequences: true but the shards in {shards} are not packed: set it to false, "
+        f"or prepare packed shards (prepare_genomes --pack_sequences) into another directory"]
+    assert not (tmp_path / "md").exists()
+    # the mode decides which sections are read
+    assert main(["CPU", "--params", str(path), "--mode", "eval", "--validate_only"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: eval_input.reading_frame: reading_frame is longest_orf")
+
+
+@pytest.mark.parametrize("laid_out", ["by ShardWriter", "as one json line"])
+def test_manifest_fields_read_the_head_and_tail_only(shards_msl64, tmp_path, monkeypatch, laid_out):
+    import json
+    import shutil
+
+    from modelzoo.data import datasets
+    data_dir = tmp_path / "train"
+    shutil.copytree(shards_msl64 / "train", data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    if laid_out != "by ShardWriter":
+        (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(datasets, "PARSE_WHOLE_BYTES", 0)  # as a manifest of millions of records is read
+    fields = datasets.manifest_fields(data_dir)
+    records = manifest.pop("records")
+    assert {k: v for k, v in fields.items() if k != "records"} == manifest
+    assert ("records" in fields) == (laid_out != "by ShardWriter") and len(records) == 2
+    assert datasets.shard_settings(fields) == {"max_seq_length": 64, "reading_frame": "as_read",
+                                               "pack_sequences": False}
+    assert datasets.manifest_fields(tmp_path) is None

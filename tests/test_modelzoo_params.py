@@ -3,6 +3,7 @@ params, and the same training, as the equivalent native file; every problem is o
 once, in file order; the generated docs/modelzoo.md is current."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from modelzoo.cli import main
 from modelzoo.config import load_params, validate_params
 from modelzoo.errors import ConfigError
 from modelzoo.modelzoo_params import RULES, is_modelzoo_file, reference_markdown
+from modelzoo.tools.convert_params import main as convert_main
 from modelzoo.training.optim import learning_rate_at
 from tests.conftest import write_params
 from tests.test_end_to_end import scalars
@@ -168,6 +170,50 @@ def test_max_sequence_length_from_the_manifest_or_one_line(shards_msl64, tmp_pat
         load_params(fixture("gpt2_sectioned.yaml", tmp_path, empty))
     lines = str(e.value).splitlines()
     assert len(lines) == 2 and all("max_sequence_length is not given" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def orf_packed_shards(tmp_path_factory) -> Path:
+    """The three genomes read from their longest ORF's frame and packed: settings a Model Zoo file has no key for."""
+    from data_preparation import prepare_genomes
+    from tests.conftest import GENOMES
+    out = tmp_path_factory.mktemp("orf_packed") / "data"
+    assert prepare_genomes.main(["--input", str(GENOMES), "--output_dir", str(out), "--max_seq_length", "64",
+                                 "--split", "0.67,0.33,0", "--reading_frame", "longest_orf", "--pack_sequences"]) == 0
+    return out
+
+
+def test_reading_frame_and_packing_follow_the_shards(orf_packed_shards, tmp_path, capsys):
+    path = fixture("gpt2_sectioned.yaml", tmp_path, orf_packed_shards)
+    params = load_params(path)
+    for section, split in ((params.train_input, "train"), (params.eval_input, "val")):
+        assert (section.max_seq_length, section.reading_frame, section.pack_sequences) == (64, "longest_orf", True)
+        name = "train_input" if split == "train" else "eval_input"
+        assert f"{name}: max_seq_length 64, reading_frame longest_orf, pack_sequences true, as the shards in " \
+               f"{orf_packed_shards / split} were prepared (their manifest)" in params.notes
+    assert main(["CPU", "--params", str(path), "--validate_only"]) == 0  # the shards open as the params say
+    # a native file keeps naming them: its defaults (as_read, unpacked) are refused
+    ours = tmp_path / "ours.yaml"
+    assert convert_main(["--input", str(path), "--output", str(ours)]) == 0
+    text = ours.read_text().replace("reading_frame: longest_orf", "reading_frame: as_read")
+    ours.write_text(text.replace("pack_sequences: true", "pack_sequences: false"))
+    capsys.readouterr()
+    assert main(["CPU", "--params", str(ours), "--validate_only"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in err] == ["train_input.pack_sequences", "train_input.reading_frame"], err
+
+
+@pytest.mark.parametrize("name,spelled", [("gpt2_sectioned.yaml", "train_input.max_sequence_length"),
+                                          ("neox_trainer.yaml", "trainer.fit.train_dataloader.max_sequence_length")])
+def test_a_length_the_shards_contradict_names_the_files_key(name, spelled, shards_msl64, tmp_path):
+    def edit(text):  # the first input section's batch_size gets a max_sequence_length beside it
+        return re.sub(r"^( +)batch_size: 4$", r"\1batch_size: 4\n\1max_sequence_length: 32", text, 1, re.M)
+    path = fixture(name, tmp_path, shards_msl64, edit=edit)
+    with pytest.raises(ConfigError) as e:
+        load_params(path)
+    assert str(e.value) == (f"{path}: {spelled}: 32 does not match the shards in {shards_msl64 / 'train'}: prepare "
+                            f"shards with --max_seq_length 32 into another directory, or set it to the shards' "
+                            f"max_seq_length 64")
 
 
 # ------------------------------------------------------------------ problems: all, one line each, in file order

@@ -12,13 +12,16 @@ epoch set through ``set_epoch``, so that a resumed run sees the same ones.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modelzoo.data.shards import ShardSet
+from modelzoo.data.shards import MANIFEST, ShardSet
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import ConfigError, DataError
 
@@ -31,25 +34,92 @@ def nonpad_tokens(batch: dict) -> int:
     return int((batch["input_ids"] != PAD_ID).sum())
 
 
-def check_reading_frame(shardset: ShardSet, reading_frame: str) -> None:
-    """An input section's ``reading_frame`` must be the one the shards were prepared with."""
-    prepared = shardset.manifest.get("created_by", {}).get("options", {}).get("reading_frame", "as_read")
-    if prepared != reading_frame:
-        raise ConfigError(f"reading_frame is {reading_frame} but the shards in {shardset.data_dir} were prepared "
-                          f"with reading_frame {prepared} (prepare_genomes --reading_frame): set reading_frame: "
-                          f"{prepared}, or prepare {reading_frame} shards into another directory")
+# A manifest up to this size is parsed whole; a larger one (a gene set's millions of records)
+# only at its head and tail, where ShardWriter puts every top-level key but the records.
+PARSE_WHOLE_BYTES = 1 << 20
 
 
-def check_packing(shardset: ShardSet, pack_sequences: bool) -> None:
-    """An input section's ``pack_sequences`` must say what its shards hold (manifest ``packed``)."""
-    packed = bool(shardset.manifest.get("packed", False))
-    if pack_sequences and not packed:
-        raise ConfigError(f"pack_sequences is true but the shards in {shardset.data_dir} are not packed: "
-                          f"prepare them with prepare_genomes --pack_sequences (into another directory), "
-                          f"or set pack_sequences: false")
-    if packed and not pack_sequences:
-        raise ConfigError(f"the shards in {shardset.data_dir} are packed (prepare_genomes --pack_sequences): "
-                          f"set pack_sequences: true in this input section")
+def manifest_fields(data_dir) -> dict | None:
+    """The top-level fields of the shards' manifest in ``data_dir`` (max_seq_length, packed,
+    created_by, ...; the records may be absent), or None where there is no readable manifest:
+    what a params check needs, without parsing the records."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            fields = _head_and_tail(f, size) if size > PARSE_WHOLE_BYTES else None
+            if fields is None:
+                f.seek(0)
+                fields = json.loads(f.read())
+    except (OSError, ValueError):  # ValueError: invalid JSON or UTF-8, or a NUL byte in the path
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _head_and_tail(f, size: int) -> dict | None:
+    """ShardWriter's layout: one top-level key a line, then "records", then "files" and
+    "created_by"; None for a manifest laid out otherwise."""
+    head = []
+    for line in f:
+        if line.startswith(b' "records": '):
+            break
+        head.append(line)
+    else:
+        return None
+    records, tail, start = f.tell(), b"", size
+    while b'\n "files": ' not in tail and start > records:  # read back from the end until "files"
+        start = max(records, start - (1 << 16))
+        f.seek(start)
+        tail = f.read(size - start)
+    if b'\n "files": ' not in tail:
+        return None
+    text = b"".join(head[1:]) + tail[tail.rindex(b'\n "files": ') + 1:]
+    try:
+        return json.loads(b"{" + text)
+    except ValueError:
+        return None
+
+
+def shard_settings(fields: dict) -> dict:
+    """The input-section settings the shards were prepared with, from their manifest's fields."""
+    created = fields.get("created_by")
+    options = created.get("options") if isinstance(created, dict) else None
+    frame = options.get("reading_frame", "as_read") if isinstance(options, dict) else "as_read"
+    return {"max_seq_length": fields.get("max_seq_length"), "reading_frame": frame,
+            "pack_sequences": bool(fields.get("packed", False))}
+
+
+def shard_mismatches(fields: dict, data_dir, **given) -> dict[str, str]:
+    """{input-section key: what is wrong} for each setting in ``given`` (max_seq_length,
+    reading_frame, pack_sequences; None: not given) that the shards' manifest fields contradict."""
+    theirs = shard_settings(fields)
+    wrong = {}
+    for key, ours in given.items():
+        if ours is not None and ours != theirs[key]:
+            wrong[key] = _MISMATCH[key](ours, theirs[key], data_dir)
+    return wrong
+
+
+_MISMATCH = {
+    "max_seq_length": lambda ours, theirs, d: (
+        f"{ours} does not match the shards in {d}: prepare shards with --max_seq_length {ours} into another "
+        f"directory, or set it to the shards' max_seq_length {theirs}"),
+    "reading_frame": lambda ours, theirs, d: (
+        f"reading_frame is {ours} but the shards in {d} were prepared with reading_frame {theirs} (prepare_genomes "
+        f"--reading_frame): set it to {theirs}, or prepare {ours} shards into another directory"),
+    "pack_sequences": lambda ours, theirs, d: (
+        f"true but the shards in {d} are not packed: set it to false, or prepare packed shards "
+        f"(prepare_genomes --pack_sequences) into another directory" if ours else
+        f"false but the shards in {d} are packed (prepare_genomes --pack_sequences): set it to true"),
+}
+
+
+def check_shards(shardset: ShardSet, **given) -> None:
+    """An input section's settings must be those its shards were prepared with. A run's params
+    are checked at validation already (modelzoo.config, naming the file); this guards direct use."""
+    wrong = shard_mismatches(shardset.manifest, shardset.data_dir, **given)
+    if wrong:
+        raise ConfigError("; ".join(f"{key}: {message}" for key, message in wrong.items()))
 
 
 def document_layout(input_ids: torch.Tensor, sep_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +149,7 @@ class CausalLMDataset(Dataset):
     """
 
     def __init__(self, shardset: ShardSet, pack_sequences: bool = False, document_attention: bool | None = None):
-        check_packing(shardset, pack_sequences)
+        check_shards(shardset, pack_sequences=pack_sequences)
         tok = CodonTokenizer()
         self.shardset = shardset
         self.pad_id, self.unk_id, self.sep_id = shardset.pad_id, tok.unk_id, tok.sep_id
@@ -257,11 +327,7 @@ def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int
     (``pad_last``: the last partial batch too, for evaluation; ``reading_frame``: the one the
     shards must have been prepared with)."""
     shards = ShardSet(data_dir, verify=verify)
-    if reading_frame is not None:
-        check_reading_frame(shards, reading_frame)
-    if max_seq_length is not None and max_seq_length != shards.max_seq_length:
-        raise ConfigError(f"max_seq_length {max_seq_length} in the params does not match the "
-                          f"shards in {data_dir} (max_seq_length {shards.max_seq_length})")
+    check_shards(shards, max_seq_length=max_seq_length, reading_frame=reading_frame)
     dataset = dataset_cls(shards, **(dataset_kwargs or {}))
     if len(dataset) < batch_size and not pad_last:
         raise ConfigError(f"batch_size {batch_size} is larger than the {len(dataset)} windows "
@@ -287,7 +353,7 @@ class FramedWindows:
 
     def __init__(self, shardset: ShardSet, tokenizer: CodonTokenizer | None = None, packed: bool = False):
         tok = tokenizer or CodonTokenizer()
-        check_packing(shardset, packed)
+        check_shards(shardset, pack_sequences=packed)
         self.shardset = shardset
         self.length = shardset.max_seq_length
         if self.length < 3:

@@ -21,8 +21,6 @@ sectioned layout names the model by the directory its run.py sits in).
 
 from modelzoo.modelzoo_params.reference import reference_markdown
 from modelzoo.modelzoo_params.rules import RULES, Rule
-from modelzoo.modelzoo_params.translate import Translation, hint_for, is_modelzoo_file, manifest_max_seq_length, \
-    translate
+from modelzoo.modelzoo_params.translate import Translation, hint_for, is_modelzoo_file, translate
 
-__all__ = ["RULES", "Rule", "Translation", "hint_for", "is_modelzoo_file", "manifest_max_seq_length",
-           "reference_markdown", "translate"]
+__all__ = ["RULES", "Rule", "Translation", "hint_for", "is_modelzoo_file", "reference_markdown", "translate"]

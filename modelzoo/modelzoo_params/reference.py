@@ -17,7 +17,10 @@ def reference_markdown() -> str:
              "validated as any native file; every problem of the file is reported at once, one line each, in file "
              "order, naming the key as the file spells it. Point `data_dir` at shards made by "
              "`python -m data_preparation.prepare_genomes`; `max_sequence_length` may be left out (it is read from "
-             "the shards' manifest).", "",
+             "the shards' manifest), and `reading_frame` and `pack_sequences`, which a Model Zoo file has no key "
+             "for, are taken from it too (as `prepare_genomes --reading_frame` and "
+             "`--pack_sequences` made the shards) where the file does not give them; the run log's notes say what was "
+             "read. A value the file does give and the shards contradict is one line naming the file's key.", "",
              "`python -m modelzoo.tools.convert_params --input mz.yaml --output ours.yaml` writes the translation "
              "as a native params file: every default filled in, a comment on each ignored key.", "",
              "Each key has one fate: **mapped** (carried over to the key named), **noted** (means something only "

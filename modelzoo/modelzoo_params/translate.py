@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from modelzoo.config import CODON_VOCAB_SIZE, SCHEDULE_PHASES, DataInput, ModelConfig, OptimizerConfig, \
     RunConfig, SparsityConfig, Problem
@@ -462,31 +460,30 @@ def _piecewise(phase: dict) -> list[dict]:
 
 
 def _translate_input(section: str, values: dict, path: tuple, t: Translation) -> None:
+    """The section's keys; the settings a Model Zoo file has no key for (or may omit) follow the
+    shards its data_dir names, as prepare_genomes wrote them into their manifest."""
     _translate_keys("input", section, _items(values, path), t)
     ours = t.params.get(section, {})
     data_dir = ours.get("data_dir")
-    if "max_seq_length" in ours:
+    missing = [key for key in ("max_seq_length", "reading_frame", "pack_sequences") if key not in ours]
+    if not missing:
         return
     if not isinstance(data_dir, str) or "\0" in data_dir:
         t.blocked.add((section, "max_seq_length"))  # no shards to read it from: data_dir is reported
-    else:
-        length = manifest_max_seq_length(data_dir)
-        if length is None:
-            t.refuse(path, f"max_sequence_length is not given and {data_dir} holds no shard manifest to read it "
-                           f"from", f"{section}.max_seq_length")
-        else:
-            t.set(f"{section}.max_seq_length", length, path + ("data_dir",))
-
-
-def manifest_max_seq_length(data_dir: str) -> int | None:
-    """The window length prepare_genomes wrote into the shards' manifest, or None."""
-    from modelzoo.data.shards import MANIFEST
-    try:
-        with open(Path(data_dir) / MANIFEST, encoding="utf-8") as f:
-            length = json.load(f).get("max_seq_length")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return length if isinstance(length, int) else None
+        return
+    from modelzoo.data.datasets import manifest_fields, shard_settings
+    fields = manifest_fields(data_dir)
+    settings = shard_settings(fields) if fields is not None else {}
+    if "max_seq_length" in missing and not isinstance(settings.get("max_seq_length"), int):
+        t.refuse(path, f"max_sequence_length is not given and {data_dir} holds no shard manifest to read it "
+                       f"from", f"{section}.max_seq_length")
+        missing.remove("max_seq_length")
+    taken = [key for key in missing if key in settings]
+    for key in taken:
+        t.set(f"{section}.{key}", settings[key], path + ("data_dir",))
+    if taken:
+        shown = ", ".join(f"{key} {str(settings[key]).lower()}" for key in taken)
+        t.notes.append(f"{section}: {shown}, as the shards in {data_dir} were prepared (their manifest)")
 
 
 def _model_name(values: dict, path: tuple, t: Translation) -> str | None:
