@@ -6,8 +6,9 @@
    (examples/genslm_recipe_genes.yaml).
 2. Fine-tunes it on the SARS-CoV-2 genomes of 2020 with a longer context
    (examples/genslm_recipe_genomes.yaml: the genes checkpoint's model state only), and trains the
-   same model on the genomes alone from random weights with the same budget; with --lora (needs
-   model.lora), a third run trains LoRA adapters on the gene-pretrained weights.
+   same model on the genomes alone from random weights with the same budget; a third run trains
+   only LoRA adapters on the gene-pretrained weights (examples/genslm_recipe_genomes_lora.yaml;
+   --no_lora skips it).
 3. Runs ``python -m modelzoo.tools.evaluate`` on each fine-tuned model over the unseen-variant
    genomes of 2020-2023 (data/sars_cov_2/genbank_multiclade_*), baselines fitted on the training
    genomes.
@@ -22,12 +23,14 @@ model_dir). Everything is written under --root; the table also goes to --root/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -85,8 +88,8 @@ def parse_args(argv=None):
                    help="every model_dir and harness output goes under this directory")
     p.add_argument("--device", default="CPU", choices=("CPU", "GPU", "CSX"), help="run.py's device")
     p.add_argument("--eval_device", default="cpu", help="the harness's torch device (e.g. cuda)")
-    p.add_argument("--lora", action="store_true",
-                   help="also fine-tune LoRA adapters (examples/genslm_recipe_genomes_lora.yaml; needs model.lora)")
+    p.add_argument("--no_lora", action="store_true",
+                   help="skip the LoRA fine-tune (examples/genslm_recipe_genomes_lora.yaml)")
     p.add_argument("--eval_batch_size", type=int, default=8, help="the harness's --batch_size")
     p.add_argument("--mutation_records", type=int, default=24,
                    help="the harness's --mutation_records: unseen genomes that get substitutions")
@@ -131,6 +134,17 @@ def eval_command(name: str, root: Path, args) -> list[str]:
             "--label_column", LABEL_COLUMN, "--skip_labels", "unassigned", "--bf16",
             "--batch_size", str(args.eval_batch_size), "--mutation_records", str(args.mutation_records),
             "--num_generated", str(args.num_generated)]
+
+
+def logged_seconds(model_dir: Path) -> int | None:
+    """First to last timestamped line of a run.log: the wall time of a run this script did not time
+    (started by hand with the same command; a resumed run's pause counts too)."""
+    stamps = []
+    log = model_dir / "run.log"
+    for line in (log.read_text(errors="replace").splitlines() if log.is_file() else []):
+        with contextlib.suppress(ValueError):
+            stamps.append(datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    return round((stamps[-1] - stamps[0]).total_seconds()) if len(stamps) > 1 else None
 
 
 def run_timed(key: str, cmd: list[str], root: Path, timings: dict) -> None:
@@ -210,10 +224,12 @@ def main(argv=None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     timings = json.loads((root / TIMINGS).read_text()) if (root / TIMINGS).is_file() else {}
-    stages = STAGES + ([LORA_STAGE] if args.lora else [])
+    stages = STAGES + ([] if args.no_lora else [LORA_STAGE])
     for stage in stages:
         if final_checkpoint(root / stage.name, stage.params) is not None:
             print(f"{stage.name}: finished in {root / stage.name}, reused", flush=True)
+            if f"train {stage.name}" not in timings and logged_seconds(root / stage.name) is not None:
+                timings[f"train {stage.name}"] = logged_seconds(root / stage.name)
             continue
         run_timed(f"train {stage.name}", train_command(stage, root, args.device), root, timings)
     if args.train_only:
