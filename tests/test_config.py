@@ -188,3 +188,14 @@ def test_manifest_fields_read_the_head_and_tail_only(shards_msl64, tmp_path, mon
     assert datasets.shard_settings(fields) == {"max_seq_length": 64, "reading_frame": "as_read",
                                                "pack_sequences": False}
     assert datasets.manifest_fields(tmp_path) is None
+
+
+def test_a_transformers_config_of_the_wrong_type_is_one_line(raw):
+    from modelzoo.models import hf
+    config_json = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": "two", "n_positions": 64,
+                   "vocab_size": 69, "n_inner": None, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+    params = validate_params(raw, "p.yaml")
+    with pytest.raises(ConfigError) as e:
+        hf.check_matches(params.model, hf.model_fields_from_hf(config_json, "hf/config.json"), "hf/config.json")
+    assert str(e.value) == ("hf/config.json: describes a network this toolkit cannot build: model.num_heads: Input "
+                            "should be a valid integer, unable to parse string as an integer (got 'two')")

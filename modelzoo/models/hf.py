@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from modelzoo.config import ModelConfig
+from modelzoo.config import ModelConfig, describe_validation_error
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.files import output_dir
@@ -152,8 +153,10 @@ def check_matches(cfg: ModelConfig, fields: dict, source: str) -> None:
     """The params' model section must describe the same network as the transformers config."""
     try:
         theirs_cfg = ModelConfig.model_validate(fields)
-    except ValueError as e:
-        raise ConfigError(f"{source}: describes a network this toolkit cannot build ({e})") from None
+    except ValidationError as e:  # one line, naming each of our keys its values give (model.num_heads: ...)
+        problems = [line.removeprefix(f"{source}: ") for line in
+                    describe_validation_error(e, source, ("model",)).splitlines()]
+        raise ConfigError(f"{source}: describes a network this toolkit cannot build: {'; '.join(problems)}") from None
     keys = spec_of(cfg).hf.keys
     ours, theirs = keys(cfg), keys(theirs_cfg)
     for key, value in theirs.items():
