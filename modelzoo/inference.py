@@ -557,7 +557,7 @@ class GenomeLM:
                 lengths.append(len(ids))
                 yield item, ids
 
-        most = None if batch_size is None else batch_size * batching.ROUND_BATCHES * batching.shard()[1]
+        most = None if batch_size is None else batch_size * batching.ROUND_BATCHES
         total = len(sequences) if hasattr(sequences, "__len__") else None
         quiet = not progress or batching.shard()[0] > 0  # one bar for a group: process 0's
         with tqdm(total=total, desc=desc, unit=" sequences", disable=True if quiet else None) as bar:
@@ -681,12 +681,24 @@ def _check_sampling(max_codons, temperature, top_k, top_p, num_return_sequences,
 # ---------------------------------------------------------------------- for the command-line tools
 # (python -m modelzoo.tools.embed / generate / score share their model flags and error handling)
 
-def add_model_arguments(parser, overwrite: str | None = None) -> None:
-    """The model flags; ``overwrite``: the help of an --overwrite flag, for a tool with an output."""
+def add_model_arguments(parser, overwrite: str | None = None, packed: bool = False) -> None:
+    """The model flags; ``overwrite``: the help of an --overwrite flag, for a tool with an output;
+    ``packed``: a tool reading records through GenomeLM's streams (packed batches of
+    --batch_tokens, --batch_size a cap, --num_workers_per_node)."""
     parser.add_argument("--model_dir", help="model_dir of a training run (its newest good checkpoint is used)")
     parser.add_argument("--checkpoint_path", help="use this checkpoint file instead of the newest in model_dir")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows (or sequences) per forward pass")
+    if packed:
+        parser.add_argument("--batch_tokens", type=int, default=None,
+                            help=f"tokens per forward pass, padding included (default: {DEFAULT_BATCH_WINDOWS} "
+                                 f"windows of the model's context); short records share a window")
+        parser.add_argument("--batch_size", type=int, default=None,
+                            help="at most this many windows per forward pass (default: --batch_tokens decides)")
+        parser.add_argument("--num_workers_per_node", type=int, default=1,
+                            help="processes on this machine (each its own GPU with --device cuda), each "
+                                 "computing a share of the batches; the output is the same bytes")
+    else:
+        parser.add_argument("--batch_size", type=int, default=8, help="windows (or sequences) per forward pass")
     if overwrite:
         parser.add_argument("--overwrite", action="store_true", help=overwrite)
 
@@ -727,6 +739,7 @@ def _device(name: str) -> torch.device:
 
 
 MAX_BATCH = 1 << 20  # windows per forward pass: far past any memory, short of overflowing anything
+MAX_BATCH_TOKENS = 1 << 32  # tokens per forward pass, likewise
 
 
 def model_from_args(args) -> GenomeLM:
@@ -734,5 +747,8 @@ def model_from_args(args) -> GenomeLM:
         raise ConfigError("--model_dir (or --checkpoint_path) is required")
     if args.batch_size is not None and not 1 <= args.batch_size <= MAX_BATCH:  # None: no cap
         raise ConfigError(f"--batch_size {args.batch_size}: must be 1 to {MAX_BATCH:,}")
+    tokens = getattr(args, "batch_tokens", None)
+    if tokens is not None and not 1 <= tokens <= MAX_BATCH_TOKENS:
+        raise ConfigError(f"--batch_tokens {tokens}: must be 1 to {MAX_BATCH_TOKENS:,}")
     return GenomeLM.load(args.checkpoint_path or args.model_dir, device=_device(args.device))
 

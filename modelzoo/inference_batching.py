@@ -24,7 +24,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-ROUND_BATCHES = 4  # batches per round and process: the pieces sorted by length together
+# Batches per round: the pieces sorted by length together, and shared out among the processes.
+# The same for any number of processes (the batches, and so the bytes, must not depend on it):
+# more than this many processes would idle.
+ROUND_BATCHES = 8
 
 
 class Piece:
@@ -184,5 +187,5 @@ def gathered(mine: dict, world: int) -> dict:
 
 
 def round_work(batch_tokens: int) -> int:
-    """Tokens of pieces per round: ``ROUND_BATCHES`` full batches for each process."""
-    return batch_tokens * ROUND_BATCHES * shard()[1]
+    """Tokens of pieces per round: ``ROUND_BATCHES`` full batches."""
+    return batch_tokens * ROUND_BATCHES

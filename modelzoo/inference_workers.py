@@ -27,7 +27,7 @@ def run_tool(args, module: str, argv: list[str], lead: Callable[[], str], follow
     """A tool's main: ``lead()`` runs the tool and writes its output (one process, or process 0
     of a group); ``follow()`` gives the stream the other processes read to its end, computing
     their share and writing nothing."""
-    workers = getattr(args, "num_workers_per_node", None) or 1
+    workers = getattr(args, "num_workers_per_node", 1)
     if not 1 <= workers <= MAX_WORKERS:
         return run_entry(_refuse(f"--num_workers_per_node {workers}: must be 1 to {MAX_WORKERS}"))
     if distributed.launched_world_size() <= 1:
@@ -60,7 +60,9 @@ def launch(workers: int, module: str, argv: list[str]) -> int:
     exit code of the first that failed (process 0 has printed why), else 0."""
     from torch.distributed.run import get_args_parser, run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # the cores shared out (torchrun would give each process one)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={workers}", "--max_restarts=0",
                                              "--monitor_interval=1", "--module", module, *argv])
     try:
@@ -68,4 +70,7 @@ def launch(workers: int, module: str, argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = [failure.exitcode for _, failure in sorted(e.failures.items())]
         return next((code for code in codes if code > 0), 1)
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
     return 0

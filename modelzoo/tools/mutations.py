@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from modelzoo.data.sequences import read_records
-from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.entry import OneLineParser
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import output_dir
 from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
+from modelzoo.inference_workers import run_tool
 from modelzoo.tools.maps import draw_log_probs
 
 PROG = "python -m modelzoo.tools.mutations"
@@ -47,7 +48,8 @@ CALLS = re.compile(r"[ACGT]{3}")
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p, overwrite="replace an earlier output of this tool (never a directory holding other files)")
+    add_model_arguments(p, overwrite="replace an earlier output of this tool (never a directory holding other files)",
+                        packed=True)
     p.add_argument("--input", required=True, help="FASTA or GenBank file of genomes (plain or .gz)")
     p.add_argument("--reference", required=True, help="FASTA or GenBank file holding the one reference genome")
     p.add_argument("--output_dir", required=True, help=f"gets {TABLE} and a log-probability plot per genome")
@@ -79,8 +81,7 @@ def mutations(args) -> str:
         genomes, found, skipped, plots = 0, 0, [], 0
         with open(tmp / TABLE, "w") as out:
             out.write("\t".join(COLUMNS) + "\n")
-            blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True)
-            for records, arrays in blocks:
+            for records, arrays in stream(lm, args):
                 for rec, values in zip(records, arrays):
                     genomes += 1
                     letters, _ = lm.codons(rec.seq)
@@ -110,6 +111,12 @@ def mutations(args) -> str:
             f"{lm.source} -> {Path(args.output_dir) / TABLE} and {plots} plots{note}")
 
 
+def stream(lm, args):
+    """The blocks of --input's per-codon log-probabilities, in input order."""
+    return lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True,
+                                     batch_tokens=args.batch_tokens)
+
+
 def _reference(path, lm) -> tuple[str, list[str]]:
     records = list(itertools.islice(read_records(path), 2))
     if len(records) != 1:
@@ -123,8 +130,9 @@ def _plot_name(number: int, record_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return run_entry(lambda: mutations(args))
+    return run_tool(args, TOOL, argv, lambda: mutations(args), lambda: stream(model_from_args(args), args))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ longest stop-free run for a model trained with reading_frame longest_orf), codon
 upper case), log_prob (natural log) and start (0-based position of the codon's first nucleotide
 in the record, whitespace not counted). A codon that is not scored has no row: [UNK] codons, and under a GPT
 model each sequence's first codon (nothing comes before it); a sequence's log_prob rows sum to
-its log_likelihood. Records are read, scored and written a batch at a time (memory holds a
-batch, not the file); the output appears complete or not at all. An existing file is replaced
+its log_likelihood. Records are read, scored and written a round at a time, in packed batches of
+--batch_tokens (memory holds a round, not the file; --num_workers_per_node K shares the batches
+among K processes, with the same output); the output appears complete or not at all. An existing file is replaced
 only with --overwrite, and only when this tool wrote it (never an input or a user's file).
 """
 
@@ -27,9 +28,10 @@ import sys
 import numpy as np
 
 from modelzoo.data.sequences import read_records
-from modelzoo.entry import OneLineParser, run_entry
+from modelzoo.entry import OneLineParser
 from modelzoo.files import output_file
 from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
+from modelzoo.inference_workers import run_tool
 
 PROG = "python -m modelzoo.tools.score"
 TOOL = "modelzoo.tools.score"  # the owner named in its output's modelzoo.files marker
@@ -39,7 +41,7 @@ PER_CODON_COLUMNS = ("id", "codon_index", "codon", "log_prob", "start")
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p, overwrite="replace an earlier --output of this tool (never another file)")
+    add_model_arguments(p, overwrite="replace an earlier --output of this tool (never another file)", packed=True)
     p.add_argument("--input", required=True, help="FASTA or GenBank file (plain or .gz)")
     p.add_argument("--output", required=True, help="TSV file to write")
     p.add_argument("--per_codon", action="store_true",
@@ -55,9 +57,7 @@ def score(args) -> str:
         lm = model_from_args(args)
         if args.per_codon:
             out.write("\t".join(PER_CODON_COLUMNS) + "\n")
-            blocks = lm.codon_log_probs_stream(read_records(args.input), batch_size=args.batch_size, progress=True,
-                                               score_unk=args.score_unk)
-            for records, arrays in blocks:
+            for records, arrays in stream(lm, args):
                 for rec, values in zip(records, arrays):
                     letters, offset = lm.codons(rec.seq)
                     out.writelines(f"{rec.id}\t{i}\t{letters[i]}\t{values[i]:.6g}\t{offset + 3 * i}\n"
@@ -65,14 +65,19 @@ def score(args) -> str:
                 scored += len(records)
             return f"scored the codons of {scored} sequences with {lm.source} -> {args.output}"
         out.write("\t".join(COLUMNS) + "\n")
-        blocks = lm.log_likelihood_stream(read_records(args.input), batch_size=args.batch_size, progress=True,
-                                          score_unk=args.score_unk)
-        for records, (totals, counts) in blocks:
+        for records, (totals, counts) in stream(lm, args):
             for rec, total, n in zip(records, totals, counts):
                 mean = total / n if n else math.nan
                 out.write(f"{rec.id}\t{n}\t{total:.4f}\t{mean:.6f}\t{math.exp(-mean):.4f}\n")
             scored += len(records)
     return f"scored {scored} sequences with {lm.source} -> {args.output}"
+
+
+def stream(lm, args):
+    """The blocks of --input's scores (per codon with --per_codon), in input order."""
+    scores = lm.codon_log_probs_stream if args.per_codon else lm.log_likelihood_stream
+    return scores(read_records(args.input), batch_size=args.batch_size, progress=True, score_unk=args.score_unk,
+                  batch_tokens=args.batch_tokens)
 
 
 def scored_indices(values: np.ndarray) -> np.ndarray:
@@ -81,8 +86,9 @@ def scored_indices(values: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return run_entry(lambda: score(args))
+    return run_tool(args, TOOL, argv, lambda: score(args), lambda: stream(model_from_args(args), args))
 
 
 if __name__ == "__main__":
