@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     args.run_model_dir = Path(params.runconfig.model_dir)
     only_plan = args.validate_only or args.compile_only
     ranks = ranks_requested(args.device, params, check_devices=not only_plan)
+    if args.device == "CSX" and not args.validate_only:  # --compile_only and a run refuse alike
+        from modelzoo.backends.memory_plan import check_memoryx_fits
+        here = launched_local_world_size() if launched_world_size() > 1 else ranks  # the systems of this host
+        check_memoryx_fits(params, args.params, here)
     if not (args.validate_only or args.compile_only) and launched_world_size() == 1:
         from modelzoo.data.prepare_on_first_use import ensure_prepared
         ensure_prepared(params)

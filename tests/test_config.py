@@ -199,3 +199,46 @@ def test_a_transformers_config_of_the_wrong_type_is_one_line(raw):
         hf.check_matches(params.model, hf.model_fields_from_hf(config_json, "hf/config.json"), "hf/config.json")
     assert str(e.value) == ("hf/config.json: describes a network this toolkit cannot build: model.num_heads: Input "
                             "should be a valid integer, unable to parse string as an integer (got 'two')")
+
+
+@pytest.mark.parametrize("memoryx", ["ram", "disk"])
+def test_csx_refuses_a_memoryx_this_host_cannot_hold(raw, tmp_path, capsys, monkeypatch, memoryx):
+    """--compile_only and a run alike: one line naming the figure, exit 2, nothing written."""
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from modelzoo.backends import memory_plan
+    from modelzoo.cli import main
+    from modelzoo.models import build_model
+    with torch.device("meta"):
+        model = build_model(validate_params(raw, "p.yaml").model)
+    n = sum(p.numel() for p in model.parameters())
+    need = 4 * n * 4  # fp32 weights, gradients and AdamW's two state tensors
+    raw["runconfig"]["csx"] = {"memoryx": memoryx, "memoryx_dir": str(tmp_path / "mx")}
+    path = write_params(tmp_path / "p.yaml", raw)
+    if memoryx == "ram":  # the host's RAM holds the MemoryX only under 90% of it
+        monkeypatch.setattr(memory_plan, "device_memory_bytes", lambda device, configured: int(need / 0.9) + 1)
+        assert main(["CSX", "--params", str(path), "--compile_only"]) == 0
+        monkeypatch.setattr(memory_plan, "device_memory_bytes", lambda device, configured: int(need / 0.9) - 1)
+        expected = (f"error: {path}: runconfig.csx.memoryx: ram: the MemoryX needs {memory_plan.size_text(need)} "
+                    f"(fp32 weights, gradients, optimizer state) but this host has "
+                    f"{memory_plan.size_text(int(need / 0.9) - 1)} of RAM (fits: within 90% of it); use "
+                    f"runconfig.csx.memoryx: disk (files under runconfig.csx.memoryx_dir)")
+    else:  # memoryx_dir does not exist yet: the free space of its parent's filesystem
+        usage = namedtuple("usage", "total used free")
+
+        def disk_usage(where):
+            return usage(need, 0, need - 1 if str(where) == str(tmp_path) else 0)
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        expected = (f"error: {path}: runconfig.csx.memoryx_dir: disk: the MemoryX needs {memory_plan.size_text(need)} "
+                    f"(fp32 weights, gradients, optimizer state) but the filesystem of {tmp_path} has "
+                    f"{memory_plan.size_text(need - 1)} free; free space there or point runconfig.csx.memoryx_dir at "
+                    f"a larger disk")
+    capsys.readouterr()
+    for flags in (["--compile_only"], []):
+        assert main(["CSX", "--params", str(path), *flags]) == 2
+        assert capsys.readouterr().err.splitlines() == [expected]
+    assert not (tmp_path / "md").exists() and not (tmp_path / "mx").exists()
+    assert main(["CSX", "--params", str(path), "--validate_only"]) == 0  # params valid anywhere; the plan is the host's

@@ -9,13 +9,16 @@ until its backward; with it only each stage's input is kept and one stage is rec
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from modelzoo.backends.csx.plan import GiB, optimizer_state_tensors, size_text, stage_costs
 from modelzoo.backends.fsdp import shared_stages
 from modelzoo.config import OptimizerConfig
+from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel
 
 SHARDINGS = ("none", "fsdp")  # runconfig.sharding values the resident backends build
@@ -44,10 +47,9 @@ def memory_plan(model: StagedModel, micro_batch: tuple[int, int], ranks: int, op
                 sharding: str = "none", activation_checkpointing: bool = False, training: bool = True) -> MemoryPlan:
     """Bytes per rank. Master weights, gradients and optimizer state are fp32 (mixed precision
     computes in its low-precision dtype under autocast, from fp32 weights)."""
-    n = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA: the adapters only
+    parameters, gradients, optimizer = master_bytes(model, optimizer_cfg, training)
+    n = parameters // 4
     shard = ranks if sharding == "fsdp" else 1
-    states = optimizer_state_tensors(optimizer_cfg) if training else 0
     costs = stage_costs(model, micro_batch, model.config.compute_dtype, training)
     compute_bytes = torch.empty(0, dtype=model.config.compute_dtype).element_size()
     if sharding == "fsdp" and ranks > 1:
@@ -69,9 +71,17 @@ def memory_plan(model: StagedModel, micro_batch: tuple[int, int], ranks: int, op
         activations = sum(c.saved_bytes for c in costs)
     b, t = micro_batch
     logits = b * t * model.config.vocab_size * 4 * (2 if training else 1)  # fp32 logits and their gradient
-    return MemoryPlan(ranks, sharding, activation_checkpointing, micro_batch, n * 4 // shard,
-                      trained * 4 // shard if training else 0, states * trained * 4 // shard, working, activations,
-                      logits)
+    return MemoryPlan(ranks, sharding, activation_checkpointing, micro_batch, parameters // shard, gradients // shard,
+                      optimizer // shard, working, activations, logits)
+
+
+def master_bytes(model: StagedModel, optimizer_cfg: OptimizerConfig | None, training: bool) -> tuple[int, int, int]:
+    """fp32 bytes of the weights, of their gradients and of the optimizer's state: what a resident
+    rank keeps unsharded, and what CSX's MemoryX holds. Frozen weights (LoRA's base) have neither."""
+    n = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) if training else 0
+    states = optimizer_state_tensors(optimizer_cfg) if training else 0
+    return n * 4, trained * 4, states * trained * 4
 
 
 def format_memory_plan(plans: list[MemoryPlan], chosen: MemoryPlan, device: str, device_bytes: int | None) -> str:
@@ -128,3 +138,37 @@ def resident_plan_text(model: StagedModel, params, ranks: int, device: torch.dev
                   "; no setting fits: use a smaller batch or more grad_accum_steps, shorter sequences, more ranks, "
                   "or the CSX backend (weights streamed from host memory)"))
     return text
+
+
+def check_memoryx_fits(params, source: str, systems_here: int) -> None:
+    """CSX, before anything is built or written: the MemoryX of the ``systems_here`` systems this
+    host runs must fit it, in RAM (within FITS of the host's RAM, as a resident plan must fit its
+    device) or on disk (the free space of memoryx_dir's filesystem); else one line naming the
+    figure. MemoryX is sharded by stage, so a host's share is counted as an even split."""
+    from modelzoo.models import build_model
+    run, csx = params.runconfig, params.runconfig.csx
+    training = run.mode in ("train", "train_and_eval")
+    with torch.device("meta"):  # shapes only
+        model = build_model(params.model)
+    need = sum(master_bytes(model, params.optimizer if training else None, training)) * systems_here // run.num_csx
+    held = f"MemoryX of {systems_here} system(s) on this host" if systems_here > 1 else "MemoryX"
+    if csx.memoryx == "ram":
+        ram = device_memory_bytes(torch.device("cpu"), None)
+        if ram and need > FITS * ram:
+            raise ConfigError(f"{source}: runconfig.csx.memoryx: ram: the {held} needs {size_text(need)} (fp32 "
+                              f"weights, gradients, optimizer state) but this host has {size_text(ram)} of RAM "
+                              f"(fits: within {FITS:.0%} of it); use runconfig.csx.memoryx: disk (files under "
+                              f"runconfig.csx.memoryx_dir)")
+        return
+    where = Path(csx.memoryx_dir or Path(run.model_dir) / "memoryx").absolute()
+    while not where.exists() and where != where.parent:  # created at the run's start: its nearest existing parent
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # an unusable memoryx_dir is the backend's own one-line refusal
+    if need > free:
+        key = "runconfig.csx.memoryx_dir" + ("" if csx.memoryx_dir else " (not set: model_dir/memoryx)")
+        raise ConfigError(f"{source}: {key}: disk: the {held} needs {size_text(need)} (fp32 weights, gradients, "
+                          f"optimizer state) but the filesystem of {where} has {size_text(free)} free; free space "
+                          f"there or point runconfig.csx.memoryx_dir at a larger disk")
