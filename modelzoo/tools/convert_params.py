@@ -5,8 +5,9 @@
 run.py reads Model Zoo files directly (docs/modelzoo.md); this writes the very params such a run
 uses as a native file: every default filled in, a comment on each Model Zoo key that was
 ignored (with its value and why), and the notes of the translation (e.g. vocab_size set to 69).
-The data directories need not exist here, except to read a missing max_sequence_length from the
-shards' manifest. Every problem of the input is one line (exit 2) and nothing is written. An
+The data directories need not exist here, except to read from the shards' manifest a missing
+max_sequence_length and the reading_frame and pack_sequences they were prepared with (without
+one, the written file has the defaults: as_read, unpacked). Every problem of the input is one line (exit 2) and nothing is written. An
 existing output is replaced only with --overwrite, and only when this tool wrote it.
 """
 
