@@ -38,11 +38,15 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's weight (and the paper's code)
         nn.init.zeros_(self.lora_B)
         self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        # the scale on the rank-r side, and B's product added by the matmul itself (addmm's beta):
+        # the adapters cost two thin matmuls and nothing on the full-width output
+        low = F.linear(self.dropout(x), self.lora_A) * self.scaling
+        frozen = F.linear(x, self.weight, self.bias)
+        out = torch.addmm(frozen.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), self.lora_B.t())
+        return out.view(frozen.shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.shape[0]}, " \
