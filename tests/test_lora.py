@@ -122,6 +122,22 @@ def test_fresh_adapters_start_from_the_frozen_model():
     assert torch.equal(model.eval()(batch)["logits"], plain.eval()(batch)["logits"])  # B = 0: exactly
 
 
+def test_a_classifier_adapts_from_an_mlm_checkpoint_with_its_new_head_trained():
+    """Fine-tuning's transfer takes the backbone from the checkpoint and keeps the model's own
+    fresh head and adapters; lora.trainable makes the new head train beside the adapters."""
+    from modelzoo.models import transfer_backbone
+    shape = dict(name="bert", hidden_size=32, num_hidden_layers=2, num_heads=4, max_position_embeddings=16)
+    saved = build_model(ModelConfig(**shape)).state_dict()
+    model = build_model(ModelConfig(**shape, num_labels=3, lora=LoraConfig(trainable=["head.*"])))
+    fresh = model.state_dict()
+    state = transfer_backbone(saved, fresh, "mlm.mdl")
+    assert state.keys() == fresh.keys()
+    for name, value in state.items():
+        assert value is (fresh[name] if is_adapter(name) or name not in saved else saved[name]), name
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and not is_adapter(n)}
+    assert trained == {"head.pooler.weight", "head.pooler.bias", "head.classifier.weight", "head.classifier.bias"}
+
+
 def test_bad_targets_and_lora_with_sparsity_are_one_line(data_dir):
     with pytest.raises(ConfigError, match=r"model.lora.targets: 'attn.q' selects no Linear layer of this model; "
                                           r"its Linear layers are attn.out, attn.qkv, head.lm_head, mlp.fc_in"):
