@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,31 @@ def test_a_classifier_adapts_from_an_mlm_checkpoint_with_its_new_head_trained():
         assert value is (fresh[name] if is_adapter(name) or name not in saved else saved[name]), name
     trained = {n for n, p in model.named_parameters() if p.requires_grad and not is_adapter(n)}
     assert trained == {"head.pooler.weight", "head.pooler.bias", "head.classifier.weight", "head.classifier.bias"}
+
+
+@pytest.mark.parametrize("lora_params,expected", [
+    ("{r: 4, alpha: 8, dropout: 0.1, target_modules: [MultiheadAttention], merge_weights: true}",
+     {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["attn.qkv", "attn.out"]}),
+    ("[{r: 16, target_modules: [TransformerDecoderLayer, Linear]}]",
+     {"rank": 16, "alpha": 1.0, "dropout": 0.0, "targets": ["attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out"]}),
+    ("{r: 2}", {"rank": 2, "alpha": 1.0, "dropout": 0.0, "targets": ["*"]}),
+    ("{r: 2, fan_in_fan_out: true}", "fan_in_fan_out: true is for transposed (Conv1D) weights"),
+    ("{r: 0}", "adapters need a rank of at least 1"),
+    ("{r: 2, target_modules: [Embedding]}", "give module classes among MultiheadAttention"),
+    ("[{r: 2}, {r: 4}]", "2 groups: model.lora trains one kind of adapter"),
+])
+def test_modelzoo_lora_params_map_to_model_lora(lora_params, expected, shards_msl64, tmp_path):
+    from modelzoo.config import load_params
+    from tests.test_modelzoo_params import fixture
+    path = fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64,
+                   edit=lambda text: text.replace("model:\n", f"model:\n    lora_params: {lora_params}\n", 1))
+    if isinstance(expected, dict):
+        params = load_params(path)
+        assert params.model.lora.model_dump(exclude={"trainable"}) == expected
+        build_model(params.model)  # the targets select layers of the model
+    else:
+        with pytest.raises(ConfigError, match="model.lora_params: .*" + re.escape(expected)):
+            load_params(path)
 
 
 def test_bad_targets_and_lora_with_sparsity_are_one_line(data_dir):

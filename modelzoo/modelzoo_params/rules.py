@@ -160,6 +160,48 @@ def _sparsity_level(value, ctx):
     return round(1.0 - float(value), 12)
 
 
+# Model Zoo's lora_params.target_modules name module classes, every one of which must be on a
+# layer's path (its ancestors' classes and its own); ours name layers. The classes' layers here:
+_BLOCK_PARTS = {"attn": ["attn.qkv", "attn.out"], "mlp": ["mlp.fc_in", "mlp.fc_out"]}
+_LORA_CLASSES = {"MultiheadAttention": {"attn"}, "FeedForwardNetwork": {"mlp"}, "SingleFeedForwardLayer": {"mlp"},
+                 **dict.fromkeys(("TransformerDecoderLayer", "TransformerEncoderLayer", "TransformerDecoder",
+                                  "TransformerEncoder"), {"attn", "mlp"}),
+                 "Linear": {"attn", "mlp", "head"}}
+_LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "merge_weights", "fan_in_fan_out"}
+
+
+def _lora_params(value, ctx):
+    """One Model Zoo LoraConfig -> model.lora (its defaults r 0, alpha 1 spelt out: ours differ)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, list):
+        raise Refused(f"{len(value)} groups: model.lora trains one kind of adapter on all its targets")
+    if not isinstance(value, dict) or not set(value) <= _LORA_KEYS:
+        raise Refused(f"{value!r:.80}: expected {{{', '.join(sorted(_LORA_KEYS))}}}")
+    if value.get("fan_in_fan_out"):
+        raise Refused("fan_in_fan_out: true is for transposed (Conv1D) weights; every weight here is (out, in)")
+    rank = value.get("r", 0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise Refused(f"r {rank!r}: adapters need a rank of at least 1 (r 0 trains none: leave lora_params out)")
+    classes = value.get("target_modules")
+    if classes is None:
+        ctx.notes.append("lora_params without target_modules: adapters on every Linear layer; the Model Zoo's "
+                         "would also adapt the embeddings, which stay frozen here")
+        targets = ["*"]
+    else:
+        unknown = [c for c in (classes if isinstance(classes, list) else [classes]) if c not in _LORA_CLASSES]
+        if unknown or not isinstance(classes, list) or not classes:
+            raise Refused(f"target_modules {classes!r:.80}: give module classes among {', '.join(_LORA_CLASSES)} "
+                          f"(adapters on Embedding are not implemented)")
+        parts = set.intersection(*(_LORA_CLASSES[c] for c in classes))
+        targets = ["*"] if "head" in parts else [t for part in sorted(parts) for t in _BLOCK_PARTS[part]]
+    if value.get("merge_weights"):
+        ctx.notes.append("lora_params.merge_weights: adapters stay apart; fold them into the weights with "
+                         "python -m modelzoo.tools.convert_checkpoint --merge_lora")
+    return {"rank": rank, "alpha": float(value.get("alpha", 1)), "dropout": value.get("dropout", 0.0),
+            "targets": targets}
+
+
 def load_states(value, ctx):
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
@@ -297,6 +339,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("model", "alibi_trainable_slopes"): refused("ALiBi positions are not implemented"),
     ("model", "pos_scaling_factor"): mapped("", "must be 1.0", _equal_to(1.0, "position scaling is not "
                                                                               "implemented")),
+    ("model", "lora_params"): mapped("lora", "one group: r -> rank, alpha, dropout; target_modules (module "
+                                             "classes) -> the layers they hold, unset -> every Linear layer "
+                                             "(embeddings stay frozen); merge_weights noted (convert_checkpoint "
+                                             "--merge_lora folds); fan_in_fan_out true refused", _lora_params),
     # -------- optimizer
     ("optimizer", "optimizer_type"): mapped("optimizer_type", "adamw, adam, sgd in any case; others refused",
                                             _optimizer_type),
