@@ -86,7 +86,8 @@ def test_the_measurement_is_real_and_leaves_the_run_alone(monkeypatch):
     rng = torch.get_rng_state()
     with FakeTensorMode(), torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16):
         measured = layers.cpu_matmul_speedup(torch.bfloat16)
-    assert 0.05 < measured < 20 and torch.equal(torch.get_rng_state(), rng)
+    # a real ratio, not a fake tensor's: AMX Xeons measure above 20x
+    assert 0.05 < measured < 100 and torch.equal(torch.get_rng_state(), rng)
     assert layers.cpu_matmul_speedups == {torch.bfloat16: measured}
     assert layers.cpu_matmul_speedup(torch.bfloat16) == measured
 

@@ -110,11 +110,22 @@ def test_yaml_syntax_error_names_the_line(tmp_path, shards, capsys):
     (lambda p: p["runconfig"].update(nonfinite_policy="ignore"), ["runconfig.nonfinite_policy", "'ignore'"]),
     (lambda p: p["train_input"].update(data_dir="/nonexistent/train"),
      ["train_input.data_dir: directory '/nonexistent/train' does not exist"]),
-    (lambda p: p["model"].update(max_position_embeddings=32), ["train_input.max_seq_length: 64 is above model."]),
+    # mode train: eval_input dropped so that one section is wrong (both wrong: the test below)
+    (lambda p: (p["model"].update(max_position_embeddings=32), p.pop("eval_input")),
+     ["train_input.max_seq_length: 64 is above model."]),
 ], ids=["unknown_key", "wrong_type", "bad_choice", "missing_data_dir", "msl_above_positions"])
 def test_params_errors(tmp_path, shards, capsys, edit, expected):
     params = bad_params(tmp_path, shards, edit)
     assert_refused(capsys, tmp_path, params, str(params), *expected)
+
+
+def test_every_problem_of_a_file_is_one_line_each(tmp_path, shards, capsys):
+    params = bad_params(tmp_path, shards, lambda p: p["model"].update(max_position_embeddings=32))
+    code, _, err = run_cli(capsys, "CPU", "--params", params)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert [e.split(": ")[2] for e in errors] == ["train_input.max_seq_length", "eval_input.max_seq_length"], err
+    assert not (tmp_path / "model_dir").exists()
 
 
 def test_params_path_a_directory_or_not_utf8(tmp_path, shards, capsys):
