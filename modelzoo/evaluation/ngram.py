@@ -109,7 +109,7 @@ def _merge(keys: np.ndarray, counts: np.ndarray, pending: list[np.ndarray]) -> t
 
 
 class CodonNGrams:
-    """Interpolated Kneser-Ney and Witten-Bell codon n-grams of orders 1..max_order.
+    """Interpolated modified Kneser-Ney, plain Kneser-Ney and Witten-Bell codon n-grams of orders 1..max_order.
 
         ngrams = CodonNGrams().fit(tokenizer.encode(seq, frame) for seq in training_sequences)
         logp = ngrams.log_probs(ids)      # {smoothing: (max_order, len(ids)) natural logs}
