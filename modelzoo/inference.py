@@ -559,7 +559,7 @@ class GenomeLM:
 
         most = None if batch_size is None else batch_size * batching.ROUND_BATCHES
         total = len(sequences) if hasattr(sequences, "__len__") else None
-        quiet = not progress or batching.shard()[0] > 0  # one bar for a group: process 0's
+        quiet = not progress or batching.rank_and_world()[0] > 0  # one bar for a group: process 0's
         with tqdm(total=total, desc=desc, unit=" sequences", disable=True if quiet else None) as bar:
             for items, pieces in batching.rounds(read(), pieces_of, batching.round_work(tokens), most):
                 found = batching.results(pieces, step, tokens, batch_size, self.tokenizer.pad_id,

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from modelzoo.backends.base import rank_and_world
+
 # Batches per round: the pieces sorted by length together, and shared out among the processes.
 # The same for any number of processes (the batches, and so the bytes, must not depend on it):
 # more than this many processes would idle.
@@ -103,27 +105,32 @@ class Packed:
 def plan(lengths: Sequence[int], batch_tokens: int, max_pieces: int | None = None) -> list[list[list[int]]]:
     """Batches of rows of piece indices: longest first; a batch's rows are as wide as its first
     (longest) piece and hold at most ``batch_tokens`` tokens together (padding counted; one row
-    at least) and ``max_pieces`` pieces; a piece goes into the first row of the batch with room."""
+    at least) and ``max_pieces`` pieces; a piece goes into the row of the batch with the least
+    room that holds it (the earliest of those), else a new row while the budget allows."""
     batches: list[list[list[int]]] = []
     rows: list[list[int]] = []
-    room: list[int] = []
+    with_room: dict[int, list[int]] = {}  # room left -> the rows with that much, earliest first
     width = count = 0
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in input order
         n = lengths[i]
         if rows and (max_pieces is None or count < max_pieces):
-            fit = next((r for r, free in enumerate(room) if free >= n), None)
-            if fit is None and (len(rows) + 1) * width <= batch_tokens:
+            room = min((r for r in with_room if r >= n), default=None)
+            if room is not None:
+                row = with_room[room].pop(0)
+                if not with_room[room]:
+                    del with_room[room]
+            elif (len(rows) + 1) * width <= batch_tokens:
+                room, row = width, len(rows)
                 rows.append([])
-                room.append(width)
-                fit = len(rows) - 1
-            if fit is not None:
-                rows[fit].append(i)
-                room[fit] -= n
+            if room is not None:
+                rows[row].append(i)
+                if room > n:
+                    with_room.setdefault(room - n, []).append(row)
                 count += 1
                 continue
         if rows:
             batches.append(rows)
-        rows, room, width, count = [[i]], [0], n, 1
+        rows, with_room, width, count = [[i]], {}, n, 1
     if rows:
         batches.append(rows)
     return batches
@@ -152,7 +159,7 @@ def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_to
     """``compute``'s result for every piece of a round, in the round's order: this process
     computes its share of the batches, and the shares of the others are gathered."""
     batches = plan([len(p.ids) for p in pieces], batch_tokens, max_pieces)
-    rank, world = shard()
+    rank, world = rank_and_world()
     found: dict[int, object] = {}
     for b in range(rank, len(batches), world):
         packed = Packed(batches[b], pieces, pad_id, mask_id, device)
@@ -160,14 +167,6 @@ def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_to
     if world > 1:
         found = gathered(found, world)
     return [found[i] for i in range(len(pieces))]
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) of the process group the batches are shared in: (0, 1) without one."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 _results_group = []  # a gloo group for the gathered results, made once when the default group is not gloo
