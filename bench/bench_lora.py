@@ -24,10 +24,10 @@ QUICKSTART = ROOT / "configs" / "genslm" / "quickstart.yaml"
 
 
 def variants(rank: int):
-    from modelzoo.backends.base import precision_on
+    from modelzoo.backends.precision import decide
     from modelzoo.config import LoraConfig, load_params
     params = load_params(QUICKSTART, check_paths=False)
-    cfg, _ = precision_on(params.model, "cpu")
+    cfg, _ = decide(params.model, "cpu")
     return params, {"full fine-tuning": cfg,
                     f"LoRA rank {rank}": cfg.model_copy(update={"lora": LoraConfig(rank=rank, alpha=2.0 * rank)})}
 

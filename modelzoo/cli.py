@@ -121,10 +121,10 @@ def run(args: argparse.Namespace) -> int:
     # closed however the run ends (an error, SIGTERM): its threads stop, its files go
     with make_backend(args.device, params, only_plan) as backend:
         torch.manual_seed(params.runconfig.seed)
-        from modelzoo.backends.base import precision_on
+        from modelzoo.backends.precision import decide
         from modelzoo.models import build_model
-        # mixed precision where it pays on this device: the model is built with the config it computes in
-        model_cfg, precision_note = precision_on(params.model, compute_device(args.device, params))
+        # every precision 'auto' decided for this device: the model is built with the config it computes in
+        model_cfg, precision_note = decide(params.model, compute_device(args.device, params))
         if only_plan:
             with torch.device("meta"):  # shapes only: 25B plans instantly
                 model = build_model(model_cfg)
@@ -266,6 +266,7 @@ def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     from modelzoo.training.metrics import setup_logging
     from modelzoo.training.trainer import Trainer
     from modelzoo.backends.base import rank_and_world
+    from modelzoo.backends.precision import as_run
 
     rank, _ = rank_and_world()
     model_dir = Path(params.runconfig.model_dir)
@@ -288,7 +289,8 @@ def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     with model_dir_errors(model_dir):
         if rank == 0:
             model_dir.mkdir(parents=True, exist_ok=True)
-            (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml())
+            # the params as given, and what their precision 'auto's were decided as on this device
+            (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml() + as_run(model.config))
         if not resuming:
             setup_logging(model_dir, rank)
     try:

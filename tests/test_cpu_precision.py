@@ -5,10 +5,12 @@ config as it is. The measured figure is replaced in the tests of the decision, s
 CPU; one test checks the measurement itself."""
 
 import pytest
+import yaml
 import torch
 
 from modelzoo import cli
 from modelzoo.backends import base, resident
+from modelzoo.backends.precision import decide
 from modelzoo.config import ModelConfig, validate_params
 from modelzoo.models import layers
 from tests.conftest import tiny_params, write_params
@@ -137,11 +139,37 @@ def test_compile_only_plans_what_the_run_computes_in(shards_msl64, tmp_path, spe
 
 
 def test_ranks_settle_on_one_figure(monkeypatch):
-    """With several ranks the figure is their mean, and attention's auto reads that figure too."""
+    """With several ranks the figure is their mean, and attention's auto is decided by that figure too."""
     monkeypatch.setattr(layers, "cpu_matmul_speedups", {torch.bfloat16: 0.9})  # this rank measured 0.9
     monkeypatch.setattr(base, "rank_and_world", lambda: (0, 2))
     monkeypatch.setattr(base.dist, "all_reduce", lambda total: total.add_(1.3))  # the other rank measured 1.3
     decided, note = base.precision_on(config(mixed_precision=True), "cpu")
     assert decided.mixed_precision and "measured 1.10x" in note
-    assert layers.cpu_matmul_speedups[torch.bfloat16] == pytest.approx(1.1)
-    assert not layers.attention_in_fp32("auto", torch.device("cpu"), torch.bfloat16)
+    assert layers.cpu_matmul_speedups == {torch.bfloat16: 0.9}  # this rank's measurement, not written over
+    assert decide(config(mixed_precision=True, mixed_precision_on_cpu=True), "cpu")[0].attention_in_fp32 is False
+
+
+@pytest.mark.parametrize("measured", [0.5, 2.0])
+@pytest.mark.parametrize("forced", [False, True])
+def test_decide_leaves_no_auto(speedup, measured, forced):
+    """Before the model is built every 'auto' is a boolean: attention computes in fp32 only where
+    low precision runs and its matmuls are slower on this CPU."""
+    speedup(measured)
+    cfg = config(mixed_precision=True, **({"mixed_precision_on_cpu": True} if forced else {}))
+    decided, _ = decide(cfg, "cpu")
+    assert decided.mixed_precision is (forced or measured > 1.0)
+    assert decided.attention_in_fp32 is (forced and measured <= 1.0)
+    assert decided.attention_in_fp32 is layers.attention_in_fp32("auto", torch.device("cpu"), decided.compute_dtype)
+    assert decide(cfg, "cuda") == (cfg.model_copy(update={"attention_in_fp32": False}), None)
+    assert decide(config(attention_in_fp32=True), "cpu")[0].attention_in_fp32 is True
+
+
+def test_model_dir_says_what_ran(shards_msl64, tmp_path, speedup):
+    speedup(0.5)
+    raw = tiny_params(shards_msl64, tmp_path / "run", max_steps=1, checkpoint_steps=0, mode="train")
+    raw["model"]["mixed_precision"] = True
+    assert cli.main(["CPU", "--params", str(write_params(tmp_path / "p.yaml", raw))]) == 0
+    written = (tmp_path / "run" / "params_train.yaml").read_text()
+    assert written.endswith("# as run on this device: model.mixed_precision: false, "
+                            "model.attention_in_fp32: false\n")
+    assert validate_params(yaml.safe_load(written), check_paths=False).model.mixed_precision  # still loads as given

@@ -6,16 +6,16 @@ owns devices, precision, parallelism and the optimizer update. Models never see 
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 
 import torch
 import torch.distributed as dist
 
-from modelzoo.config import ModelConfig, OptimizerConfig
+from modelzoo.config import OptimizerConfig
 from modelzoo.distributed import release_process_group
-from modelzoo.models import layers  # the CPU's matmul probe (tests replace it there)
 from modelzoo.models.base import StagedModel
+# precision lives in backends/precision.py; inference.py still imports these two from here
+from modelzoo.backends.precision import autocast, precision_on  # noqa: F401
 
 
 class Backend(ABC):
@@ -115,53 +115,6 @@ def loss_weights(micro_batches: list[dict]) -> list[float]:
         dist.all_reduce(total)
     total = max(float(total), 1.0)
     return [c / total for c in counts]
-
-
-def precision_on(cfg: ModelConfig, device_type: str) -> tuple[ModelConfig, str | None]:
-    """The model config a run computes with on ``device_type`` ('cpu' or 'cuda'), and the line
-    the run logs about it.
-
-    With model.mixed_precision on a CPU, model.mixed_precision_on_cpu decides: 'auto' computes in
-    fp16_type where this CPU multiplies matrices faster in it than in fp32
-    (``layers.cpu_matmul_speedup``, one figure agreed by all ranks), else in fp32; true and false
-    force either. GPUs keep the config as it is. Decided once, before the model is built, so that
-    everything that reads the config (``autocast``, the weights CSX streams, FSDP's policy, loss
-    scaling, the memory plan, the log) follows the same decision.
-    """
-    setting, low = cfg.mixed_precision_on_cpu, cfg.fp16_type
-    if not cfg.mixed_precision or device_type != "cpu" or setting is True:
-        return cfg, None
-    fp32 = cfg.model_copy(update={"mixed_precision": False})
-    if setting is False:
-        return fp32, f"model.mixed_precision: computing in float32, not {low}, on this CPU: " \
-                     f"model.mixed_precision_on_cpu is false"
-    speedup = agreed_cpu_matmul_speedup(cfg.compute_dtype)
-    measured = f"its {low} matmuls measured {speedup:.2f}x the float32 rate"
-    if speedup > 1.0:
-        return cfg, f"model.mixed_precision: computing in {low} on this CPU: {measured} " \
-                    f"(model.mixed_precision_on_cpu: false computes in float32)"
-    return fp32, f"model.mixed_precision: computing in float32, not {low}, on this CPU: {measured} " \
-                 f"(model.mixed_precision_on_cpu: true computes in {low} anyway)"
-
-
-def agreed_cpu_matmul_speedup(dtype: torch.dtype) -> float:
-    """``layers.cpu_matmul_speedup`` averaged over the ranks of a distributed run (and settled as
-    every rank's figure, which attention's 'auto' also reads), so that all ranks decide alike."""
-    speedup = layers.cpu_matmul_speedup(dtype)
-    _, world = rank_and_world()
-    if world > 1:
-        total = torch.tensor([speedup], dtype=torch.float64)
-        dist.all_reduce(total)
-        speedup = layers.cpu_matmul_speedups[dtype] = float(total) / world
-    return speedup
-
-
-def autocast(device_type: str, cfg: ModelConfig):
-    """Low-precision autocast when ``cfg`` says mixed precision (a config ``precision_on`` has decided
-    for the device), else nothing."""
-    if not cfg.mixed_precision:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=cfg.compute_dtype)
 
 
 class Recomputed(torch.nn.Module):

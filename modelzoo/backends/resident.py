@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from modelzoo.backends import fsdp
-from modelzoo.backends.base import (Backend, Recomputed, autocast, frozen_note, loss_weights, rank_and_world,
-                                    token_metrics)
+from modelzoo.backends.base import Backend, Recomputed, frozen_note, loss_weights, rank_and_world, token_metrics
+from modelzoo.backends.precision import autocast
 from modelzoo.backends.csx.sparse_stream import sum_over_systems
 from modelzoo.config import OptimizerConfig
 from modelzoo.distributed import init_process_group, local_rank

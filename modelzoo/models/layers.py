@@ -95,8 +95,9 @@ def position_offset(batch: dict) -> int:
     return 0 if cache is None else cache.offset
 
 
-# dtype -> how many times its fp32 rate this CPU multiplies matrices at in that dtype; filled by
-# cpu_matmul_speedup, and settled by a distributed run so that every rank decides alike
+# dtype -> how many times its fp32 rate this CPU multiplies matrices at in that dtype: this
+# process's measurement, filled by cpu_matmul_speedup alone (a run's ranks agree on their mean in
+# backends/precision.py, which hands the model booleans)
 cpu_matmul_speedups: dict[torch.dtype, float] = {}
 
 
@@ -136,7 +137,9 @@ def attention_in_fp32(setting: Union[bool, Literal["auto"]], device: torch.devic
     "auto" picks fp32 on CPUs that multiply matrices no faster in ``dtype`` than in fp32
     (``cpu_matmul_speedup``): there the bf16/fp16 flash-attention kernels, built on those
     matmuls, are slower too, so fp32 attention is both faster and more accurate. Elsewhere (AMX
-    CPUs, AMD Zen 4, GPUs) it keeps the low-precision dtype.
+    CPUs, AMD Zen 4, GPUs) it keeps the low-precision dtype. A run hands its models a boolean
+    (backends/precision.py decides 'auto' before building them); 'auto' reaches here from models
+    built by hand.
     """
     if dtype == torch.float32 or setting is False:
         return False

@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from modelzoo.backends.base import autocast
+from modelzoo.backends.precision import autocast
 from modelzoo.config import OptimizerConfig
 from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel

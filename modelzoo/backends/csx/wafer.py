@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from modelzoo.backends.base import autocast
+from modelzoo.backends.precision import autocast
 from modelzoo.models.base import StagedModel
 
 GradientSink = Callable[[int, dict[str, torch.Tensor | None]], None]
