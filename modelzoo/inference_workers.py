@@ -57,7 +57,7 @@ def _fixed_mmap_threshold() -> None:
     come from the heap and fragment it, so that peak memory creeps up with the number of batches
     (bench/bench_inference.py: +29% at 10x the records). A fixed threshold returns every buffer
     of ``MMAP_FROM`` bytes or more to the system when freed: memory stays flat in the input, for
-    about the same CPU time. (The tool's own process only; elsewhere than glibc, nothing.)"""
+    about the same CPU time. (Set in the process the tool runs in; without glibc, nothing.)"""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
     except (OSError, AttributeError):
@@ -73,8 +73,9 @@ def _refuse(message: str):
 def launch(workers: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module argv`` as ``workers`` processes of one group on this machine; the
     exit code of the first that failed (process 0 has printed why), else 0."""
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads is None:  # the cores shared out (torchrun would give each process one)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -85,6 +86,8 @@ def launch(workers: int, module: str, argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = [failure.exitcode for _, failure in sorted(e.failures.items())]
         return next((code for code in codes if code > 0), 1)
+    except SignalException as e:  # SIGTERM / SIGINT, passed on to every process: no output appears
+        return 128 + int(e.sigval)
     finally:
         if threads is None:
             del os.environ["OMP_NUM_THREADS"]
