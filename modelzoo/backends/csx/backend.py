@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -21,9 +20,11 @@ import torch.distributed as dist
 
 from modelzoo.backends.base import Backend, frozen_note, loss_weights, token_metrics
 from modelzoo.backends.csx.deferred_init import build_deferred
+from modelzoo.backends.csx.gradients import GradientRoute
 from modelzoo.backends.csx.link import Link, check_wafer_device
 from modelzoo.backends.csx.memoryx import MemoryX
-from modelzoo.backends.csx.plan import check_fits, format_plan, make_plan
+from modelzoo.backends.csx.phases import PhaseTimes
+from modelzoo.backends.csx.plan import Plan, check_fits, format_plan, make_plan
 from modelzoo.backends.csx.prefetch import Prefetcher
 from modelzoo.backends.csx.sparse_stream import SparseStream, plan_lines, sum_over_systems
 from modelzoo.backends.csx.sharded_checkpoint import ShardedCheckpoint
@@ -38,10 +39,8 @@ from modelzoo.models.base import StagedModel
 from modelzoo.training.checkpoint import check_model_state
 from modelzoo.training.loss_scale import DynamicLossScaler, needs_loss_scaling
 from modelzoo.training.sparsity import build_sparsifier, merge_states
-from modelzoo.training.step import OptimizerStep
 
 log = logging.getLogger("modelzoo")
-PHASES = ("compute", "weights_wait", "gradients_out", "optimizer", "weights_read", "optimizer_update")
 
 
 class CSXBackend(Backend):
@@ -65,8 +64,19 @@ class CSXBackend(Backend):
         # where the wafer computes: the CPU, or this system's GPU (MemoryX stays in host RAM or on disk)
         self.device = torch.device("cuda", local_rank()) if self.cfg.wafer_device == "cuda" else torch.device("cpu")
         self.link: Link | None = None
-        self.keep_activations, self.activations = False, ""  # the plan's choice (csx.keep_activations)
         self._session: ShardedCheckpoint | None = None  # a sharded checkpoint the writer may still stream
+        self._checkpointed = False  # a state_dict() every system joined, not yet waited for
+        # made by setup()
+        self.model: StagedModel | None = None
+        self.compiled: Plan | None = None  # the plan the wafer runs (whether it keeps activations, and why)
+        self.wafer: Wafer | None = None
+        self.swarm: SwarmX | None = None
+        self.route: GradientRoute | None = None
+        self.param_keys: dict[str, str] = {}  # checkpoint key -> MemoryX name (tied weights have several keys)
+        self.expected: dict[str, torch.Size] = {}  # checkpoint key -> shape
+        self.times = PhaseTimes()
+        self.loss_scaler: DynamicLossScaler | None = None
+        self.step = None  # MemoryX's OptimizerStep when training
 
     def build_model(self, build, model_cfg):
         """The model to hand to setup(): built on the meta device, its weights initialised there
@@ -81,15 +91,33 @@ class CSXBackend(Backend):
         # once setup() has made the plan: whether the wafer keeps activations, and why
         activations = f"; {self.activations}" if self.activations else ""
         return (f"CSX weight streaming: {self.systems} system(s){wafer}, MemoryX in {where}, "
-                f"prefetch depth {self.cfg.prefetch_depth}{activations}{frozen_note(getattr(self, 'model', None))}")
+                f"prefetch depth {self.cfg.prefetch_depth}{activations}{frozen_note(self.model)}")
 
-    def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
-        """The compile-time plan; raises ConfigError naming a stage that cannot fit the wafer."""
-        plan = make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
+    @property
+    def activations(self) -> str:
+        """What the plan setup() made does with activations, and why ('' before setup)."""
+        return self.compiled.activations if self.compiled is not None else ""
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        return self.times.seconds
+
+    def compile(self, model: StagedModel, optimizer_cfg=None) -> Plan:
+        """The compile-time plan, a value; raises ConfigError naming a stage that cannot fit the wafer."""
+        plan = self._make_plan(model, optimizer_cfg)
+        check_fits(plan, self.cfg.wafer_memory_gb)
+        return plan
+
+    def _make_plan(self, model: StagedModel, optimizer_cfg) -> Plan:
+        return make_plan(model, self.micro_batch, self.micro_batches, self.cfg.prefetch_depth, self.systems,
                          optimizer_cfg or self.optimizer_cfg, training=self.training,
                          keep_activations=self.cfg.keep_activations, wafer_memory_gb=self.cfg.wafer_memory_gb,
                          device_memory=self._device_memory())
-        self.keep_activations, self.activations = plan.keep_activations, plan.activations
+
+    def plan(self, model: StagedModel, params=None, ranks=None, optimizer_cfg=None) -> str:
+        """The --compile_only query: the plan as text; raises ConfigError naming a stage that
+        cannot fit the wafer (after the text is made, so the caller may show it)."""
+        plan = self._make_plan(model, optimizer_cfg)
         text = format_plan(plan, self.cfg.wafer_memory_gb, self.cfg.memoryx)
         if self.sparsity_cfg is not None:
             text += "\n" + plan_lines(plan, model, build_sparsifier(self.sparsity_cfg, model.named_parameters()),
@@ -113,13 +141,13 @@ class CSXBackend(Backend):
         self.model = model if deferred is not None else model.to("cpu")
         self.optimizer_cfg = optimizer_cfg
         self.sparsity_cfg = sparsity if optimizer_cfg is not None else None
-        self.plan(model, optimizer_cfg=optimizer_cfg)  # refuse a model that cannot fit before touching anything
+        # refuse a model that cannot fit before touching anything; the wafer runs the plan made here
+        self.compiled = self.compile(model, optimizer_cfg)
         if self.device.type == "cuda":
             check_wafer_device("cuda", self.device.index + 1)
             torch.cuda.set_device(self.device)
         self.link = Link(self.device)
-        self._outbox: deque = deque()  # gradients on their way to host memory (link.to_host)
-        self.wafer = Wafer(model, keep_activations=self.keep_activations, device=self.device)
+        self.wafer = Wafer(model, keep_activations=self.compiled.keep_activations, device=self.device)
         n = len(self.wafer.stages)
         stage_names = [self.wafer.stage_names(i) for i in range(n)]
         self.swarm = SwarmX(stage_names)
@@ -140,28 +168,15 @@ class CSXBackend(Backend):
             owned = {name: p for name, p in model.named_parameters() if self.swarm.owns(name)}
             self._setup_sparsity(model, owned)
         frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)  # LoRA's base
-        self.memoryx = MemoryX(owned, store, optimizer_cfg, frozen)
+        if optimizer_cfg is not None and needs_loss_scaling(model.config):
+            self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
+        # MemoryX runs the optimizer step per stage; the global norm is over every system's stages
+        self.memoryx = MemoryX(owned, store, optimizer_cfg, frozen, self.loss_scaler, self.sparsity)
+        self.step = self.memoryx.step
         del owned, live
         self.wafer.strip_weights()
-        self.uses = {}
-        for names_of_stage in stage_names:
-            for name in names_of_stage:
-                self.uses[name] = self.uses.get(name, 0) + 1
+        self.route = GradientRoute(stage_names, self.link, self.swarm, self.memoryx, self.times)
         self.prefetcher = Prefetcher(self._fetch, self.cfg.prefetch_depth)
-        # Seconds per phase, summed over steps: compute on the wafer, waiting for weights that the
-        # prefetch did not hide, writing gradients into MemoryX, waiting for the optimizer (the
-        # global norm, and the next forward waiting for an update still running), and, overlapped
-        # with the rest, reading weights out of MemoryX (prefetch thread) and the optimizer update
-        # (MemoryX's thread; counted in the step during which it finished).
-        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
-        self.timed_steps = 0
-        self.loss_scaler = self.step = None
-        if optimizer_cfg is not None:
-            if needs_loss_scaling(model.config):
-                self.loss_scaler = DynamicLossScaler.from_config(optimizer_cfg)
-            # MemoryX runs the step per stage; the global norm is over every system's stages
-            self.step = self.memoryx.step = OptimizerStep(self.memoryx.optimizer, optimizer_cfg, self.loss_scaler,
-                                                          self.sparsity)
 
     def _open_store(self):
         """RAM, or this system's private directory under memoryx_dir, after removing the ones
@@ -198,24 +213,8 @@ class CSXBackend(Backend):
         start = time.perf_counter()
         weights = self.swarm.broadcast_weights(self.wafer.stage_names(stage), read, self.wafer.shapes, dtype)
         sent = self.link.to_wafer(weights)  # a CUDA wafer: the copy starts on the inbound stream
-        self.phase_seconds["weights_read"] += time.perf_counter() - start
+        self.times.read_weights(time.perf_counter() - start)
         return sent
-
-    def _timed(self, stream, order: list[int]):
-        """The weight stream of stages ``order``, counting the time the wafer waits for it: as
-        optimizer while the update of the stage's weights (started by the previous step) was
-        still running, as weights_wait after."""
-        for stage in order:
-            start = time.perf_counter()
-            try:
-                weights = self.link.ready(next(stream))
-            finally:
-                waited = time.perf_counter() - start
-                updated = self.memoryx.ready_at(self._owned(self.wafer.stage_names(stage)))
-                stalled = min(max(updated - start, 0.0), waited)
-                self._step_phases["optimizer"] += stalled
-                self._step_phases["weights_wait"] += waited - stalled
-            yield weights
 
     # ------------------------------------------------------------ steps
 
@@ -225,7 +224,7 @@ class CSXBackend(Backend):
         session, self._session = self._session, None
         if session is not None:
             session.finish()
-        if getattr(self, "_checkpointed", False) and self.swarm.world > 1:
+        if self._checkpointed and self.swarm.world > 1:
             dist.monitored_barrier(timeout=CHECKPOINT_WAIT)
         self._checkpointed = False
 
@@ -235,19 +234,15 @@ class CSXBackend(Backend):
         n = len(self.wafer.stages)
         weights = loss_weights(micro_batches)
         scale = self.loss_scaler.scale if self.loss_scaler else None
-        step_start = time.perf_counter()
-        self._step_phases = dict.fromkeys(PHASES, 0.0)
-        before = self.phase_seconds["weights_read"], self.memoryx.update_seconds
+        self.times.begin_step(self.memoryx.update_seconds)
         order = Wafer.train_order(n) * len(micro_batches)
         raw = self.prefetcher.stream(order)
-        stream = self._timed(raw, order)
+        stream = self.times.timed(raw, order, self.link.ready, self._updated_at)
         total = 0.0
         for k, (mb, weight) in enumerate(zip(micro_batches, weights)):
-            self._final = k == len(micro_batches) - 1
-            self._uses_left = dict(self.uses)
-            self._pending: dict[str, torch.Tensor] = {}
-            total += self.wafer.forward_backward(self.link.batch(mb), weight, stream, self._gradients_out, scale)
-            self._collect_gradients()
+            self.route.begin_micro_batch(final=k == len(micro_batches) - 1)
+            total += self.wafer.forward_backward(self.link.batch(mb), weight, stream, self.route.out, scale)
+            self.route.collect()
         stream.close()
         raw.close()
         optimizer_start = time.perf_counter()
@@ -262,60 +257,16 @@ class CSXBackend(Backend):
                 self.memoryx.wait()  # new masks and the sparsity schedule (step.end) follow the whole update
         else:
             self.memoryx.discard_gradients()
-        self._account(step_start, optimizer_start, *before)
+        self.times.end_step(optimizer_start, self.memoryx.update_seconds)
         return {"loss": self.swarm.sum(total), "grad_norm": float(norm),
                 "overflow": self.loss_scaler is not None and not apply, **self.step.end(apply)}
-
-    def _account(self, step_start: float, optimizer_start: float, read_before: float, update_before: float) -> None:
-        now = time.perf_counter()
-        phases = self._step_phases
-        stalled = phases["optimizer"]  # so far: the wafer waiting for weights the update had not written
-        phases["compute"] = optimizer_start - step_start - phases["weights_wait"] - phases["gradients_out"] - stalled
-        phases["optimizer"] = stalled + now - optimizer_start
-        phases["weights_read"] = self.phase_seconds["weights_read"] - read_before
-        phases["optimizer_update"] = self.memoryx.update_seconds - update_before
-        for k in ("compute", "weights_wait", "gradients_out", "optimizer", "optimizer_update"):
-            self.phase_seconds[k] += phases[k]
-        self.timed_steps += 1
-        # a line per step where steps take long enough for it to matter (large models)
-        log.log(logging.INFO if now - step_start >= 10 else logging.DEBUG,
-                "CSX step %.1f s: %s", now - step_start, describe_phases(phases))
 
     def _owned(self, names: list[str]) -> list[str]:
         return [n for n in names if self.memoryx.owns(n)]
 
-    def _gradients_out(self, stage: int, grads: dict[str, torch.Tensor | None]) -> None:
-        """Gradients leaving the wafer. On a CUDA wafer they reach host memory on a stream of
-        their own and are taken in one stage later, while the next stage computes."""
-        start = time.perf_counter()
-        self._outbox.append(self.link.to_host(grads))
-        while len(self._outbox) > self.link.in_flight:
-            self._arrive(self._outbox.popleft()())
-        self._step_phases["gradients_out"] += time.perf_counter() - start
-
-    def _collect_gradients(self) -> None:
-        """The gradients still on their way out when a micro-batch's backward pass ends."""
-        start = time.perf_counter()
-        while self._outbox:
-            self._arrive(self._outbox.popleft()())
-        self._step_phases["gradients_out"] += time.perf_counter() - start
-
-    def _arrive(self, grads: dict[str, torch.Tensor | None]) -> None:
-        """A stage's gradients in host memory: a tied weight's uses are summed per micro-batch
-        (as autograd does in one backward pass), then reduced over systems into MemoryX."""
-        ready = {}
-        for name, grad in grads.items():
-            if grad is not None:
-                grad = grad.float()
-                self._pending[name] = grad if name not in self._pending else self._pending[name] + grad
-            self._uses_left[name] -= 1
-            if self._uses_left[name] == 0 and name in self._pending:
-                ready[name] = self._pending.pop(name)
-        for name, grad in self.swarm.reduce_gradients(ready).items():
-            self.memoryx.add_gradient(name, grad)
-        if self._final:
-            for name in self._owned(list(ready)):
-                self.memoryx.finalize(name)
+    def _updated_at(self, stage: int) -> float:
+        """When the optimizer update running in the background wrote the weights of ``stage``."""
+        return self.memoryx.ready_at(self._owned(self.wafer.stage_names(stage)))
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -399,9 +350,3 @@ class CSXBackend(Backend):
             elif self._session is not None:
                 self._session.finish(failed=True)
 
-
-def describe_phases(phases: dict[str, float]) -> str:
-    return (f"compute {phases['compute']:.1f} s, waiting for weights {phases['weights_wait']:.1f} s, "
-            f"gradients to MemoryX {phases['gradients_out']:.1f} s, optimizer {phases['optimizer']:.1f} s "
-            f"(weights read from MemoryX {phases['weights_read']:.1f} s, optimizer update "
-            f"{phases['optimizer_update']:.1f} s, overlapped with compute)")

@@ -34,6 +34,9 @@ from torch import nn
 from modelzoo.backends.csx.store import release_pages
 from modelzoo.config import OptimizerConfig
 from modelzoo.training import optim
+from modelzoo.training.loss_scale import DynamicLossScaler
+from modelzoo.training.sparsity import Sparsifier
+from modelzoo.training.step import OptimizerStep
 
 _ZERO = torch.zeros(())
 
@@ -56,11 +59,13 @@ def _released(shape: torch.Size) -> torch.Tensor:
 
 
 class MemoryX:
-    def __init__(self, masters, store, optimizer_cfg: OptimizerConfig | None, frozen: frozenset[str] = frozenset()):
+    def __init__(self, masters, store, optimizer_cfg: OptimizerConfig | None, frozen: frozenset[str] = frozenset(),
+                 loss_scaler: DynamicLossScaler | None = None, sparsity: Sparsifier | None = None):
         """``masters``: name -> weight, as a dict or as (name, weight) pairs, which a disk store
         writes out one by one as they come (e.g. from deferred_init's replay). ``frozen``: names
         that never train (e.g. the base weights under LoRA): held and streamed, but no optimizer
-        state (and the wafer sends no gradient for them)."""
+        state (and the wafer sends no gradient for them). ``loss_scaler`` and ``sparsity``: what
+        the optimizer step unscales and masks with (training only)."""
         self.store = store
         self.handles: dict[str, nn.Parameter] = {}
         for name, tensor in (masters.items() if isinstance(masters, dict) else masters):
@@ -76,7 +81,9 @@ class MemoryX:
         self._state_keys: dict[str, list[str]] = {}  # optimizer state tensors kept in the store
         self._scalars: dict[str, dict] = {}  # small state (e.g. Adam's step), kept in RAM
         self.norms: dict[str, torch.Tensor] = {}  # per-tensor gradient norms of this step
-        self.step = None  # training.step.OptimizerStep over this optimizer: set by the backend
+        # the optimizer step over this optimizer, run per stage as gradients arrive
+        self.step = OptimizerStep(self.optimizer, optimizer_cfg, loss_scaler, sparsity) \
+            if optimizer_cfg is not None else None
         # the update in the background: names it has not written yet, when each was written
         # (perf_counter), its failure, and its total running time (seconds, over all steps)
         self._updated = threading.Condition()
