@@ -116,7 +116,7 @@ def ours_worker(side: str, precision: str, steps: int) -> dict:
     from modelzoo.cli import main as run
     from modelzoo.data.datasets import GenomeDataLoader
     from modelzoo.training.step import OptimizerStep
-    from modelzoo.training.trainer import Trainer
+    from modelzoo.trainer import Trainer
     model, on_cpu = SIDES[precision][side]
     clock = Clock()
     train_step = ResidentBackend.train_step

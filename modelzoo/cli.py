@@ -208,7 +208,7 @@ def check_data(params: Params, backend) -> None:
     """--validate_only opens the shards the run would read (manifests, shapes, tokenizer and
     max_seq_length against the params; not every shard's checksum). Sections still to be prepared
     on first use have nothing to check yet."""
-    from modelzoo.training.trainer import Trainer
+    from modelzoo.trainer import Trainer
     sections = [params.train_input, params.eval_input]
     if any(s is not None and s.prepare is not None and not Path(s.data_dir).is_dir() for s in sections):
         return
@@ -264,7 +264,7 @@ def execute(params: Params, model, backend, precision_note: str | None = None) -
 
 def _execute(params: Params, model, backend, precision_note: str | None) -> int:
     from modelzoo.training.metrics import setup_logging
-    from modelzoo.training.trainer import Trainer
+    from modelzoo.trainer import Trainer
     from modelzoo.backends.base import rank_and_world
     from modelzoo.backends.precision import as_run
 

@@ -13,7 +13,7 @@ from modelzoo.cli import main as cli_main
 from modelzoo.config import validate_params
 from modelzoo.data.datasets import build_dataloader
 from modelzoo.models import MODELS, build_model
-from modelzoo.training.trainer import split_micro_batches
+from modelzoo.trainer import split_micro_batches
 from tests.conftest import tiny_params, write_params
 
 

@@ -28,7 +28,7 @@ from modelzoo.config import validate_params
 from modelzoo.interrupts import Interrupted, raise_if_interrupted, signals_raise
 from modelzoo.models import build_model
 from modelzoo.training import checkpoint as ckpt
-from modelzoo.training.trainer import split_micro_batches
+from modelzoo.trainer import split_micro_batches
 from test_reliability_common import (REPO, one_line_error, params_dict, run_cli, run_py_command, shards,  # noqa: F401
                                      write_params)
 

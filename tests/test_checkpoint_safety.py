@@ -19,7 +19,7 @@ from modelzoo.cli import main as cli_main
 from modelzoo.errors import CheckpointError
 from modelzoo.tools import convert_checkpoint
 from modelzoo.training import checkpoint as ckpt
-from modelzoo.training.trainer import rng_state, set_rng_state
+from modelzoo.training.checkpoint import rng_state, set_rng_state
 from test_reliability_common import one_line_error, params_dict, shards, write_params  # noqa: F401
 
 PLAIN = (bool, int, float, str, type(None), torch.Tensor, torch.Size)

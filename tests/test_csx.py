@@ -17,7 +17,7 @@ from modelzoo.config import validate_params
 from modelzoo.data.datasets import build_dataloader, dataset_for
 from modelzoo.models import MODELS, build_model
 from modelzoo.training.optim import learning_rate_at
-from modelzoo.training.trainer import split_micro_batches
+from modelzoo.trainer import split_micro_batches
 
 SEQ = 32
 STEPS = 20

@@ -108,7 +108,7 @@ def test_eval_without_eval_steps_scores_the_whole_eval_set(shards_msl64, tmp_pat
     from modelzoo.data.datasets import CausalLMDataset
     from modelzoo.data.shards import ShardSet
     from modelzoo.models import build_model
-    from modelzoo.training.trainer import Trainer
+    from modelzoo.trainer import Trainer
 
     raw = tiny_params(shards_msl64, tmp_path / "md", eval_steps=None)
     raw["eval_input"]["batch_size"] = 5

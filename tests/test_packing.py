@@ -249,7 +249,7 @@ def test_packed_eval_loss_equals_unpacked(shards, tmp_path, name, backend_kind):
 def test_one_training_step_on_the_whole_set_is_the_same_packed(shards, tmp_path, backend_kind):
     """The whole set as one batch: the same loss and gradient (norm) packed or not, so packing
     changes what a step costs, not what it learns."""
-    from modelzoo.training.trainer import split_micro_batches
+    from modelzoo.trainer import split_micro_batches
     results = {}
     for kind in ("unpacked", "packed"):
         data_dir = shards[kind]

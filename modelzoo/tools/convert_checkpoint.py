@@ -255,14 +255,11 @@ def _refuse_used(model_dir: str) -> None:
 def _write_imported(params: Params, ours: dict, source) -> Path:
     """``ours`` (checked against the params' network) as checkpoint_0 of params' model_dir, the
     step training resumes or fine-tunes from."""
-    from modelzoo.training.trainer import rng_state
-
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build_model(params.model).state_dict().items()}
     ckpt.check_model_state(source, ours, expected)
     torch.manual_seed(params.runconfig.seed)
-    state = {"model": ours, "step": 0, "scheduler": {"step": 0}, "rng": rng_state(),
-             "model_name": params.model.name, "params": params.to_yaml()}
+    state = ckpt.training_state({"model": ours}, 0, params)
     model_dir = Path(params.runconfig.model_dir)
     try:
         model_dir.mkdir(parents=True, exist_ok=True)

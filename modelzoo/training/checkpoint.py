@@ -17,9 +17,11 @@ import logging
 import mmap
 import os
 import pickle
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from modelzoo.errors import CheckpointError
@@ -28,6 +30,41 @@ from modelzoo.torch_zip import check_expansion
 
 log = logging.getLogger("modelzoo")
 _NAME = re.compile(r"^checkpoint_(\d+)\.mdl$")
+
+
+def training_state(state: dict, step: int, params, **extra) -> dict:
+    """``state`` (a backend's state_dict, or a model's tensors as {"model": ...}) completed in place
+    into what a checkpoint holds: the step, the scheduler's position, every random stream, the
+    model's name and the params; ``extra`` after them (e.g. nonfinite_skipped). The one place a
+    checkpoint's fields are put together: training and convert_checkpoint's imports both use it."""
+    state.update(step=step, scheduler={"step": step}, rng=rng_state(), model_name=params.model.name,
+                 params=params.to_yaml(), **extra)
+    return state
+
+
+def rng_state() -> dict:
+    """Every random stream a resumed run continues, as tensors and plain data only: a checkpoint
+    holds nothing else (checkpoint.load_checkpoint refuses anything else)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}  # (version, tuple of ints, None or float)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):  # else numpy's own tuple, as checkpoints of earlier versions hold it
+        numpy = (numpy["bit_generator"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                 numpy["has_gauss"], numpy["gauss"])
+    np.random.set_state(numpy)
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_path(model_dir: str | Path, step: int) -> Path:

@@ -1,6 +1,8 @@
 """The training loop: steps, accumulation, logging, evaluation and checkpoint cadence.
 
-It knows nothing of how a step executes (that is the backend's) nor of the model's math.
+It knows nothing of how a step executes (that is the backend's) nor of the model's math. It sits
+above the backends, beside the command line; training/ (the optimizer step, optimizers and
+schedules, loss scaling, sparsity, checkpoints, metrics) sits below them.
 """
 
 from __future__ import annotations
@@ -8,11 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -36,31 +36,6 @@ def split_micro_batches(batch: dict, n: int) -> list[dict]:
     if size % n:
         raise ConfigError(f"optimizer.grad_accum_steps ({n}) must divide the per-system batch size ({size})")
     return [{k: v[i * size // n:(i + 1) * size // n] for k, v in batch.items()} for i in range(n)]
-
-
-def rng_state() -> dict:
-    """Every random stream a resumed run continues, as tensors and plain data only: a checkpoint
-    holds nothing else (checkpoint.load_checkpoint refuses anything else)."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": random.getstate()}  # (version, tuple of ints, None or float)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    if isinstance(numpy, dict):  # else numpy's own tuple, as checkpoints of earlier versions hold it
-        numpy = (numpy["bit_generator"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
-                 numpy["has_gauss"], numpy["gauss"])
-    np.random.set_state(numpy)
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -136,7 +111,7 @@ class Trainer:
         if "dataloader" in states and self.train_loader is not None and "dataloader" in state:
             self.train_loader.load_state_dict(state["dataloader"])
         if "rng" in states:
-            set_rng_state(state["rng"])
+            ckpt.set_rng_state(state["rng"])
         log.info("loaded %s (states: %s) at step %d", path, ",".join(sorted(states)), self.step)
 
     def _load_into_backend(self, path: Path, states: set[str], transfer_head: bool = False) -> dict:
@@ -154,9 +129,7 @@ class Trainer:
         state = self.backend.state_dict()  # every rank joins: CSX may gather sharded MemoryX
         if not self.is_writer:
             return
-        state.update(step=self.step, scheduler={"step": self.step}, rng=rng_state(),
-                     model_name=self.params.model.name, params=self.params.to_yaml(),
-                     nonfinite_skipped=self.nonfinite_skipped)
+        ckpt.training_state(state, self.step, self.params, nonfinite_skipped=self.nonfinite_skipped)
         if self.train_loader is not None:
             state["dataloader"] = self.train_loader.state_dict()
         path = ckpt.save_checkpoint(self.model_dir, self.step, state)
