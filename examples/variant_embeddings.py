@@ -75,11 +75,10 @@ def parse_args():
 def shard_genomes(split: str) -> list[np.ndarray]:
     """Each record's codon ids, reassembled from its shard rows (what the model trained on)."""
     shards = ShardSet(SHARDS / split)
-    genomes, row = [], 0
-    for rec in shards.manifest["records"]:
-        rows = [shards[row + k] for k in range(int(rec["num_windows"]))]
-        genomes.append(np.concatenate(rows)[: int(rec["num_tokens"])].astype(np.int64))
-        row += int(rec["num_windows"])
+    genomes, records = [], shards.records
+    for row, windows, tokens in zip(records.start_rows().tolist(), records.num_windows.tolist(),
+                                    records.num_tokens.tolist()):
+        genomes.append(np.concatenate([shards[row + k] for k in range(windows)])[:tokens].astype(np.int64))
     return genomes
 
 

@@ -184,7 +184,7 @@ def test_manifest_fields_read_the_head_and_tail_only(shards_msl64, tmp_path, mon
     fields = datasets.manifest_fields(data_dir)
     records = manifest.pop("records")
     assert {k: v for k, v in fields.items() if k != "records"} == manifest
-    assert ("records" in fields) == (laid_out != "by ShardWriter") and len(records) == 2
+    assert ("records" in fields) == (laid_out != "by ShardWriter") and records["table"]["shape"] == [2, 3]
     assert datasets.shard_settings(fields) == {"max_seq_length": 64, "reading_frame": "as_read",
                                                "pack_sequences": False}
     assert datasets.manifest_fields(tmp_path) is None

@@ -41,7 +41,9 @@ def tree_bytes(out: Path) -> dict[str, bytes]:
 
 
 def manifest(out: Path, split: str = "train") -> dict:
-    return json.loads((out / split / "manifest.json").read_text())
+    """A split's manifest, its records listed as format version 1 did (from the record table)."""
+    return {**json.loads((out / split / "manifest.json").read_text()),
+            "records": list(ShardSet(out / split).records.entries())}
 
 
 @pytest.fixture
@@ -104,7 +106,7 @@ def test_same_bytes_on_any_number_of_workers_and_chunk_size(tmp_path, monkeypatc
     other.write_bytes(gzip.compress(fasta.read_bytes().replace(b">g", b">h").replace(b">allN", b">moreN")))
     monkeypatch.setattr(windows, "GROUP_RECORDS", 500)
     for pack in ([], ["--pack_sequences"]):
-        outputs = []
+        outputs, first = [], tmp_path / f"out{len(pack)}_1_{1 << 24}"
         for workers, chunk in ((1, 1 << 24), (1, 5000), (2, 5000), (3, 20000)):
             monkeypatch.setattr(pipeline, "CHUNK_BYTES", chunk)
             out = tmp_path / f"out{len(pack)}_{workers}_{chunk}"
@@ -115,7 +117,7 @@ def test_same_bytes_on_any_number_of_workers_and_chunk_size(tmp_path, monkeypatc
         m = json.loads(outputs[0]["train/manifest.json"])
         assert m.get("packed", False) == bool(pack)
         assert "g5#2" in [r["id"] for s in ("train", "val", "test")
-                          for r in json.loads(outputs[0][f"{s}/manifest.json"])["records"]]
+                          for r in manifest(first, s)["records"]]
 
 
 def test_split_is_exact_and_in_input_order(tmp_path, monkeypatch):
@@ -156,7 +158,7 @@ def test_packed_windows(tmp_path, small_chunks):
     shards, rows = packed_rows(out)
     m = shards.manifest
     assert m["packed"] is True and m["num_windows"] == len(rows)
-    entries = m["records"]
+    entries = list(shards.records.entries())
     assert [e["id"] for e in entries] == list(records)  # input order
     sep, pad = TOK.sep_id, TOK.pad_id
     fits = [e for e in entries if e["num_tokens"] + 1 <= L]
@@ -202,7 +204,7 @@ def test_packed_fill_is_greedy_and_exact(tmp_path):
     run("--input", fasta, "--output_dir", tmp_path / "out", "--max_seq_length", L, "--split", "1,0,0",
         "--pack_sequences")
     shards, rows = packed_rows(tmp_path / "out")
-    places = [(e["window"], e["offset"], e["num_windows"]) for e in shards.manifest["records"]]
+    places = [(e["window"], e["offset"], e["num_windows"]) for e in shards.records.entries()]
     assert places == [(0, 0, 1), (0, 31, 1), (1, 0, 1), (1, 41, 1), (2, 0, 1), (3, 0, 1), (4, 0, 1)]
     assert len(rows) == 5 and (rows[0] != TOK.pad_id).all() and rows[0, -1] == TOK.sep_id
     assert rows[1, 40] == rows[1, 51] == TOK.sep_id and (rows[1, 52:] == TOK.pad_id).all()
@@ -219,13 +221,14 @@ def test_shard_files_are_what_np_save_writes(tmp_path):
     write_fasta(fasta, np.full(50, 105))  # 4 windows each, the last holding 9 codons
     run("--input", fasta, "--output_dir", tmp_path / "out", "--max_seq_length", 32, "--split", "1,0,0",
         "--windows_per_file", 64)
-    files = sorted((tmp_path / "out" / "train").glob("*.npy"))
+    files = sorted((tmp_path / "out" / "train").glob("tokens_*.npy"))
     assert len(files) == 4  # 200 windows: 64, 64, 64, 8
-    for f in files:
+    for f in files + [tmp_path / "out" / "train" / "records.npy"]:
         again = tmp_path / "again.npy"
         np.save(again, np.load(f))
         assert again.read_bytes() == f.read_bytes()
-    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["manifest.json"] + [f.name for f in files]
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == \
+        ["manifest.json", "record_ids.bin", "records.npy"] + [f.name for f in files]
 
 
 def test_repeated_ids_across_chunks_and_files(tmp_path, small_chunks, capsys):
@@ -283,7 +286,7 @@ def test_records_read_back_unchanged_through_genbank_and_fasta(tmp_path, monkeyp
     shards, rows = packed_rows(out)
     expected = {r.id: TOK.encode(r.seq) for r in read_records(gb, features="CDS")}
     got = {e["id"]: rows[e["window"]:].reshape(-1)[e["offset"]:e["offset"] + e["num_tokens"]]
-           for e in shards.manifest["records"]}
+           for e in shards.records.entries()}
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[k], v[:len(got[k])]) for k, v in expected.items())
 

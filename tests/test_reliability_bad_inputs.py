@@ -70,8 +70,7 @@ def test_unusual_but_valid_spellings_give_the_same_tokens(tmp_path, capsys):
     assert "records read: 5, kept: 4" in report and "skipped 1: empty" in report
     shards = ShardSet(tmp_path / "out" / "train")
     rows = {}
-    for i, rec in enumerate(shards.manifest["records"]):
-        start = sum(r["num_windows"] for r in shards.manifest["records"][:i])
+    for rec, start in zip(shards.records.entries(), shards.records.start_rows().tolist()):
         rows[rec["id"]] = np.concatenate([shards[start + k] for k in range(rec["num_windows"])])[:rec["num_tokens"]]
     assert np.array_equal(rows["plain"], CodonTokenizer().encode(genome)[:len(rows["plain"])])
     assert len(rows["plain"]) > 9900  # all but a short trailing window of the 9,967 codons

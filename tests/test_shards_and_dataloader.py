@@ -38,14 +38,21 @@ def test_write_and_read(shard_dir, tok):
     m = json.loads((shard_dir / "manifest.json").read_text())
     assert m["num_windows"] == 23 and m["max_seq_length"] == L
     assert m["num_tokens"] == 10 * L + 13 * 9
-    assert m["records"] == [{"id": "rec_a", "num_windows": 10, "num_tokens": 160},
-                            {"id": "rec_b", "num_windows": 13, "num_tokens": 117}]
+    assert m["format_version"] == 2 and m["num_records"] == 2
+    assert m["records"]["columns"] == ["id_end", "num_windows", "num_tokens"]
+    assert m["records"]["table"]["shape"] == [2, 3] and m["records"]["ids"]["bytes"] == 10
+    assert (shard_dir / "record_ids.bin").read_bytes() == b"rec_arec_b"
+    assert np.load(shard_dir / "records.npy").tolist() == [[5, 10, 160], [10, 13, 117]]
     assert [f["shape"] for f in m["files"]] == [[7, L], [7, L], [7, L], [2, L]]
     assert m["tokenizer"]["sha256"] == tok.sha256 and m["created_by"]["options"] == {"k": 1}
     assert not [p for p in shard_dir.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
     shards = ShardSet(shard_dir)
-    assert len(shards) == 23 and shards.max_seq_length == L and shards.manifest == m
+    assert len(shards) == 23 and shards.max_seq_length == L
+    assert shards.manifest == {k: v for k, v in m.items() if k != "records"}  # the table is apart
+    assert list(shards.records.entries()) == [{"id": "rec_a", "num_windows": 10, "num_tokens": 160},
+                                              {"id": "rec_b", "num_windows": 13, "num_tokens": 117}]
+    assert shards.record_ids == ["rec_a", "rec_b"] and shards.records.id(1) == "rec_b"
     expected = np.concatenate([make_windows(10), make_windows(13, fill_to=9, start=10)])
     assert np.array_equal(np.stack([shards[i] for i in range(23)]), expected)
     assert np.array_equal(shards[-1], expected[-1])
@@ -103,6 +110,106 @@ def test_shardset_validation(shard_dir, tmp_path):
     assert len(ShardSet(shard_dir, verify=False)) == 23
     npy.unlink()
     assert "missing" in error(shard_dir, verify=False)
+
+
+def test_record_table_is_checked_as_the_token_files(shard_dir):
+    """The side files are covered by the manifest's checksums, shapes and sizes."""
+    def error(**kw):
+        with pytest.raises(DataError) as info:
+            ShardSet(shard_dir, **kw)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    ids = shard_dir / "record_ids.bin"
+    ids.write_bytes(b"rec_arec_c")
+    assert "checksum" in error() and "record_ids.bin" in error()
+    assert ShardSet(shard_dir, verify=False).record_ids == ["rec_a", "rec_c"]  # unverified: read as is
+    ids.write_bytes(b"rec_arec_bb")
+    assert "11 id bytes" in error(verify=False)
+    table = shard_dir / "records.npy"
+    table.unlink()
+    assert "records.npy: listed in manifest.json but missing" in error(verify=False)
+    manifest = shard_dir / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["records"]["columns"] = ["id_end", "num_windows"]
+    manifest.write_text(json.dumps(m))
+    assert "of shape [2, 3]" in error(verify=False)
+
+
+def as_version_1(shard_dir):
+    """Rewrite a shard directory as format version 1 wrote it: the records listed in the manifest."""
+    shards = ShardSet(shard_dir)
+    entries = list(shards.records.entries())
+    manifest = shard_dir / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["format_version"], m["records"] = 1, entries
+    del m["num_records"]
+    manifest.write_text(json.dumps(m))
+    for name in ("records.npy", "record_ids.bin"):
+        (shard_dir / name).unlink()
+    return entries
+
+
+def packed_shards(out, tok):
+    """Three records in packed windows: two sharing row 0, one long one over rows 1-2."""
+    rows = make_windows(3)
+    with ShardWriter(out, L, tok, packed=True, command="test") as w:
+        w.add_records(["p", "q\u00e9", "r"], [1, 1, 2], [6, 8, 30], window=[0, 0, 1], offset=[0, 7, 0])
+        w.add_rows(rows)
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_shards_of_format_version_1_read_as_before(shard_dir, tmp_path, tok, packed):
+    """Shards written before the record table still open, with the same records, windows, framed
+    BERT pieces and labels (read from the manifest's list)."""
+    from modelzoo.data.datasets import FramedWindows, SequenceClassificationDataset
+    directory = packed_shards(tmp_path / "packed", tok) if packed else shard_dir
+    new = ShardSet(directory)
+    framed = FramedWindows(new, packed=packed)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("id\tclass\n" + "".join(f"{r}\t{k % 2}\n" for k, r in enumerate(new.record_ids)))
+    classify = (lambda s: None) if packed else (lambda s: SequenceClassificationDataset(s, labels, "class").record_labels)
+    classes = classify(new)
+    entries = as_version_1(directory)
+    assert "window" in entries[0] if packed else "window" not in entries[0]
+    old = ShardSet(directory)
+    assert list(old.records.entries()) == entries and old.record_ids == new.record_ids
+    assert np.array_equal(np.stack([old[i] for i in range(len(old))]), np.stack([new[i] for i in range(len(new))]))
+    assert np.array_equal(FramedWindows(old, packed=packed).pieces, framed.pieces)
+    assert np.array_equal(classify(old), classes)
+    assert "records" not in old.manifest and old.manifest["format_version"] == 1
+
+
+def test_an_unknown_format_version_is_refused_in_one_line(shard_dir):
+    manifest = shard_dir / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["format_version"] = 3
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"v3, this code reads 'codon-token-shards' v1 and v2 \(prepare the "
+                                        r"shards again with python -m data_preparation.prepare_genomes\)$"):
+        ShardSet(shard_dir)
+
+
+def test_opening_many_records_builds_no_object_per_record(tmp_path, tok):
+    """200,000 records: the manifest stays small, and opening the set allocates a few kilobytes,
+    not the records' table (format version 1 parsed a JSON list of them at every start)."""
+    import tracemalloc
+    n = 200_000
+    ids = [f"gene_{i:06d}" for i in range(n)]
+    with ShardWriter(tmp_path / "many", 4, tok, windows_per_file=1 << 18) as w:
+        w.add_many(ids, np.ones(n, np.int64), np.full((n, 4), 5, np.uint8))
+    assert (tmp_path / "many" / "manifest.json").stat().st_size < 2048
+    tracemalloc.start()
+    try:
+        shards = ShardSet(tmp_path / "many", verify=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    json_bytes = n * len('{"id": "gene_000000", "num_windows": 1, "num_tokens": 4}, ')
+    assert peak < 256 * 1024 < json_bytes // 40, peak
+    assert len(shards.records) == n and shards.records.id(n - 1) == ids[-1]
+    assert int(shards.records.num_windows.sum()) == n
 
 
 def test_causal_lm_labels_are_shifted(shard_dir):

@@ -34,8 +34,9 @@ def nonpad_tokens(batch: dict) -> int:
     return int((batch["input_ids"] != PAD_ID).sum())
 
 
-# A manifest up to this size is parsed whole; a larger one (a gene set's millions of records)
-# only at its head and tail, where ShardWriter puts every top-level key but the records.
+# A manifest up to this size is parsed whole (format version 2's always are: its records lie in a
+# side table); a larger one (version 1 listed a gene set's millions of records in it) only at its
+# head and tail, where ShardWriter put every top-level key but the records.
 PARSE_WHOLE_BYTES = 1 << 20
 
 
@@ -66,7 +67,7 @@ def _head_and_tail(f, size: int) -> dict | None:
         head.append(line)
     else:
         return None
-    records, tail, start = f.tell(), b"", size
+    records, tail, start = f.tell() - 1, b"", size  # from the newline that ends the "records" line
     while b'\n "files": ' not in tail and start > records:  # read back from the end until "files"
         start = max(records, start - (1 << 16))
         f.seek(start)
@@ -344,7 +345,7 @@ class FramedWindows:
 
     Shard rows hold max_seq_length codons; BERT needs two of those slots for [CLS] and [SEP].
     Rather than drop codons, a record's codons are read as one stream (from its first row, or in
-    packed shards from the row and offset its manifest entry gives) and cut again, so one shard
+    packed shards from the row and offset its record table gives) and cut again, so one shard
     directory serves GPT and BERT alike. Unpacked: a window per framed piece, padded with [PAD].
     ``packed`` (the shards are packed): framed pieces back to back, as many whole ones as fit,
     then [PAD] -- a record that fits one window is never split, a longer one's full pieces fill
@@ -360,23 +361,10 @@ class FramedWindows:
             raise ConfigError(f"{shardset.data_dir}: max_seq_length {self.length} leaves no room for codons "
                               "between [CLS] and [SEP]")
         self.cls_id, self.sep_id, self.pad_id = tok.cls_id, tok.sep_id, shardset.pad_id
-        body, first_row, pieces = self.length - 2, 0, []
-        for r, rec in enumerate(shardset.manifest["records"]):
-            n = int(rec["num_tokens"])
-            row, offset = (int(rec["window"]), int(rec["offset"])) if packed else (first_row, 0)
-            pieces += [(r, row, offset, start, min(n, start + body)) for start in range(0, n, body)]
-            first_row += int(rec["num_windows"])
-        self.pieces = np.array(pieces, dtype=np.int64).reshape(-1, 5)  # record, row, offset, start, end
-        if packed:
-            firsts, used = [], self.length
-            for j, size in enumerate((self.pieces[:, 4] - self.pieces[:, 3] + 2).tolist()):
-                if used + size > self.length:
-                    firsts.append(j)
-                    used = 0
-                used += size
-        else:
-            firsts = list(range(len(self.pieces)))
-        self.firsts = np.array(firsts + [len(self.pieces)], dtype=np.int64)  # window i: pieces firsts[i]:firsts[i+1]
+        self.pieces = _pieces(shardset.records, self.length - 2, packed)  # record, row, offset, start, end
+        firsts = _packed_firsts(self.pieces[:, 4] - self.pieces[:, 3] + 2, self.length) if packed else \
+            np.arange(len(self.pieces), dtype=np.int64)
+        self.firsts = np.append(firsts, len(self.pieces))  # window i: pieces firsts[i]:firsts[i+1]
 
     def __len__(self) -> int:
         return len(self.firsts) - 1
@@ -412,6 +400,31 @@ class FramedWindows:
         for j, at, size in pieces:
             out[at: at + size] = self.frame(j)[:size]
         return out
+
+
+def _pieces(records, body: int, packed: bool) -> np.ndarray:
+    """(record, row, offset, start, end) of every framed piece, in record order: a record of n
+    codons is cut at 0, body, 2 body, ... (none when n is 0), read from the row its stream starts
+    in (packed: at its offset there). Computed from the record table's columns, not per record."""
+    n = np.asarray(records.num_tokens, dtype=np.int64)
+    count = -(-n // body)
+    record = np.repeat(np.arange(len(n), dtype=np.int64), count)
+    start = (np.arange(len(record), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)) * body
+    rows, offsets = records.start_rows(), records.offsets() if packed else np.zeros(len(n), np.int64)
+    return np.stack([record, rows[record], offsets[record], start, np.minimum(n[record], start + body)], axis=1)
+
+
+def _packed_firsts(sizes: np.ndarray, length: int) -> np.ndarray:
+    """First piece of each packed window: pieces (framed sizes, each <= length) go into the open
+    window while they fit, else open the next. A window starting at piece a holds those ending by
+    a's start + length, so following that from piece 0 is a Python step per window, not per piece."""
+    ends = np.cumsum(sizes)
+    nxt = np.searchsorted(ends, ends - sizes + length, side="right").tolist()
+    firsts, a = [], 0
+    while a < len(nxt):
+        firsts.append(a)
+        a = nxt[a]
+    return np.array(firsts, dtype=np.int64)
 
 
 class MaskedLMDataset(Dataset):
@@ -521,12 +534,18 @@ class SequenceClassificationDataset(Dataset):
             raise ConfigError(f"model.num_labels is {num_labels} but column {label_column!r} of {labels_file} "
                               f"has {len(names)} classes ({', '.join(names[:8])})")
         self.label_names = names
-        unlabelled = [r for r in shardset.record_ids if r not in table]
-        if unlabelled:
-            raise DataError(f"{labels_file}: no {label_column} for record {unlabelled[0]!r} of "
-                            f"{shardset.data_dir} ({len(unlabelled)} records unlabelled)")
         index = {name: k for k, name in enumerate(names)}
-        self.record_labels = np.array([index[table[r]] for r in shardset.record_ids], dtype=np.int64)
+        self.record_labels = np.empty(len(shardset.records), dtype=np.int64)
+        unlabelled, first = 0, None
+        for r, record in enumerate(shardset.records.ids()):
+            label = table.get(record)
+            if label is None:
+                unlabelled, first = unlabelled + 1, record if first is None else first
+            else:
+                self.record_labels[r] = index[label]
+        if unlabelled:
+            raise DataError(f"{labels_file}: no {label_column} for record {first!r} of "
+                            f"{shardset.data_dir} ({unlabelled} records unlabelled)")
 
     def __len__(self) -> int:
         return len(self.windows)

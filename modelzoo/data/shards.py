@@ -1,23 +1,35 @@
-"""Token shards: memory-mappable ``.npy`` windows plus a ``manifest.json``.
+"""Token shards: memory-mappable ``.npy`` windows, a per-record table beside them, and a small
+``manifest.json``.
 
 A shard directory holds ``tokens_00000.npy``, ``tokens_00001.npy``, ... each a uint8 array of shape
-(n_windows, max_seq_length), right-padded with [PAD], and a manifest::
+(n_windows, max_seq_length), right-padded with [PAD]; ``records.npy``, an int64 array with a row
+per record (in shard order) and the columns the manifest names; ``record_ids.bin``, the records'
+ids as UTF-8 bytes back to back (the table's "id_end" column says where each ends); and a
+manifest::
 
-    {"format": "codon-token-shards", "format_version": 1, "dtype": "uint8",
+    {"format": "codon-token-shards", "format_version": 2, "dtype": "uint8",
      "max_seq_length": L, "num_windows": N, "num_tokens": T (non-pad), "pad_id": 3,
      "tokenizer": {"file": "codon_wordlevel_69vocab.json", "sha256": ..., "vocab_size": 69},
-     "records": [{"id": ..., "num_windows": k, "num_tokens": t}, ...]   (in shard order),
+     "num_records": R,
+     "records": {"columns": ["id_end", "num_windows", "num_tokens"],
+                 "table": {"name": "records.npy", "shape": [R, 3], "sha256": ...},
+                 "ids": {"name": "record_ids.bin", "bytes": B, "sha256": ...}},
      "files": [{"name": "tokens_00000.npy", "shape": [n, L], "sha256": ...}, ...],
      "created_by": {"command": ..., "options": {...}}}
 
-Nothing in it depends on time or absolute paths, so the same inputs give byte-identical shards.
+The manifest stays a few kilobytes however many records there are (GenSLM's 110 million genes
+would make gigabytes of JSON, parsed at every start): readers map the table and the ids
+(``ShardSet.records``, a ``RecordTable``) and touch only the rows they use. Nothing depends on
+time or absolute paths, so the same inputs give byte-identical shards. Format version 1 held the
+records in the manifest as a list of {"id", "num_windows", "num_tokens"[, "window", "offset"]};
+such shards are still read (the list becomes the same table, in memory).
 
 Packed shards (``prepare_genomes --pack_sequences``) say ``"packed": true`` after "pad_id". Their
 windows hold whole records back to back, each followed by one [SEP] (``CodonTokenizer.sep_id``),
 then [PAD] to the end; a record too long for one window (num_tokens + 1 > max_seq_length) has
-windows of its own, cut as in unpacked shards, with no [SEP]. Each record entry adds "window" (the
-row it starts in) and "offset" (its first token's position there): its num_tokens codons are
-``row[offset:offset + num_tokens]`` of that row (the long ones: offset 0, then the next rows).
+windows of its own, cut as in unpacked shards, with no [SEP]. The table adds the columns "window"
+(the row a record starts in) and "offset" (its first token's position there): its num_tokens codons
+are ``row[offset:offset + num_tokens]`` of that row (the long ones: offset 0, then the next rows).
 num_windows is 1 for a record that shares a window; num_tokens counts codons, not the [SEP], so
 the manifest's num_tokens (every non-[PAD] position) is the records' sum plus one per [SEP].
 """
@@ -27,8 +39,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -37,9 +49,13 @@ from modelzoo.errors import DataError
 from modelzoo.files import OutputDir
 
 FORMAT = "codon-token-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the records listed in the manifest itself
 MANIFEST = "manifest.json"
-RECORDS_PART = ".records.part"  # a ShardWriter's record entries until close() puts them in the manifest
+RECORD_TABLE = "records.npy"
+RECORD_IDS = "record_ids.bin"
+COLUMNS = ("id_end", "num_windows", "num_tokens")
+PACKED_COLUMNS = COLUMNS + ("window", "offset")
 
 
 def file_sha256(path: Path) -> str:
@@ -57,8 +73,8 @@ class ShardWriter:
     is left untouched, so a reader never sees a half-written shard set.
 
     Memory stays bounded however many windows and records are added: rows go straight into the
-    open ``tokens_*.npy`` file (hashed as they are written), and the manifest's record entries
-    into a side file that ``close()`` copies into the manifest.
+    open ``tokens_*.npy`` file (hashed as they are written), records into ``records.npy`` and
+    ``record_ids.bin``.
 
     packed: the windows hold several records each (``data_preparation.prepare_genomes
     --pack_sequences``); records are then added apart from the rows (``add_rows`` and
@@ -86,8 +102,9 @@ class ShardWriter:
         self._tmp = self._target.path
         self._file: _NpyStream | None = None
         self._files: list[dict] = []
-        self._records_path = self._tmp / RECORDS_PART
-        self._records_file = open(self._records_path, "w", encoding="ascii")
+        self._columns = PACKED_COLUMNS if packed else COLUMNS
+        self._table = _NpyStream(self._tmp / RECORD_TABLE, 0, (len(self._columns),), np.int64)
+        self._ids = _HashedFile(self._tmp / RECORD_IDS)
         self.num_records = 0
         self.num_windows = 0
         self.num_tokens = 0
@@ -131,17 +148,18 @@ class ShardWriter:
         self.add_rows(windows, int(tokens.sum()))
 
     def add_records(self, record_ids: list[str], num_windows, num_tokens, window=None, offset=None) -> None:
-        """Manifest entries of records whose rows are (or will be) added with ``add_rows``; a packed
+        """Table rows of records whose rows are (or will be) added with ``add_rows``; a packed
         writer's also give the window each record starts in and its token offset there."""
         if (window is None) == self.packed or (offset is None) == self.packed:
             raise ValueError("window and offset are given for the records of packed windows, and only then")
-        columns = [np.asarray(c, dtype=np.int64).tolist()
-                   for c in ((num_windows, num_tokens, window, offset) if self.packed else (num_windows, num_tokens))]
-        template = _PACKED_RECORD if self.packed else _RECORD
-        text = ",\n  ".join(map(template.__mod__, zip(map(_json_string, record_ids), *columns)))
-        if text:
-            self._records_file.write(",\n  " + text if self.num_records else text)
-            self.num_records += len(record_ids)
+        if not len(record_ids):
+            return
+        encoded, lengths = _utf8(record_ids)
+        id_end = self._ids.size + np.cumsum(lengths)
+        self._ids.write(encoded)
+        columns = (id_end, num_windows, num_tokens) + ((window, offset) if self.packed else ())
+        self._table.write_rows(np.column_stack([np.asarray(c, dtype=np.int64).reshape(-1) for c in columns]))
+        self.num_records += len(record_ids)
 
     def add_rows(self, windows: np.ndarray, num_tokens: int | None = None) -> None:
         """Append rows (uint8 (k, max_seq_length)); num_tokens: their non-[PAD] tokens, if known."""
@@ -153,9 +171,9 @@ class ShardWriter:
         while len(windows):
             if self._file is None:
                 name = f"tokens_{len(self._files):05d}.npy"
-                self._file = _NpyStream(self._tmp / name, self.windows_per_file, self.max_seq_length)
+                self._file = _NpyStream(self._tmp / name, self.windows_per_file, (self.max_seq_length,))
             room = self.windows_per_file - self._file.rows
-            self._file.write(windows[:room])
+            self._file.write_rows(windows[:room])
             windows = windows[room:]
             if self._file.rows == self.windows_per_file:
                 self._files.append(self._file.finish())
@@ -170,15 +188,15 @@ class ShardWriter:
         return windows
 
     def close(self) -> None:
-        """Write the last file and the manifest, then move the directory into place (``manifest``
-        reads it back, if wanted: a large set's takes longer to parse than to write)."""
+        """Write the last file, the record table and the manifest, then move the directory into place."""
         if self._closed:
             raise RuntimeError("ShardWriter already closed")
         if self._file is not None:
             self._files.append(self._file.finish())
             self._file = None
-        self._records_file.close()
-        head = {
+        table = self._table.finish()
+        ids = {"name": RECORD_IDS, "bytes": self._ids.size, "sha256": self._ids.finish()}
+        manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "dtype": "uint8",
@@ -189,27 +207,20 @@ class ShardWriter:
             **({"packed": True} if self.packed else {}),
             "tokenizer": {"file": self.tokenizer.json_path.name, "sha256": self.tokenizer.sha256,
                           "vocab_size": self.tokenizer.vocab_size},
+            "num_records": self.num_records,
+            "records": {"columns": list(self._columns), "table": table, "ids": ids},
+            "files": self._files, "created_by": self.created_by,
         }
-        tail = {"files": self._files, "created_by": self.created_by}
         with open(self._tmp / MANIFEST, "w", encoding="ascii") as out:
-            out.write("{\n" + "".join(f"{line},\n" for line in map(_manifest_line, head.items())))
-            if self.num_records:
-                out.write(' "records": [\n  ')
-                with open(self._records_path, encoding="ascii") as records:
-                    shutil.copyfileobj(records, out, 1 << 20)
-                out.write("\n ],\n")
-            else:
-                out.write(' "records": [],\n')
-            out.write(",\n".join(map(_manifest_line, tail.items())) + "\n}\n")
-        self._records_path.unlink()
+            out.write("{\n" + ",\n".join(map(_manifest_line, manifest.items())) + "\n}\n")
         self._target.publish()
         self._closed = True
 
     def abort(self) -> None:
         if not self._closed:
-            self._records_file.close()
-            if self._file is not None:
-                self._file.fh.close()
+            for stream in (self._file, self._table, self._ids):
+                if stream is not None:
+                    stream.fh.close()
             self._target.discard()
             self._closed = True
 
@@ -223,47 +234,59 @@ class ShardWriter:
             self.abort()
 
 
-class _NpyStream:
-    """A ``.npy`` file of uint8 rows written as they come, hashed on the way: byte for byte what
-    ``np.save`` writes. The header promises ``rows`` rows; a file that ends with fewer gets its
-    header rewritten (and is hashed again by reading it back: only a split's last file)."""
+class _HashedFile:
+    """A file written as it comes, hashed on the way."""
 
-    def __init__(self, path: Path, rows: int, length: int):
-        self.path, self.planned, self.length, self.rows = path, rows, length, 0
+    def __init__(self, path: Path):
+        self.path, self.size = path, 0
         self.fh = open(path, "wb")
         self.digest = hashlib.sha256()
-        self.header = _npy_header((rows, length))
-        self._write(self.header)
 
-    def _write(self, data) -> None:
+    def write(self, data) -> None:
         self.digest.update(data)
         self.fh.write(data)
+        self.size += len(memoryview(data).cast("B"))
 
-    def write(self, rows: np.ndarray) -> None:
-        self._write(np.ascontiguousarray(rows))
+    def finish(self) -> str:
+        self.fh.close()
+        return self.digest.hexdigest()
+
+
+class _NpyStream(_HashedFile):
+    """A ``.npy`` file of rows (``row_shape``, ``dtype``) written as they come, hashed on the way:
+    byte for byte what ``np.save`` writes. The header promises ``rows`` rows; a file that ends
+    with another number gets its header rewritten (and is hashed again by reading it back: a
+    split's last token file, and the record table, whose length is not known ahead)."""
+
+    def __init__(self, path: Path, rows: int, row_shape: tuple[int, ...], dtype=np.uint8):
+        super().__init__(path)
+        self.planned, self.row_shape, self.dtype, self.rows = rows, tuple(row_shape), np.dtype(dtype), 0
+        self.header = _npy_header((rows, *self.row_shape), self.dtype)
+        self.write(self.header)
+
+    def write_rows(self, rows: np.ndarray) -> None:
+        self.write(np.ascontiguousarray(rows, dtype=self.dtype))
         self.rows += len(rows)
 
     def finish(self) -> dict:
+        shape = [self.rows, *self.row_shape]
         if self.rows == self.planned:
-            self.fh.close()
-            sha = self.digest.hexdigest()
-        else:
-            header = _npy_header((self.rows, self.length))
-            if len(header) == len(self.header):
-                self.fh.seek(0)
-                self.fh.write(header)
-                self.fh.close()
-            else:  # never with numpy's 64-byte header alignment, but do not depend on it
-                self.fh.close()
-                body = self.path.read_bytes()[len(self.header):]
-                self.path.write_bytes(header + body)
-            sha = file_sha256(self.path)
-        return {"name": self.path.name, "shape": [self.rows, self.length], "sha256": sha}
+            return {"name": self.path.name, "shape": shape, "sha256": super().finish()}
+        self.fh.close()
+        header = _npy_header(tuple(shape), self.dtype)
+        if len(header) == len(self.header):
+            with open(self.path, "r+b") as fh:
+                fh.write(header)
+        else:  # never with numpy's 64-byte header alignment, but do not depend on it
+            body = self.path.read_bytes()[len(self.header):]
+            self.path.write_bytes(header + body)
+        return {"name": self.path.name, "shape": shape, "sha256": file_sha256(self.path)}
 
 
-def _npy_header(shape: tuple[int, int]) -> bytes:
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                               "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
@@ -275,10 +298,15 @@ def _manifest_line(item) -> str:
     return f" {json.dumps(key)}: {json.dumps(value)}"
 
 
-# A manifest record, as json.dumps writes it, several times faster: a gene set has millions.
-_RECORD = '{"id": %s, "num_windows": %d, "num_tokens": %d}'
-_PACKED_RECORD = '{"id": %s, "num_windows": %d, "num_tokens": %d, "window": %d, "offset": %d}'
-_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii)
+def _utf8(ids: list[str]) -> tuple[bytes, np.ndarray]:
+    """The ids' UTF-8 bytes back to back, and each one's length in bytes (ids are usually ASCII:
+    one encode for all of them)."""
+    text = "".join(ids)
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) == len(text):
+        return encoded, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    parts = [i.encode("utf-8", "surrogatepass") for i in ids]
+    return b"".join(parts), np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
 
 
 def shard_files(directory: Path, command: str | None = None) -> set[str] | None:
@@ -288,7 +316,9 @@ def shard_files(directory: Path, command: str | None = None) -> set[str] | None:
         m = json.loads((Path(directory) / MANIFEST).read_text())
         if m["format"] != FORMAT or (command is not None and m["created_by"]["command"] != command):
             return None
-        return {MANIFEST} | {str(f["name"]) for f in m["files"]}
+        records = m["records"]  # a list in format version 1: no side files
+        side = {str(records[k]["name"]) for k in ("table", "ids")} if isinstance(records, dict) else set()
+        return {MANIFEST} | side | {str(f["name"]) for f in m["files"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -318,6 +348,12 @@ class ShardSet:
                             f"but the files hold {sum(rows)} rows")
         self._offsets = np.cumsum([0] + rows)
         self._arrays: list[np.ndarray] | None = None
+        records = m.pop("records")  # the manifest keeps the top-level fields only
+        packed = bool(m.get("packed", False))
+        if isinstance(records, list):  # format version 1
+            self.records = RecordTable.from_entries(records, packed, self.data_dir / MANIFEST)
+        else:
+            self.records = RecordTable.open(self.data_dir, records, m.get("num_records"), packed, verify)
 
     def _read_manifest(self) -> dict:
         path = self.data_dir / MANIFEST
@@ -335,9 +371,13 @@ class ShardSet:
         missing = [k for k in required if not isinstance(m, dict) or k not in m]
         if missing:
             raise DataError(f"{path}: not a shard manifest, missing {', '.join(missing)}")
-        if m["format"] != FORMAT or m["format_version"] != FORMAT_VERSION:
-            raise DataError(f"{path}: format {m['format']!r} v{m['format_version']}, "
-                            f"this code reads {FORMAT!r} v{FORMAT_VERSION}")
+        if m["format"] != FORMAT or m["format_version"] not in READABLE_VERSIONS:
+            raise DataError(f"{path}: format {m['format']!r} v{m['format_version']}, this code reads {FORMAT!r} "
+                            f"v{' and v'.join(map(str, READABLE_VERSIONS))} (prepare the shards again with "
+                            f"python -m data_preparation.prepare_genomes)")
+        if isinstance(m["records"], list) != (m["format_version"] == 1):
+            raise DataError(f"{path}: format v{m['format_version']} with records as a "
+                            f"{type(m['records']).__name__}, not a shard manifest this code wrote")
         return m
 
     def _check_file(self, entry: dict, path: Path, verify: bool) -> int:
@@ -357,7 +397,9 @@ class ShardSet:
 
     @property
     def record_ids(self) -> list[str]:
-        return [r["id"] for r in self.manifest["records"]]
+        """Every record's id, in shard order (a list: for sets small enough to hold one; else
+        ``records.ids()`` streams them)."""
+        return list(self.records.ids())
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -377,4 +419,130 @@ class ShardSet:
         # Memory maps do not pickle as maps; each worker process reopens its own.
         state = self.__dict__.copy()
         state["_arrays"] = None
+        return state
+
+
+class RecordTable:
+    """Each record of a shard set, in shard order: its id, its windows and tokens (packed shards:
+    the window it starts in and its offset there). The columns are views of one int64 table
+    mapped from ``records.npy``, the ids are read from ``record_ids.bin`` when asked for: opening
+    a set of any size reads no row of either. Maps are reopened in each process (DataLoader
+    workers), never pickled. Shards of format version 1 give the same table, built in memory
+    from their manifest's list."""
+
+    def __init__(self, columns: tuple[str, ...], count: int, table=None, ids=None, paths=None):
+        self.columns, self.count = columns, count
+        self._table, self._ids = table, ids  # arrays, or None until mapped from paths
+        self._paths = paths  # (table, ids) files, or None when the arrays live in memory
+
+    @classmethod
+    def open(cls, data_dir: Path, records, count, packed: bool, verify: bool) -> "RecordTable":
+        columns = PACKED_COLUMNS if packed else COLUMNS
+        where = Path(data_dir) / MANIFEST
+        try:
+            entries = (records["table"], records["ids"])
+            names = [Path(str(e["name"])).name for e in entries]
+            shape, size, given = [int(x) for x in entries[0]["shape"]], int(entries[1]["bytes"]), records["columns"]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where}: records must give columns, table (name, shape, sha256) and ids "
+                            f"(name, bytes, sha256)") from None
+        if tuple(given) != columns or shape != [count, len(columns)]:
+            raise DataError(f"{where}: records {given} of shape {shape}; a {'packed ' if packed else ''}"
+                            f"shard set of {count} records has {list(columns)} of shape {[count, len(columns)]}")
+        paths = tuple(Path(data_dir) / n for n in names)
+        for entry, path in zip(entries, paths):
+            if not path.is_file():
+                raise DataError(f"{path}: listed in {MANIFEST} but missing")
+            if verify and file_sha256(path) != entry.get("sha256"):
+                raise DataError(f"{path}: sha256 checksum mismatch (file changed or corrupt)")
+        table = cls(columns, count, paths=paths)
+        mapped, ids = table._arrays()
+        if mapped.dtype != np.int64 or list(mapped.shape) != shape or len(ids) != size:
+            raise DataError(f"{paths[0]}: {mapped.dtype} {list(mapped.shape)} and {len(ids)} id bytes, manifest "
+                            f"says int64 {shape} and {size} bytes")
+        if count and int(mapped[-1, 0]) != size:
+            raise DataError(f"{paths[0]}: the last id ends at byte {int(mapped[-1, 0])} of {size}")
+        return table
+
+    @classmethod
+    def from_entries(cls, entries: list, packed: bool, where: Path) -> "RecordTable":
+        """The table of a version 1 manifest's record list."""
+        columns = PACKED_COLUMNS if packed else COLUMNS
+        try:
+            ids = [str(e["id"]) for e in entries]
+            rows = [[int(e[c]) for c in columns[1:]] for e in entries]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where}: a record entry lacks or mistypes {exc}") from None
+        encoded, lengths = _utf8(ids)
+        table = np.empty((len(entries), len(columns)), dtype=np.int64)
+        table[:, 0] = np.cumsum(lengths)
+        table[:, 1:] = np.asarray(rows, dtype=np.int64).reshape(len(entries), len(columns) - 1)
+        return cls(columns, len(entries), table, np.frombuffer(encoded, dtype=np.uint8))
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._table is None:
+            table, ids = self._paths
+            try:
+                self._table = np.load(table, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise DataError(f"{table}: not a readable .npy file ({exc})") from None
+            self._ids = (np.memmap(ids, dtype=np.uint8, mode="r") if ids.stat().st_size
+                         else np.empty(0, dtype=np.uint8))  # an empty file cannot be mapped
+        return self._table, self._ids
+
+    def __len__(self) -> int:
+        return self.count
+
+    def column(self, name: str) -> np.ndarray | None:
+        """One int64 column (a view of the mapped table), None where these shards have none."""
+        return self._arrays()[0][:, self.columns.index(name)] if name in self.columns else None
+
+    @property
+    def num_windows(self) -> np.ndarray:
+        return self.column("num_windows")
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        return self.column("num_tokens")
+
+    def start_rows(self) -> np.ndarray:
+        """The row each record starts in (packed: its "window"; else after the records before it)."""
+        if "window" in self.columns:
+            return np.asarray(self.column("window"))
+        counts = np.asarray(self.num_windows)
+        return np.cumsum(counts) - counts
+
+    def offsets(self) -> np.ndarray:
+        """Each record's first token's position in its start row (0 unless packed)."""
+        offset = self.column("offset")
+        return np.zeros(self.count, dtype=np.int64) if offset is None else np.asarray(offset)
+
+    def id(self, i: int) -> str:
+        return next(self.ids(i, i + 1))
+
+    def ids(self, start: int = 0, stop: int | None = None, block: int = 1 << 16) -> Iterator[str]:
+        """The ids of records start..stop-1, decoded a block at a time."""
+        table, data = self._arrays()
+        stop = self.count if stop is None else min(stop, self.count)
+        for lo in range(start, stop, block):
+            hi = min(stop, lo + block)
+            ends = table[lo:hi, 0]
+            first = int(table[lo - 1, 0]) if lo else 0
+            raw = bytes(data[first:int(ends[-1])])
+            bounds = (np.concatenate(([first], ends)) - first).tolist()
+            text = raw.decode("ascii") if raw.isascii() else None
+            source, decode = (text, str) if text is not None else (raw, lambda b: b.decode("utf-8", "surrogatepass"))
+            yield from (decode(source[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+
+    def entries(self) -> Iterator[dict]:
+        """Each record as format version 1 listed it ({"id", "num_windows", "num_tokens"[, "window",
+        "offset"]}): for tools and tests that read a few, not for a gene set's millions."""
+        table = self._arrays()[0]
+        for i, rid in enumerate(self.ids()):
+            yield {"id": rid, **{c: int(table[i, k]) for k, c in enumerate(self.columns) if k}}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._paths is not None:  # maps do not pickle as maps; each process maps its own
+            state["_table"] = state["_ids"] = None
         return state
