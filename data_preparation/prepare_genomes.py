@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -52,12 +54,49 @@ MAX_SEQ_LENGTH = 1 << 20  # codons per window: 3 Mb, beyond any context trained 
 MAX_WORKERS = 1024  # processes: more is a typo, not a machine
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What prepare_genomes is asked to do, typed: its command line (``parse_args``) and a params
+    file's ``prepare:`` section (``data_preparation.first_use``) both give one to ``prepare``.
+    The fields are its flags (their help says what each means)."""
+    input: tuple[str, ...]
+    output_dir: str
+    max_seq_length: int
+    split: tuple[float, ...] = (0.9, 0.05, 0.05)
+    seed: int = 0
+    features: str | None = None
+    max_n_fraction: float = 0.5
+    min_codons: int = 8
+    rename_duplicate_ids: bool = False
+    reading_frame: str = "as_read"
+    pack_sequences: bool = False
+    num_workers: int | None = None
+    windows_per_file: int = 1 << 16
+    overwrite: bool = False
+
+    def argv(self) -> list[str]:
+        """The command-line flags that give these options (the defaults left out)."""
+        out = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.default is not dataclasses.MISSING and value == field.default:
+                continue
+            flag = f"--{field.name}"
+            if isinstance(value, bool):
+                out += [flag] if value else []
+            elif field.name == "input":
+                out += [flag, *map(str, value)]
+            else:
+                out += [flag, split_text(value) if field.name == "split" else str(value)]
+        return out
+
+
+def parse_args(argv=None) -> PrepareOptions:
     p = OneLineParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="FASTA/GenBank files, plain or .gz")
     p.add_argument("--output_dir", required=True, help="gets train/, val/, test/ shard dirs")
     p.add_argument("--max_seq_length", type=int, required=True, help="codons per window")
-    p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test record fractions")
+    p.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05", help="train,val,test record fractions")
     p.add_argument("--seed", type=int, default=0, help="seed of the record split")
     p.add_argument("--features", default=None, help="GenBank feature type to extract, e.g. CDS")
     p.add_argument("--max_n_fraction", type=float, default=0.5,
@@ -76,17 +115,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows_per_file", type=int, default=1 << 16)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of this tool (never a directory holding other files)")
-    return p.parse_args(argv)
+    args = vars(p.parse_args(argv))
+    return PrepareOptions(**{**args, "input": tuple(args["input"])})
 
 
-def parse_split(text: str) -> tuple[float, float, float]:
+SPLIT_NEEDS = "need three non-negative fractions summing to 1, e.g. 0.9,0.05,0.05"
+
+
+def split_fractions(text: str) -> tuple[float, ...]:
+    """--split's text as fractions (checked by ``check_options``)."""
     try:
-        fracs = tuple(float(x) for x in text.split(","))
+        return tuple(float(x) for x in text.split(","))
     except ValueError:
-        fracs = ()
-    if len(fracs) != 3 or not all(0 <= f <= 1 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
-        raise UserError(f"--split {text!r}: need three non-negative fractions summing to 1, e.g. 0.9,0.05,0.05")
-    return fracs
+        raise argparse.ArgumentTypeError(f"{text!r}: {SPLIT_NEEDS}") from None
+
+
+def split_text(fracs) -> str:
+    return ",".join(f"{f:g}" for f in fracs)
 
 
 def earlier_output(out_dir: Path) -> set[str] | None:
@@ -100,10 +145,12 @@ def earlier_output(out_dir: Path) -> set[str] | None:
     return owned or None
 
 
-def check_options(args) -> tuple[float, float, float]:
+def check_options(args: PrepareOptions) -> tuple[float, float, float]:
     """Every option in range, in one line each, before anything is read or written; the split."""
-    fracs = parse_split(args.split)
+    fracs = tuple(float(f) for f in args.split)
     problems = [
+        (len(fracs) != 3 or not all(0 <= f <= 1 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6,
+         f"--split {split_text(fracs)!r}: {SPLIT_NEEDS}"),
         (not 1 <= args.max_seq_length <= MAX_SEQ_LENGTH,
          f"--max_seq_length {args.max_seq_length}: need 1 to {MAX_SEQ_LENGTH:,} codons (a window is one row in "
          f"memory and on disk)"),
@@ -128,7 +175,8 @@ def check_options(args) -> tuple[float, float, float]:
     return fracs
 
 
-def prepare(args) -> dict:
+def prepare(args: PrepareOptions) -> dict:
+    """Prepare the shards ``args`` describe; a report of what was read, kept and written."""
     fracs = check_options(args)
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=args.input, recognise=earlier_output) as tmp:
         return _prepare_into(tmp, args, fracs)
@@ -235,8 +283,8 @@ def report_text(report: dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_entry(lambda: report_text(prepare(args), args.output_dir))
+    options = parse_args(argv)
+    return run_entry(lambda: report_text(prepare(options), options.output_dir))
 
 
 if __name__ == "__main__":

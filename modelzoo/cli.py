@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         here = launched_local_world_size() if launched_world_size() > 1 else ranks  # the systems of this host
         check_memoryx_fits(params, args.params, here)
     if not (args.validate_only or args.compile_only) and launched_world_size() == 1:
-        from modelzoo.data.prepare_on_first_use import ensure_prepared
+        from data_preparation.first_use import ensure_prepared
         ensure_prepared(params)
     if ranks > 1 and launched_world_size() == 1 and not (args.validate_only or args.compile_only):
         # Validated once here; the ranks re-read the same params and fail the same way if at all.

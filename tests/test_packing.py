@@ -298,12 +298,14 @@ def test_training_and_eval_on_packed_shards_log_nonpad_tokens_per_sec(shards, tm
 
 
 def test_prepare_on_first_use_packs_and_never_reuses_a_dir_prepared_the_other_way(shards, tmp_path):
-    from modelzoo.data.prepare_on_first_use import check_prepared, prepare_command
+    from data_preparation.first_use import check_prepared, options_for
+    from data_preparation.prepare_genomes import parse_args
     from modelzoo.errors import DataError
     root = Path(__file__).resolve().parents[1]
     params = load_params(root / "configs" / "genslm" / "neox_25M_genes_packed_msl2048.yaml", check_paths=False)
-    argv = prepare_command(params.train_input)
-    assert "--pack_sequences" in argv and "--rename_duplicate_ids" in argv
+    options = options_for(params.train_input)
+    assert options.pack_sequences and options.rename_duplicate_ids
+    assert parse_args(options.argv()) == options  # the command printed is the preparation done
     unpacked = params.train_input.model_copy(update={"data_dir": str(shards["unpacked"])})
     with pytest.raises(DataError) as e:
         check_prepared("train_input", unpacked)

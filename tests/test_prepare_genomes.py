@@ -174,3 +174,20 @@ def test_crlf_gzip_input(tmp_path, capsys):
                    "--split", "1,0,0") == 0
     a, b = manifests(tmp_path / "lf")["train"], manifests(tmp_path / "crlf")["train"]
     assert a["files"] == b["files"]  # identical tokens, checksums and all
+
+
+def test_typed_options_prepare_what_the_command_line_does(tmp_path):
+    """The CLI and first-use preparation share one typed entry: options -> argv -> the same
+    options, and prepare(options) writes the bytes the command writes."""
+    from data_preparation.prepare_genomes import PrepareOptions, parse_args, prepare
+    options = PrepareOptions(input=(FIRST3,), output_dir=str(tmp_path / "typed"), max_seq_length=512,
+                             split=(0.67, 0.33, 0.0), seed=4, reading_frame="longest_orf", pack_sequences=True,
+                             rename_duplicate_ids=True, num_workers=1)
+    argv = options.argv()
+    assert argv[:2] == ["--input", FIRST3] and "--split" in argv and "--min_codons" not in argv  # defaults left out
+    assert parse_args(argv) == options
+    prepare(options)
+    assert run(*argv[:3], tmp_path / "cli", *argv[4:]) == 0
+    for split in ("train", "val"):
+        for f in sorted((tmp_path / "cli" / split).iterdir()):
+            assert (tmp_path / "typed" / split / f.name).read_bytes() == f.read_bytes(), f
