@@ -169,16 +169,18 @@ def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_to
     return [found[i] for i in range(len(pieces))]
 
 
-_results_group = []  # a gloo group for the gathered results, made once when the default group is not gloo
+_results_group: dict = {}  # the default group -> a gloo group for the results (None: it is gloo itself)
 
 
 def gathered(mine: dict, world: int) -> dict:
     """Every process's results, merged (results are CPU arrays: they travel over gloo)."""
     import torch.distributed as dist
-    if not _results_group:
-        _results_group.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    default = dist.group.WORLD
+    if default not in _results_group:  # made once per process group, by every process together
+        _results_group.clear()
+        _results_group[default] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=_results_group[0])
+    dist.all_gather_object(everyone, mine, group=_results_group[default])
     merged: dict = {}
     for part in everyone:
         merged.update(part)
