@@ -121,15 +121,21 @@ def test_labels_naming_too_few_records_are_refused_before_any_work(model_dir, tm
     assert not (tmp_path / "eval").exists()
 
 
-def test_mutation_effects_on_the_cds_of_a_genbank_file_in_bf16(model_dir, tmp_path, capsys):
+def test_mutation_effects_on_the_cds_of_a_genbank_file(model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     code, text = run(capsys, "--model_dir", model_dir, "--output_dir", out, "--tasks", "mutation_effects",
                      "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--cds_fasta", "tests/data/NC_045512.2.gb",
-                     "--cds_features", "CDS", "--mutations_per_class", 1, "--mutation_records", 4, "--max_order", 3,
-                     "--bf16")
+                     "--cds_features", "CDS", "--mutations_per_class", 1, "--mutation_records", 4, "--max_order", 3)
     assert code == 0, text
     saved = json.loads((out / "results.json").read_text())
     result = saved["tasks"]["mutation_effects"]
     assert result["records"] == 4 and result["substitutions"] == {"synonymous": 4, "missense": 4, "nonsense": 4}
-    assert saved["model"]["precision"] == "bfloat16 autocast" and all(
+    assert saved["model"]["precision"] == "float32" and all(  # the tiny model's params: fp32
         math.isfinite(v) for v in result["model"]["mean_llr"].values())
+
+
+def test_bf16_flag_is_gone_in_one_line(model_dir, tmp_path, capsys):
+    code, text = run(capsys, "--model_dir", model_dir, "--output_dir", tmp_path / "eval", "--tasks", "perplexity",
+                     "--train_fasta", GENOMES, "--eval_fasta", GENOMES, "--bf16")
+    assert code == 2 and text.count("\n") == 1 and "precision its params decide" in text, text
+    assert not (tmp_path / "eval").exists()

@@ -26,12 +26,10 @@ replaces an earlier output of this tool only.
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError
@@ -39,7 +37,7 @@ from modelzoo.evaluation import report
 from modelzoo.evaluation.harness import TASKS, EvalRun, Settings, check_inputs, check_settings
 from modelzoo.evaluation.tasks import RUNNERS
 from modelzoo.files import output_dir
-from modelzoo.inference import add_model_arguments, model_from_args
+from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.evaluate"
 TOOL = "modelzoo.tools.evaluate"
@@ -79,9 +77,7 @@ def build_parser() -> OneLineParser:
                    help="generation: codons per sequence, the ATG included (default 300)")
     p.add_argument("--temperature", type=float, default=1.0, help="generation: the model's sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="seed of substitutions, sampling and clustering (default 0)")
-    p.add_argument("--bf16", action="store_true",
-                   help="run the model under bfloat16 autocast (weights stay float32; far faster on CPUs with "
-                        "bfloat16 matrix units, e.g. AMX)")
+    p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # gone: precision follows the config
     p.add_argument("--no_map", action="store_true", help="variants: do not draw variants_map.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of this tool (never a directory holding other files)")
@@ -100,11 +96,6 @@ def settings_of(args) -> Settings:
                     batch_size=args.batch_size, draw_map=not args.no_map)
 
 
-def _precision(lm, bf16: bool):
-    """bfloat16 autocast on the model's device, or nothing (float32)."""
-    return torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def evaluate(args) -> str:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -113,8 +104,11 @@ def evaluate(args) -> str:
     check_settings(tasks, settings)
     if args.temperature <= 0:
         raise ConfigError(f"--temperature {args.temperature}: must be > 0")
+    if args.bf16:
+        raise ConfigError("--bf16 is gone: the model computes in the precision its params decide, as training does "
+                          "(model.mixed_precision, and on a CPU model.mixed_precision_on_cpu)")
     check_inputs(tasks, settings)
-    inputs = [args.checkpoint_path or args.model_dir, args.train_fasta, args.eval_fasta, args.cds_fasta, args.labels]
+    inputs = [args.train_fasta, args.eval_fasta, args.cds_fasta, args.labels, *model_inputs(args)]
     with output_dir(args.output_dir, TOOL, args.overwrite, inputs=inputs) as tmp:
         lm = model_from_args(args)
         settings.output = tmp
@@ -122,15 +116,14 @@ def evaluate(args) -> str:
         results, seconds = {}, {}
         for task in dict.fromkeys(tasks):
             start = time.time()
-            with _precision(lm, args.bf16):
-                results[task] = RUNNERS[task](run)
+            results[task] = RUNNERS[task](run)
             seconds[task] = round(time.time() - start, 1)
         header = {"model": {"source": lm.source, "step": lm.step, "name": lm.config.name,
                             "reading_frame": lm.reading_frame, "device": str(lm.device),
-                            "precision": "bfloat16 autocast" if args.bf16 else "float32"},
+                            "precision": lm.precision},
                   "inputs": {"train_fasta": args.train_fasta, "eval_fasta": args.eval_fasta,
                              "cds_fasta": args.cds_fasta, "labels": args.labels},
-                  "settings": {**{k: v for k, v in vars(settings).items() if k != "output"}, "bf16": args.bf16},
+                  "settings": {k: v for k, v in vars(settings).items() if k != "output"},
                   "seconds": seconds, "notes": run.notes}
         (tmp / report.JSON).write_text(report.to_json(header, results))
         (tmp / report.MARKDOWN).write_text(report.to_markdown(header, results))
