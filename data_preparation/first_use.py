@@ -9,13 +9,12 @@ anything else is left alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from data_preparation import prepare_genomes
 from data_preparation.prepare_genomes import PrepareOptions
 from modelzoo.config import DataInput, Params
-from modelzoo.data.shards import MANIFEST
+from modelzoo.data.shards import manifest_fields
 from modelzoo.errors import DataError
 from modelzoo.files import foreign_files
 
@@ -35,10 +34,10 @@ def check_prepared(name: str, section: DataInput) -> None:
     """A data_dir prepared earlier must hold what the section asks for now: packed or not. A
     preset that packs needs its own data_dir (e.g. data/x_packed/train); flipping pack_sequences
     on a prepared one would read the other kind of windows."""
-    try:
-        packed = bool(json.loads((Path(section.data_dir) / MANIFEST).read_text()).get("packed", False))
-    except (OSError, ValueError, AttributeError):
+    fields = manifest_fields(section.data_dir)  # the top-level ones: never a version 1 manifest's records
+    if fields is None:
         return  # not a readable shard manifest: opening the shards says what is wrong
+    packed = bool(fields.get("packed", False))
     if packed != section.pack_sequences:
         kind = "packed" if packed else "unpacked"
         raise DataError(f"{name}.data_dir: {section.data_dir} holds {kind} shards but {name}.pack_sequences is "

@@ -666,7 +666,8 @@ def _shard_problems(name: str, section: dict, data_dir: str) -> list[Problem]:
     pack_sequences), found here once, before anything is built, from the manifest's top-level
     fields. A section the schema refuses is left to that complaint; a missing or unreadable
     manifest to opening the shards."""
-    from modelzoo.data.datasets import manifest_fields, shard_mismatches
+    from modelzoo.data.datasets import shard_mismatches
+    from modelzoo.data.shards import manifest_fields
     fields = manifest_fields(data_dir)
     if fields is None:
         return []

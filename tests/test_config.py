@@ -174,20 +174,20 @@ def test_manifest_fields_read_the_head_and_tail_only(shards_msl64, tmp_path, mon
     import json
     import shutil
 
-    from modelzoo.data import datasets
+    from modelzoo.data import shards
+    from modelzoo.data.datasets import shard_settings
     data_dir = tmp_path / "train"
     shutil.copytree(shards_msl64 / "train", data_dir)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     if laid_out != "by ShardWriter":
         (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(datasets, "PARSE_WHOLE_BYTES", 0)  # as a manifest of millions of records is read
-    fields = datasets.manifest_fields(data_dir)
+    monkeypatch.setattr(shards, "PARSE_WHOLE_BYTES", 0)  # as a manifest of millions of records is read
+    fields = shards.manifest_fields(data_dir)
     records = manifest.pop("records")
     assert {k: v for k, v in fields.items() if k != "records"} == manifest
     assert ("records" in fields) == (laid_out != "by ShardWriter") and records["table"]["shape"] == [2, 3]
-    assert datasets.shard_settings(fields) == {"max_seq_length": 64, "reading_frame": "as_read",
-                                               "pack_sequences": False}
-    assert datasets.manifest_fields(tmp_path) is None
+    assert shard_settings(fields) == {"max_seq_length": 64, "reading_frame": "as_read", "pack_sequences": False}
+    assert shards.manifest_fields(tmp_path) is None
 
 
 def test_a_transformers_config_of_the_wrong_type_is_one_line(raw):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -320,6 +321,53 @@ def shard_files(directory: Path, command: str | None = None) -> set[str] | None:
         side = {str(records[k]["name"]) for k in ("table", "ids")} if isinstance(records, dict) else set()
         return {MANIFEST} | side | {str(f["name"]) for f in m["files"]}
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# A manifest up to this size is parsed whole (format version 2's are a few kilobytes: its records lie in a
+# side table); a larger one (version 1 listed a gene set's millions of records in it) only at its
+# head and tail, where ShardWriter put every top-level key but the records.
+PARSE_WHOLE_BYTES = 1 << 20
+
+
+def manifest_fields(data_dir) -> dict | None:
+    """The top-level fields of the shards' manifest in ``data_dir`` (max_seq_length, packed,
+    created_by, ...; the records may be absent), or None where there is no readable manifest:
+    what a params check needs, without parsing the records."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            fields = _head_and_tail(f, size) if size > PARSE_WHOLE_BYTES else None
+            if fields is None:
+                f.seek(0)
+                fields = json.loads(f.read())
+    except (OSError, ValueError):  # ValueError: invalid JSON or UTF-8, or a NUL byte in the path
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _head_and_tail(f, size: int) -> dict | None:
+    """ShardWriter's layout: one top-level key a line, then "records", then "files" and
+    "created_by"; None for a manifest laid out otherwise."""
+    head = []
+    for line in f:
+        if line.startswith(b' "records": '):
+            break
+        head.append(line)
+    else:
+        return None
+    records, tail, start = f.tell() - 1, b"", size  # from the newline that ends the "records" line
+    while b'\n "files": ' not in tail and start > records:  # read back from the end until "files"
+        start = max(records, start - (1 << 16))
+        f.seek(start)
+        tail = f.read(size - start)
+    if b'\n "files": ' not in tail:
+        return None
+    text = b"".join(head[1:]) + tail[tail.rindex(b'\n "files": ') + 1:]
+    try:
+        return json.loads(b"{" + text)
+    except ValueError:
         return None
 
 
