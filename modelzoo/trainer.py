@@ -7,6 +7,7 @@ schedules, loss scaling, sparsity, checkpoints, metrics) sits below them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -17,17 +18,22 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from modelzoo import startup
 from modelzoo.backends.base import Backend, rank_and_world
+from modelzoo.backends.precision import as_run
 from modelzoo.config import CHECKPOINT_STATES, DataInput, Params
+from modelzoo.distributed import launched_world_size, release_process_group
 from modelzoo.data.datasets import CausalLMDataset, build_dataloader, dataset_for, nonpad_tokens
 from modelzoo.errors import CheckpointError, ConfigError, TrainingError
 from modelzoo.interrupts import raise_if_interrupted
 from modelzoo.models import transfer_backbone
 from modelzoo.training import checkpoint as ckpt
-from modelzoo.training.metrics import ScalarWriters
+from modelzoo.training.metrics import ScalarWriters, attach_run_log, close_logging, setup_logging
 from modelzoo.training.optim import learning_rate_at
 
 log = logging.getLogger("modelzoo")
+# How the resident backends' memory plan (backends/memory_plan.py) ends when it does not fit.
+RESIDENT_PLAN_DOES_NOT_FIT = "does not fit with these params"
 BASELINE_CODONS = 1 << 23  # train codons the count-model baselines are fitted on, at most
 
 
@@ -51,6 +57,118 @@ class Trainer:
         self.train_loader = None
         self.eval_loader = None
         self.nonfinite_skipped = 0  # batches skipped for a non-finite loss or gradient, over the run
+        # what from_params settled: the model it built, its precision line, the ranks a plan is for
+        self.model = None
+        self.precision_note: str | None = None
+        self.ranks = 1
+
+    # ------------------------------------------------------------ start-up
+
+    @classmethod
+    def from_params(cls, params: Params, device: str, source: str = "params", only_plan: str | None = None,
+                    validated: bool = False) -> "Trainer":
+        """The run of ``params`` on ``device`` ('CPU', 'GPU', 'CSX'), in start-up order: validate
+        (unless the caller just did: ``validated``), join the process group, make the backend,
+        decide precision and build the model; ``run()`` then loads and runs. ``only_plan``
+        ('validate' or 'compile'): nothing will run, so no process group, no device needed, and
+        the model is shapes only (``describe_plan``). Use it as a context manager: the backend
+        and the process group are released however the run ends."""
+        if validated:
+            ranks = startup.ranks_requested(device, params, check_devices=False)
+        else:
+            ranks = startup.validate(params, device, source, only_plan)
+        if not only_plan:
+            startup.join(device)
+        backend = startup.make_backend(device, params, bool(only_plan))
+        try:
+            model, note = startup.build(params, device, backend, bool(only_plan))
+            trainer = cls(params, backend, Path(params.runconfig.model_dir))
+        except BaseException:
+            backend.close(failed=True)
+            raise
+        trainer.model, trainer.precision_note = model, note
+        trainer.ranks = max(ranks, launched_world_size())
+        return trainer
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        failed = exc_type is not None
+        try:
+            self.backend.close(failed=failed)
+        finally:
+            if not failed:  # on an error nothing may wait on the other ranks
+                release_process_group()
+            close_logging()  # run.log closed: a caller (a notebook, a test) may start another run
+
+    def describe_plan(self, compile_only: bool) -> str:
+        """--validate_only (the shards opened and checked too) or --compile_only (the execution
+        plan; a resident plan that does not fit is shown, then refused in one line)."""
+        params = self.params
+        if not compile_only:
+            self._check_data()
+        n = sum(p.numel() for p in self.model.parameters())
+        lines = [f"params OK: {params.model.name}, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32), "
+                 f"backend {self.backend.describe()}", *params.notes]
+        if self.precision_note:
+            lines.append(self.precision_note)
+        plan = self.backend.plan(self.model, params, self.ranks) if compile_only else None
+        if plan:
+            lines.append(plan)
+        verdict = plan.splitlines()[-1] if plan else ""
+        if verdict.startswith(RESIDENT_PLAN_DOES_NOT_FIT):
+            # as CSX refuses a stage its wafer cannot hold: the plan is shown, the run refused in one line
+            print("\n".join(lines))
+            raise ConfigError(f"--compile_only: {verdict}")
+        return "\n".join(lines)
+
+    def _check_data(self) -> None:
+        """The shards the run would read (manifests, shapes, tokenizer and max_seq_length against
+        the params; not every shard's checksum). Sections still to be prepared on first use have
+        nothing to check yet."""
+        sections = [self.params.train_input, self.params.eval_input]
+        if any(s is not None and s.prepare is not None and not Path(s.data_dir).is_dir() for s in sections):
+            return
+        self.open_datasets(self.params.runconfig.mode, verify=False)
+
+    def run(self) -> int:
+        """Read everything the run needs before writing anything: bad shards or a bad checkpoint
+        end the run with model_dir untouched (not even created). An existing model_dir's run.log
+        does record which checkpoint was skipped or resumed from. Logging is set up once; run.log
+        joins it when model_dir exists, with what was logged before."""
+        params, model_dir, mode = self.params, self.model_dir, self.params.runconfig.mode
+        resuming = model_dir.is_dir()
+        with model_dir_errors(model_dir):
+            setup_logging(model_dir if resuming else None, self.rank)
+        for note in params.notes:  # what reading the params decided (a Model Zoo file's ignored keys, ...)
+            log.info(note)
+        if self.precision_note:
+            log.info(self.precision_note)
+        self.open_datasets(mode)
+        training = mode in ("train", "train_and_eval")
+        self.backend.setup(self.model, params.optimizer if training else None, params.sparsity if training else None)
+        self.load_starting_checkpoint(mode)
+        with model_dir_errors(model_dir):
+            if self.is_writer:
+                model_dir.mkdir(parents=True, exist_ok=True)
+                # the params as given, and what their precision 'auto's were decided as on this device
+                (model_dir / f"params_{mode}.yaml").write_text(params.to_yaml() + as_run(self.model.config))
+            if not resuming:
+                attach_run_log(model_dir, self.rank)
+        try:
+            if mode == "train":
+                self.train()
+            elif mode == "train_and_eval":
+                self.train(evaluate_every=params.runconfig.eval_frequency)
+                self.evaluate()
+            elif mode == "eval":
+                self.evaluate()  # of the checkpoint load_starting_checkpoint loaded
+            else:
+                self.eval_all()
+        finally:
+            self.close()
+        return 0
 
     # ------------------------------------------------------------ data
 
@@ -147,7 +265,7 @@ class Trainer:
 
     def train(self, evaluate_every: int = 0) -> None:
         cfg, run, opt = self.params.train_input, self.params.runconfig, self.params.optimizer
-        if self.train_loader is None:  # not opened up front by the CLI
+        if self.train_loader is None:  # not opened up front by run()
             self.open_datasets("train")
             self.restore()
         last = self._last_step()
@@ -291,3 +409,10 @@ class Trainer:
     def close(self) -> None:
         self.writers.close()
 
+
+@contextlib.contextmanager
+def model_dir_errors(model_dir: Path):
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"runconfig.model_dir: cannot write to {model_dir} ({e.strerror or e})") from None

@@ -8,7 +8,7 @@ import pytest
 import yaml
 import torch
 
-from modelzoo import cli
+from modelzoo import cli, startup
 from modelzoo.backends import base, resident
 from modelzoo.backends.precision import decide
 from modelzoo.config import ModelConfig, validate_params
@@ -73,10 +73,10 @@ def test_gpus_and_fp32_configs_are_left_as_they_are(speedup, measured, setting):
 def test_where_the_math_happens():
     params = lambda wafer: validate_params({"model": config().model_dump(),  # noqa: E731
                                             "runconfig": {"csx": {"wafer_device": wafer}}}, check_paths=False)
-    assert cli.compute_device("GPU", params("cpu")) == "cuda"
-    assert cli.compute_device("CPU", params("cpu")) == "cpu"
-    assert cli.compute_device("CSX", params("cpu")) == "cpu"
-    assert cli.compute_device("CSX", params("cuda")) == "cuda"
+    assert startup.compute_device("GPU", params("cpu")) == "cuda"
+    assert startup.compute_device("CPU", params("cpu")) == "cpu"
+    assert startup.compute_device("CSX", params("cpu")) == "cpu"
+    assert startup.compute_device("CSX", params("cuda")) == "cuda"
 
 
 def test_the_measurement_is_real_and_leaves_the_run_alone(monkeypatch):

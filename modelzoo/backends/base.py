@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from modelzoo.config import OptimizerConfig
-from modelzoo.distributed import release_process_group
 from modelzoo.models.base import StagedModel
 # precision lives in backends/precision.py; inference.py still imports these two from here
 from modelzoo.backends.precision import autocast, precision_on  # noqa: F401
@@ -62,22 +61,18 @@ class Backend(ABC):
     _closed = False
 
     def close(self, failed: bool = False) -> None:
-        """Release what the backend holds: its threads, its files (CSX disk MemoryX), the process
-        group its factory joined (distributed.release_process_group). Idempotent; the CLI calls it
-        on success, on error and on SIGTERM/SIGINT. ``failed``: the run is ending on an exception,
-        so nothing may wait on the other ranks (they may be gone, or stuck in a collective with
-        this one's threads); otherwise work they wait for is finished first."""
+        """Release what the backend holds: its threads, its files (CSX disk MemoryX); the process
+        group is the run's (Trainer.from_params joins it, and releases it after this). Idempotent;
+        the Trainer calls it on success, on error and on SIGTERM/SIGINT. ``failed``: the run is
+        ending on an exception, so nothing may wait on the other ranks (they may be gone, or stuck
+        in a collective with this one's threads); otherwise work they wait for is finished first."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._release(failed)
-        finally:
-            if not failed:
-                release_process_group()
+        self._release(failed)
 
     def _release(self, failed: bool) -> None:
-        """What a backend holds beyond the process group (close() calls it once)."""
+        """What a backend holds (close() calls it once)."""
 
     def __enter__(self) -> "Backend":
         return self

@@ -19,7 +19,7 @@ from modelzoo.backends.base import Backend, Recomputed, frozen_note, loss_weight
 from modelzoo.backends.precision import autocast
 from modelzoo.backends.csx.sparse_stream import sum_over_systems
 from modelzoo.config import OptimizerConfig
-from modelzoo.distributed import init_process_group, local_rank
+from modelzoo.distributed import local_rank
 from modelzoo.errors import ConfigError
 from modelzoo.models.base import StagedModel
 from modelzoo.training import optim
@@ -30,7 +30,6 @@ from modelzoo.training.step import OptimizerStep, total_norm
 
 
 def cpu_backend(activation_checkpointing: bool = False, sharding: str = "none") -> "ResidentBackend":
-    init_process_group("cpu")
     return ResidentBackend("cpu", activation_checkpointing, sharding)
 
 
@@ -44,16 +43,22 @@ def check_cuda_devices(needed: int) -> None:
                           f"are visible; lower --num_workers_per_node")
 
 
-def gpu_backend(activation_checkpointing: bool = False, sharding: str = "none") -> "ResidentBackend":
-    """The CUDA device of this rank (LOCAL_RANK), TF32 matmuls on, NCCL when data parallel."""
+def take_cuda_device() -> torch.device:
+    """The CUDA device of this rank (LOCAL_RANK) made current, TF32 matmuls on. A run takes it
+    before joining its process group: NCCL binds to the current device."""
     index = local_rank()
     check_cuda_devices(index + 1)
-    torch.cuda.set_device(index)  # before NCCL starts: it binds to the current device
+    torch.cuda.set_device(index)
     # fp32 matmuls and convolutions may use TF32 tensor cores (10-bit mantissa, fp32 range).
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
-    init_process_group("cuda")
-    return ResidentBackend(torch.device("cuda", index), activation_checkpointing, sharding)
+    return torch.device("cuda", index)
+
+
+def gpu_backend(activation_checkpointing: bool = False, sharding: str = "none") -> "ResidentBackend":
+    """The CUDA device of this rank (``take_cuda_device``); data parallel over the process group
+    the run joined (startup.join), if any."""
+    return ResidentBackend(take_cuda_device(), activation_checkpointing, sharding)
 
 
 def _sum_gradients(process_group, bucket):

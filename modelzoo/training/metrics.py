@@ -50,25 +50,42 @@ def rank_log(model_dir: Path, rank: int) -> Path:
 
 def setup_logging(model_dir: Path | None, rank: int = 0) -> None:
     """Rank 0: console plus model_dir/run.log, appended across resumes. Another rank: its own
-    model_dir/run.rank{R}.log at the same level, and only warnings on the console."""
+    model_dir/run.rank{R}.log at the same level, and only warnings on the console. Without a
+    model_dir (not made yet), records wait for ``attach_run_log``."""
     early = [r for h in log.handlers if isinstance(h, _EarlyRecords) for r in h.records]
     close_logging()
     log.setLevel(logging.INFO)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout) if rank == 0 else _RankConsole()
-    console.setFormatter(fmt)
+    console.setFormatter(_FORMAT)
     log.addHandler(console)
     if model_dir is not None:
-        if rank != 0:  # rank 0 creates model_dir once the run's inputs are read; this rank may be first
-            Path(model_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(rank_log(model_dir, rank))
-        file.setFormatter(fmt)
-        for record in early:
-            file.handle(record)
-        log.addHandler(file)
+        log.addHandler(_run_log(model_dir, rank, early))
     else:
         log.addHandler(_EarlyRecords())
+
+
+def attach_run_log(model_dir: Path, rank: int = 0) -> None:
+    """The rank's log file joins the logging ``setup_logging(None, rank)`` set up, once model_dir
+    exists, starting with what was logged before."""
+    waiting = [h for h in log.handlers if isinstance(h, _EarlyRecords)]
+    file = _run_log(model_dir, rank, [r for h in waiting for r in h.records])
+    for handler in waiting:
+        log.removeHandler(handler)
+    log.addHandler(file)
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def _run_log(model_dir: Path, rank: int, early: list[logging.LogRecord]) -> logging.FileHandler:
+    if rank != 0:  # rank 0 creates model_dir once the run's inputs are read; this rank may be first
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(rank_log(model_dir, rank))
+    file.setFormatter(_FORMAT)
+    for record in early:
+        file.handle(record)
+    return file
 
 
 def close_logging() -> None:
