@@ -331,7 +331,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     from modelzoo.config import validate_params
-    from modelzoo.data.prepare_on_first_use import ensure_prepared
+    from data_preparation.first_use import ensure_prepared
     os.chdir(ROOT)
     for model in PRESETS:  # the shards every side reads, prepared before any side is timed
         ensure_prepared(validate_params(preset(model), check_paths=False))

@@ -19,7 +19,7 @@ import yaml
 from data_preparation import prepare_genomes
 from modelzoo import GenomeLM, files
 from modelzoo.config import ModelConfig, load_params
-from modelzoo.data.prepare_on_first_use import ensure_prepared
+from data_preparation.first_use import ensure_prepared
 from modelzoo.data.sequences import read_records
 from modelzoo.errors import DataError
 from modelzoo.files import OWNER_MARKER, NpyRows

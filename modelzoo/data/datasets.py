@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modelzoo.data.shards import ShardSet, manifest_fields  # noqa: F401 (translate imports it here)
+from modelzoo.data.shards import ShardSet
 from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import ConfigError, DataError
 

@@ -471,7 +471,8 @@ def _translate_input(section: str, values: dict, path: tuple, t: Translation) ->
     if not isinstance(data_dir, str) or "\0" in data_dir:
         t.blocked.add((section, "max_seq_length"))  # no shards to read it from: data_dir is reported
         return
-    from modelzoo.data.datasets import manifest_fields, shard_settings
+    from modelzoo.data.datasets import shard_settings
+    from modelzoo.data.shards import manifest_fields
     fields = manifest_fields(data_dir)
     settings = shard_settings(fields) if fields is not None else {}
     if "max_seq_length" in missing and not isinstance(settings.get("max_seq_length"), int):
