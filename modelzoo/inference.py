@@ -18,7 +18,7 @@ into embeddings nor scored (no codon was observed), except in GenSLM's recipes, 
 comparable with GenSLM's: ``embed(pooling="genslm")`` and ``log_likelihood(score_unk=True)``.
 
 Genomes longer than the model's context are cut into windows the way training cut them:
-consecutive windows of ``max_position_embeddings`` codons for GPT-2/GPT-J, and of two codons
+consecutive windows of ``max_position_embeddings`` codons for GPT-2/GPT-J/GPT-NeoX, and of two codons
 fewer framed by [CLS] ... [SEP] for BERT. The streams read their input a round at a time (memory
 holds a round, never the input): its windows sorted by length into batches of ``batch_tokens``,
 short ones sharing a row with document attention (``inference_batching``), each sequence's

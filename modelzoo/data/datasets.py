@@ -3,7 +3,7 @@
 Labels are shifted here, once: ``labels[t]`` is the token the model must predict at position t,
 so models and losses never shift (plain cross-entropy with ``ignore_index=-100``).
 
-Objectives: causal LM (GPT-2, GPT-J), masked LM and labelled windows (BERT); ``dataset_for``
+Objectives: causal LM (GPT-2, GPT-J, GPT-NeoX), masked LM and labelled windows (BERT); ``dataset_for``
 picks one from the model config. Another objective is a class taking ``(shardset, **kwargs)``
 with ``__len__``/``__getitem__`` returning a dict of tensors, passed as ``dataset_cls`` to
 ``build_dataloader``; random draws come from a generator seeded by (seed, epoch, index), the

@@ -1,4 +1,4 @@
-"""Generate codon sequences with a trained GPT-2 or GPT-J and write them as FASTA.
+"""Generate codon sequences with a trained GPT-2, GPT-J or GPT-NeoX and write them as FASTA.
 
     python -m modelzoo.tools.generate --model_dir MD --num_sequences 10 --max_codons 500 \\
         --output generated.fasta [--prompt ATG --seed 0 --temperature 1.0 --top_k 20 --top_p 0.95]
