@@ -3,7 +3,8 @@
 Per step: weights stream from MemoryX to the wafer stage by stage (cast to the compute dtype,
 prefetched in the background), the wafer keeps every stage's activations when its plan fits
 (csx.keep_activations auto; else only boundary activations, recomputing each stage in backward),
-gradients stream back (summed over systems by SwarmX) and accumulate in fp32 in MemoryX, which applies the optimizer per stage. See wafer.py, memoryx.py, swarmx.py.
+gradients stream back (summed over systems by SwarmX) and accumulate in fp32 in MemoryX,
+which applies the optimizer per stage. See wafer.py, memoryx.py, swarmx.py.
 The wafer computes on the CPU or on this system's GPU (csx.wafer_device); link.py moves weights
 and gradients between it and MemoryX, which stays in host RAM or on disk either way.
 """
