@@ -17,11 +17,12 @@ from modelzoo.errors import ConfigError
 
 def validate(params: Params, device: str, source: str, only_plan: str | None = None) -> int:
     """The data-parallel ranks this machine runs (``ranks_requested``), after every start-up check:
-    flags against the device, the devices there are, CSX's MemoryX against this host, the ranks a
-    launcher started, and the batch split over all ranks. A plan (``only_plan``: 'validate' or
-    'compile') runs nothing: no devices or batch split are checked, and only 'compile' (which
-    plans MemoryX) checks MemoryX."""
-    ranks = ranks_requested(device, params, check_devices=not only_plan)
+    flags against the device and the devices there are (``check_device_flags``), CSX's MemoryX
+    against this host, the ranks a launcher started, and the batch split over all ranks. A plan
+    (``only_plan``: 'validate' or 'compile') runs nothing: no devices or batch split are checked,
+    and only 'compile' (which plans MemoryX) checks MemoryX."""
+    check_device_flags(device, params, check_devices=not only_plan)
+    ranks = ranks_requested(device, params)
     if device == "CSX" and only_plan != "validate":  # --compile_only and a run refuse alike
         from modelzoo.backends.memory_plan import check_memoryx_fits
         here = launched_local_world_size() if launched_world_size() > 1 else ranks  # the systems of this host
@@ -39,9 +40,16 @@ def compute_device(device: str, params: Params) -> str:
     return "cuda" if on_gpu else "cpu"
 
 
-def ranks_requested(device: str, params: Params, check_devices: bool = True) -> int:
+def ranks_requested(device: str, params: Params) -> int:
     """Data-parallel ranks to start on this machine: --num_csx systems on CSX, --num_workers_per_node
     processes on CPU/GPU (default 1)."""
+    run = params.runconfig
+    return run.num_csx if device == "CSX" else run.num_workers_per_node or 1
+
+
+def check_device_flags(device: str, params: Params, check_devices: bool = True) -> None:
+    """The runconfig flags the device takes, and (``check_devices``) the devices its ranks need
+    on this machine: a CUDA wafer per CSX system, a GPU per GPU worker."""
     run = params.runconfig
     if device == "CSX":
         if run.num_workers_per_node is not None:
@@ -56,18 +64,16 @@ def ranks_requested(device: str, params: Params, check_devices: bool = True) -> 
             from modelzoo.backends.csx.link import check_wafer_device
             here = launched_local_world_size() if launched_world_size() > 1 else run.num_csx
             check_wafer_device(run.csx.wafer_device, here)
-        return run.num_csx
+        return
     sparsity = params.sparsity if run.mode in ("train", "train_and_eval") else None
     if run.sharding == "fsdp" and sparsity is not None and sparsity.algorithm != "static":
         raise ConfigError(f"sparsity.algorithm: {sparsity.algorithm} changes masks from whole tensors, which "
                           f"runconfig.sharding: fsdp does not hold; use static sparsity, sharding: none, or CSX")
     if run.num_csx != 1:
         raise ConfigError("--num_csx applies to the CSX device only; CPU and GPU take --num_workers_per_node")
-    ranks = run.num_workers_per_node or 1
     if device == "GPU" and check_devices:
         from modelzoo.backends.resident import check_cuda_devices
-        check_cuda_devices(ranks)
-    return ranks
+        check_cuda_devices(ranks_requested(device, params))
 
 
 def check_launched_ranks(device: str, params: Params, ranks: int) -> None:

@@ -74,7 +74,7 @@ class Trainer:
         the model is shapes only (``describe_plan``). Use it as a context manager: the backend
         and the process group are released however the run ends."""
         if validated:
-            ranks = startup.ranks_requested(device, params, check_devices=False)
+            ranks = startup.ranks_requested(device, params)
         else:
             ranks = startup.validate(params, device, source, only_plan)
         if not only_plan:
