@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic_core import PydanticCustomError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from modelzoo.errors import ConfigError
@@ -115,9 +116,20 @@ class LoraConfig(Section):
                                                  "'*.bias'); every other parameter is frozen.")
 
 
+def _registered_model(name: str) -> str:
+    """model.name names a spec in the registry (a new model is one file and one registry line)."""
+    from modelzoo.models import MODELS  # the registry imports this module: asked at validation time
+    if name not in MODELS:
+        names = [repr(n) for n in MODELS]
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": f"{', '.join(names[:-1])} or {names[-1]}"})
+    return name
+
+
 class ModelConfig(Section):
-    name: Literal["gpt2", "gptj", "gpt_neox", "bert"] = Field(description="Architecture: gpt2, gptj, gpt_neox "
-                                                                         "(GenSLM's models) or bert.")
+    name: Annotated[str, AfterValidator(_registered_model)] = Field(
+        description="Architecture: a name in the model registry (modelzoo.models.MODELS): gpt2, gptj, gpt_neox "
+                    "(GenSLM's models) or bert.")
     vocab_size: int = Field(CODON_VOCAB_SIZE, gt=0, le=MAX_WIDTH, description="Vocabulary size: at least the codon tokenizer's 69 ids "
                                                                  "(69 = GenSLM's codon vocabulary).")
     hidden_size: int = Field(gt=0, le=MAX_WIDTH, description="Width of the residual stream.")
@@ -148,6 +160,7 @@ class ModelConfig(Section):
                             "start, about 0.1 s: AMX CPUs and AMD Zen 4 do; Intel CPUs with AVX-512 BF16 but no "
                             "AMX run it at about half the fp32 rate), else in fp32; the run log says which in one "
                             "line. GPUs always compute in fp16_type.")
+    # Keys one architecture takes: its spec lists them (ModelSpec.keys); another architecture refuses them.
     rotary_dim: Optional[int] = Field(None, gt=0, description="GPT-J only: dimensions of each head that get "
                                                               "rotary embeddings (default head_dim / 4, as GenSLM).")
     rotary_pct: Optional[float] = Field(None, gt=0, le=1, description="gpt_neox only: fraction of each head that "
@@ -183,21 +196,17 @@ class ModelConfig(Section):
             wrong("vocab_size", f"{self.vocab_size} is below the codon tokenizer's {CODON_VOCAB_SIZE} ids")
         if self.hidden_size % self.num_heads:
             wrong("num_heads", f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
-        if self.rotary_dim is not None:
-            if self.name != "gptj":
-                wrong("rotary_dim", "rotary_dim applies to gptj only")
-            if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
-                wrong("rotary_dim", f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
-        if self.rotary_emb_base != 10000.0 and self.name not in ("gptj", "gpt_neox"):
-            wrong("rotary_emb_base", "rotary_emb_base applies to gptj and gpt_neox only")
-        if self.rotary_pct is not None:
-            if self.name != "gpt_neox":
-                wrong("rotary_pct", "rotary_pct applies to gpt_neox only")
-            if int(self.head_dim * self.rotary_pct) % 2:
-                wrong("rotary_pct", f"rotary_pct ({self.rotary_pct}) gives int(head_dim * rotary_pct) = "
-                                    f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even")
-        if self.num_labels is not None and self.name != "bert":
-            wrong("num_labels", "num_labels applies to bert only")
+        from modelzoo.models import MODELS  # the registry imports this module: asked at validation time
+        owners = {key: [name for name, spec in MODELS.items() if key in spec.keys]
+                  for spec in MODELS.values() for key in spec.keys}
+        for key in (k for k in type(self).model_fields if k in owners):  # in field order: the first error named
+            if getattr(self, key) != type(self).model_fields[key].default and self.name not in owners[key]:
+                wrong(key, f"{key} applies to {' and '.join(owners[key])} only")
+        if self.rotary_dim is not None and (self.rotary_dim > self.head_dim or self.rotary_dim % 2):
+            wrong("rotary_dim", f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+        if self.rotary_pct is not None and int(self.head_dim * self.rotary_pct) % 2:
+            wrong("rotary_pct", f"rotary_pct ({self.rotary_pct}) gives int(head_dim * rotary_pct) = "
+                                f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even")
         return self
 
 
@@ -464,19 +473,22 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check_lengths(self):
+        from modelzoo.models import CLASSIFY, spec_of  # the registry imports this module: asked at validation time
         wrong = []  # every cross-section problem at once, as the per-key ones are
+        spec = spec_of(self.model)
+        classifier = spec.objective_of(self.model) == CLASSIFY
         for name in ("train_input", "eval_input"):
             section = getattr(self, name)
             if section and section.max_seq_length > self.model.max_position_embeddings:
                 wrong.append(_CrossFieldError((name, "max_seq_length"),
                                               f"{section.max_seq_length} is above model.max_position_embeddings "
                                               f"({self.model.max_position_embeddings})"))
-            if section and section.pack_sequences and self.model.num_labels is not None:
-                wrong.append(_CrossFieldError((name, "pack_sequences"), "a classifier (model.num_labels) labels each "
-                                                                        "window with one record's class; packed "
-                                                                        "windows hold several records"))
-            if section and self.model.num_labels is not None:
-                wrong += [_CrossFieldError((name, key), "required when model.num_labels is set (classifier)")
+            if section and section.pack_sequences and classifier:
+                wrong.append(_CrossFieldError((name, "pack_sequences"), f"a classifier (model.{spec.classifier_key}) "
+                                                                        "labels each window with one record's class; "
+                                                                        "packed windows hold several records"))
+            if section and classifier:
+                wrong += [_CrossFieldError((name, key), f"required when model.{spec.classifier_key} is set (classifier)")
                           for key in ("labels_file", "label_column") if getattr(section, key) is None]
         if self.train_input and self.eval_input and self.train_input.reading_frame != self.eval_input.reading_frame:
             wrong.append(_CrossFieldError(("eval_input", "reading_frame"),

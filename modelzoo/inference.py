@@ -50,7 +50,7 @@ from modelzoo.config import ModelConfig
 from modelzoo.data.tokenizer import READING_FRAMES, CodonTokenizer
 from modelzoo.errors import CheckpointError, ConfigError, DataError
 from modelzoo.inference_batching import Packed, Piece
-from modelzoo.models import MODELS, build_model, spec_of
+from modelzoo.models import CAUSAL_LM, CLASSIFY, MODELS, build_model, objective_of, spec_of
 from modelzoo.models.base import StagedModel
 from modelzoo.models.layers import KVCache
 from modelzoo.training import checkpoint as ckpt
@@ -248,7 +248,7 @@ class GenomeLM:
 
     @property
     def default_pooling(self) -> str:
-        return "surprise" if self.is_causal and self.config.num_labels is None else "mean"
+        return "surprise" if objective_of(self.config) == CAUSAL_LM else "mean"
 
     @staticmethod
     def default_layer(pooling: str) -> Layer:
@@ -495,9 +495,10 @@ class GenomeLM:
     # ------------------------------------------------------------------ shared plumbing
 
     def _need_token_head(self, what: str) -> None:
-        if self.config.num_labels is not None:
+        key = spec_of(self.config).classifier_key
+        if objective_of(self.config) == CLASSIFY:
             raise ConfigError(f"{self.source}: {what} needs codon probabilities; this checkpoint is a "
-                              f"sequence classifier (model.num_labels {self.config.num_labels})")
+                              f"sequence classifier (model.{key} {getattr(self.config, key)})")
 
     def _encoded(self, sequences: Iterable) -> Iterator[tuple[object, np.ndarray]]:
         """Each sequence as given, with its codon ids."""

@@ -29,8 +29,11 @@ def batch(n=2, t=24, pad_from=None):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_registry_covers_every_model_name():
-    assert set(MODELS) == set(ModelConfig.model_fields["name"].annotation.__args__)
+def test_model_name_is_checked_against_the_registry():
+    for name, spec in MODELS.items():
+        assert ModelConfig(**spec.debug_config()).name == name
+    with pytest.raises(ValueError, match="Input should be 'gpt2', 'gptj', 'gpt_neox' or 'bert'"):
+        ModelConfig(**MODELS["gpt2"].debug_config(name="gpt3"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

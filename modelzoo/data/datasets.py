@@ -510,12 +510,12 @@ class SequenceClassificationDataset(Dataset):
 def dataset_for(model, section, seed: int) -> tuple[type, dict]:
     """The dataset class and its arguments for a model config and an input section, by the
     model's objective: causal LM, masked LM, or labelled windows for a classifier."""
-    from modelzoo.models import spec_of
-    from modelzoo.models.spec import CAUSAL_LM
-    if spec_of(model).objective == CAUSAL_LM:
+    from modelzoo.models import CAUSAL_LM, MASKED_LM, objective_of
+    objective = objective_of(model)
+    if objective == CAUSAL_LM:
         return CausalLMDataset, {"pack_sequences": section.pack_sequences,
                                  "document_attention": section.document_attention}
-    if model.num_labels is None:
+    if objective == MASKED_LM:
         return MaskedLMDataset, {"mlm_probability": section.mlm_probability, "seed": seed,
                                  "pack_sequences": section.pack_sequences,
                                  "document_attention": section.document_attention}

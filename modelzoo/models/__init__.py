@@ -11,7 +11,7 @@ from modelzoo.config import ModelConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.models import bert, gpt2, gpt_neox, gptj, lora
 from modelzoo.models.base import StagedModel
-from modelzoo.models.spec import ModelSpec
+from modelzoo.models.spec import CAUSAL_LM, CLASSIFY, MASKED_LM, ModelSpec  # noqa: F401  (the objectives)
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (gpt2.SPEC, gptj.SPEC, gpt_neox.SPEC, bert.SPEC)}
 HEAD_PREFIX = "head."  # the last stage; a task head that may differ between pretraining and fine-tuning
@@ -21,6 +21,11 @@ log = logging.getLogger("modelzoo")
 
 def spec_of(cfg: ModelConfig) -> ModelSpec:
     return MODELS[cfg.name]
+
+
+def objective_of(cfg: ModelConfig) -> str:
+    """CAUSAL_LM, MASKED_LM or CLASSIFY: what this configured model predicts."""
+    return spec_of(cfg).objective_of(cfg)
 
 
 def build_model(cfg: ModelConfig) -> StagedModel:

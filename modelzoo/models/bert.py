@@ -157,7 +157,7 @@ def _hf_fields(hf: dict, get, need) -> dict:
                 num_labels=len(hf.get("id2label") or {}) if is_classifier else None)
 
 
-SPEC = ModelSpec("bert", BertModel, MASKED_LM, HFTwin(
+SPEC = ModelSpec("bert", BertModel, MASKED_LM, keys=("num_labels",), classifier_key="num_labels", hf=HFTwin(
     model_type="bert", architecture=_hf_architecture, table=_hf_table, config=_hf_config, fields=_hf_fields,
     tied={"head.tokens.weight": "embeddings.tokens.weight"},
     buffers=("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight",

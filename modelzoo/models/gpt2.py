@@ -108,7 +108,7 @@ def _hf_fields(hf: dict, get, need) -> dict:
     return gpt_style_fields(hf, get, need, tied=True)
 
 
-SPEC = ModelSpec("gpt2", GPT2LMModel, CAUSAL_LM, HFTwin(
+SPEC = ModelSpec("gpt2", GPT2LMModel, CAUSAL_LM, hf=HFTwin(
     model_type="gpt2", architecture=lambda cfg: "GPT2LMHeadModel", table=_hf_table,
     config=lambda tf, cfg, common, labels: tf.GPT2Config(tie_word_embeddings=True, **gpt_style_config(cfg), **common),
     fields=_hf_fields, tied={"head.tokens.weight": "embeddings.tokens.weight"},

@@ -94,7 +94,7 @@ def _network_keys(cfg: ModelConfig) -> dict:
     return dict(keys, rotary_dims=rotary_dims_of(cfg), rotary_emb_base=cfg.rotary_emb_base)
 
 
-SPEC = ModelSpec("gpt_neox", GPTNeoXLMModel, CAUSAL_LM, HFTwin(
+SPEC = ModelSpec("gpt_neox", GPTNeoXLMModel, CAUSAL_LM, keys=("rotary_pct", "rotary_emb_base"), hf=HFTwin(
     model_type="gpt_neox", architecture=lambda cfg: "GPTNeoXForCausalLM", table=_hf_table, config=_hf_config,
     fields=_hf_fields, keys=_network_keys,
     buffers=(".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")))

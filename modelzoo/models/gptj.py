@@ -97,7 +97,7 @@ def _network_keys(cfg: ModelConfig) -> dict:
     return dict(keys, rotary_dim=rotary_dim_of(cfg), rotary_emb_base=cfg.rotary_emb_base)
 
 
-SPEC = ModelSpec("gptj", GPTJLMModel, CAUSAL_LM, HFTwin(
+SPEC = ModelSpec("gptj", GPTJLMModel, CAUSAL_LM, keys=("rotary_dim", "rotary_emb_base"), hf=HFTwin(
     model_type="gptj", architecture=lambda cfg: "GPTJForCausalLM", table=_hf_table,
     config=lambda tf, cfg, common, labels: tf.GPTJConfig(rotary_dim=rotary_dim_of(cfg), tie_word_embeddings=False,
                                                          **gpt_style_config(cfg), **common),

@@ -1,7 +1,8 @@
 """What each architecture declares once, and everything else reads: its model class, its
-objective (which decides the dataset, the labels, generation and scoring) and its transformers
-twin (class, config, and the table pairing our tensors with theirs). Adding a model is one file
-that defines a ``SPEC`` plus one line in the registry (``modelzoo.models.MODELS``).
+objective (which decides the dataset, the labels, generation and scoring), the model keys only
+it takes, a tiny debug config, and its transformers twin (class, config, and the table pairing
+our tensors with theirs). Adding a model is one file that defines a ``SPEC`` plus one line in
+the registry (``modelzoo.models.MODELS``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 from modelzoo.config import ModelConfig
 
-CAUSAL_LM, MASKED_LM = "causal_lm", "masked_lm"
+# Objectives: what the model predicts, hence its dataset, labels and scores.
+CAUSAL_LM, MASKED_LM, CLASSIFY = "causal_lm", "masked_lm", "classify"
+
+# The tiny model every architecture's tests and debug runs start from (a spec may add to it).
+DEBUG_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4, "max_position_embeddings": 64}
 
 # Tensor layouts between our state and a transformers state.
 SAME, TRANSPOSED, SPLIT_QKV, HEADWISE_QKV = "same", "transposed", "split_qkv", "headwise_qkv"
@@ -56,10 +61,23 @@ class HFTwin:
 class ModelSpec:
     name: str  # model.name in the params
     model: type  # a StagedModel built from the ModelConfig
-    objective: str  # CAUSAL_LM or MASKED_LM (a BERT with num_labels classifies)
+    objective: str  # CAUSAL_LM or MASKED_LM: what the model pretrains on
     hf: HFTwin
+    keys: tuple[str, ...] = ()  # the ModelConfig keys only this model (and others declaring them) takes
+    classifier_key: str | None = None  # the key that, when set, turns the head into a classifier (CLASSIFY)
+    debug: Mapping[str, Any] = field(default_factory=lambda: dict(DEBUG_CONFIG))  # a tiny model's keys
 
     @property
     def generates(self) -> bool:
         """Predicts each codon from the ones before it: generation and left-to-right scores."""
         return self.objective == CAUSAL_LM
+
+    def objective_of(self, cfg: ModelConfig) -> str:
+        """This configuration's objective: the spec's own, or CLASSIFY when its classifier key is set."""
+        if self.classifier_key is not None and getattr(cfg, self.classifier_key) is not None:
+            return CLASSIFY
+        return self.objective
+
+    def debug_config(self, **overrides) -> dict:
+        """The model section of a tiny model of this architecture (for tests and quick runs)."""
+        return {"name": self.name, **self.debug, **overrides}

@@ -57,7 +57,7 @@ from modelzoo.errors import CheckpointError, ConfigError, UserError
 from modelzoo.files import check_output_dir, check_output_file, output_file
 from modelzoo.files import output_dir as output_dir_of
 from modelzoo.inference import model_inputs
-from modelzoo.models import build_model, hf
+from modelzoo.models import MODELS, build_model, hf
 from modelzoo.training import checkpoint as ckpt
 
 PROG = "python -m modelzoo.tools.convert_checkpoint"
@@ -204,7 +204,8 @@ def _label_names(raw_params: dict) -> list[str] | None:
     """Class names of a classifier, read from its training labels file when it is still there."""
     from modelzoo.data.datasets import read_label_table
     section = raw_params.get("train_input") or {}
-    if not raw_params["model"].get("num_labels") or not section.get("labels_file"):
+    key = MODELS[raw_params["model"]["name"]].classifier_key
+    if not (key and raw_params["model"].get(key)) or not section.get("labels_file"):
         return None
     try:
         return read_label_table(section["labels_file"], section["label_column"], section.get("id_column"))[1]

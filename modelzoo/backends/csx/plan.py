@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from modelzoo.backends.precision import autocast
 from modelzoo.config import OptimizerConfig
 from modelzoo.errors import ConfigError
+from modelzoo.models import CLASSIFY, objective_of
 from modelzoo.models.base import StagedModel
 
 GiB = 2 ** 30
@@ -137,8 +138,8 @@ def stage_costs(model: StagedModel, micro_batch: tuple[int, int], dtype: torch.d
         b, t = micro_batch
         # Full (unpadded) windows: no attention mask, as models skip it when nothing is padded,
         # and fake tensors cannot answer that data-dependent question.
-        # A sequence classifier (model.num_labels) has one label per window, a language model one per token.
-        per_sequence = getattr(model.config, "num_labels", None) is not None
+        # A sequence classifier has one label per window, a language model one per token.
+        per_sequence = objective_of(model.config) == CLASSIFY
         batch = {"input_ids": torch.zeros(b, t, dtype=torch.long),
                  "labels": torch.zeros((b,) if per_sequence else (b, t), dtype=torch.long)}
         hidden = None
