@@ -109,6 +109,7 @@ def test_sigterm_removes_memoryx_files_and_the_same_command_resumes(tmp_path, sh
     assert leftovers(tmp_path / "mx") == []
 
 
+@pytest.mark.distributed
 def test_sigterm_on_two_systems_each_removes_its_files_and_the_sharded_checkpoint_streamed(tmp_path, shards):
     """--num_csx 2 (torch's elastic launcher passes SIGTERM on to both ranks): exit 143, one line,
     no MemoryX file of either system left. The step-2 checkpoint, whose second system's half

@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import torch
+import pytest
 import yaml
 
 from test_csx import SEQ, data_dir, make_params  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
 
 STEPS = 6
 

@@ -133,6 +133,7 @@ def test_deferred_build_trains_like_the_eager_one(data_dir, tmp_path):
     backend.close()
 
 
+@pytest.mark.distributed
 def test_two_systems_with_disk_memoryx_checkpoint_mid_run(data_dir, tmp_path):
     """A save in the middle of a 2-system run: the systems that do not write wait for the writer
     (a long barrier, not the collective timeout) and the run goes on; both checkpoints load."""

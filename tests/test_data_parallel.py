@@ -20,6 +20,8 @@ from modelzoo import cli
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import CodonTokenizer
 
+pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 L = 32
 STEPS = 10

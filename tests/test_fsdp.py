@@ -15,6 +15,8 @@ import yaml
 
 from test_data_parallel import L, STEPS, assert_same_curve, run_py, scalars, write_shards
 
+pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
+
 
 def write_params(path: Path, mode: str = "train_and_eval", **runconfig) -> Path:
     extra = runconfig.pop("extra", {})

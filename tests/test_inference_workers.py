@@ -7,7 +7,8 @@ import pytest
 from modelzoo.tools import embed, score
 from tests import inference_before as before
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the reference: one process on one thread, as each worker
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # the reference: one process on one thread, as each worker
+              pytest.mark.distributed]  # several processes: `pytest -m "not distributed"` skips them
 
 SMALL_BATCHES = ["--batch_tokens", str(2 * before.CONTEXT)]  # many batches per round: both processes get some
 

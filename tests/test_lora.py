@@ -215,6 +215,7 @@ def run_py(cwd: Path, device: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+@pytest.mark.distributed
 def test_two_fsdp_ranks_and_two_csx_systems_follow_one_rank(tmp_path, monkeypatch, capsys):
     """run.py end to end: FSDP shards frozen and trained weights alike (only the adapters'
     gradients are reduced), CSX builds the model deferred and splits MemoryX over two systems;

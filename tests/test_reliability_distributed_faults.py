@@ -16,6 +16,8 @@ import pytest
 from modelzoo.training import checkpoint as ckpt
 from test_reliability_common import params_dict, run_py_command, shards, write_params  # noqa: F401
 
+pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
+
 STEPS = 30
 
 

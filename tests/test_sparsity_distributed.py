@@ -15,6 +15,8 @@ import yaml
 from tests.test_csx import data_dir, make_params  # noqa: F401  (fixture)
 from tests.test_csx_distributed import scalars
 
+pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
+
 STEPS = 4
 
 
