@@ -131,7 +131,7 @@ def eval_command(name: str, root: Path, args) -> list[str]:
     return [sys.executable, "-m", "modelzoo.tools.evaluate", "--model_dir", str(root / name),
             "--output_dir", str(root / f"eval_{name}"), "--tasks", TASKS, "--device", args.eval_device,
             "--train_fasta", str(TRAIN_FASTA), "--eval_fasta", str(EVAL_FASTA), "--labels", str(LABELS),
-            "--label_column", LABEL_COLUMN, "--skip_labels", "unassigned", "--bf16",
+            "--label_column", LABEL_COLUMN, "--skip_labels", "unassigned",
             "--batch_size", str(args.eval_batch_size), "--mutation_records", str(args.mutation_records),
             "--num_generated", str(args.num_generated)]
 
@@ -210,7 +210,7 @@ def render_table(evaluated: dict[str, dict], labels: dict[str, str]) -> list[str
 def render(evaluated: dict[str, dict], labels: dict[str, str], timings: dict, args) -> str:
     lines = ["# GenSLM's recipe: genes, then genomes, evaluated on unseen variants", "",
              f"Command: `python examples/genslm_recipe.py --root {args.root}`. Harness settings: "
-             f"--mutation_records {args.mutation_records}, --num_generated {args.num_generated}, --bf16.", ""]
+             f"--mutation_records {args.mutation_records}, --num_generated {args.num_generated}.", ""]
     if evaluated:
         lines += render_table(evaluated, labels)
     order = [s.name for s in STAGES + [LORA_STAGE]]
