@@ -290,6 +290,20 @@ def build_dataloader(data_dir, batch_size: int, shuffle: bool, shuffle_seed: int
 
 # ---------------------------------------------------------------- BERT: framing, masking, labels
 
+def frame_body(length: int) -> int:
+    """Codons in one framed piece of a ``length``-token window: [CLS] and [SEP] take two."""
+    return length - 2
+
+
+def frame(codons: np.ndarray, cls_id: int, sep_id: int, length: int | None = None, pad_id: int = PAD_ID) -> np.ndarray:
+    """One piece of a record framed as BERT reads it, [CLS] codons [SEP], then [PAD] up to
+    ``length`` (None: no padding). Training's windows (``FramedWindows``) and inference's
+    (``modelzoo.inference``) are both framed here, so a model reads at inference what it learned on."""
+    out = np.full(len(codons) + 2 if length is None else length, pad_id, dtype=np.int64)
+    out[0], out[1:1 + len(codons)], out[1 + len(codons)] = cls_id, codons, sep_id
+    return out
+
+
 class FramedWindows:
     """Each record's codons re-cut into pieces of max_seq_length - 2, each framed [CLS] ... [SEP].
 
@@ -311,7 +325,7 @@ class FramedWindows:
             raise ConfigError(f"{shardset.data_dir}: max_seq_length {self.length} leaves no room for codons "
                               "between [CLS] and [SEP]")
         self.cls_id, self.sep_id, self.pad_id = tok.cls_id, tok.sep_id, shardset.pad_id
-        self.pieces = _pieces(shardset.records, self.length - 2, packed)  # record, row, offset, start, end
+        self.pieces = _pieces(shardset.records, frame_body(self.length), packed)  # record, row, offset, start, end
         firsts = _packed_firsts(self.pieces[:, 4] - self.pieces[:, 3] + 2, self.length) if packed else \
             np.arange(len(self.pieces), dtype=np.int64)
         self.firsts = np.append(firsts, len(self.pieces))  # window i: pieces firsts[i]:firsts[i+1]
@@ -338,9 +352,7 @@ class FramedWindows:
         first, last = (offset + start) // self.length, (offset + end - 1) // self.length  # rows it spans
         stream = np.concatenate([self.shardset[row + k] for k in range(first, last + 1)])
         codons = stream[offset + start - first * self.length: offset + end - first * self.length]
-        out = np.full(self.length, self.pad_id, dtype=np.int64)
-        out[0], out[1:1 + len(codons)], out[1 + len(codons)] = self.cls_id, codons, self.sep_id
-        return out
+        return frame(codons, self.cls_id, self.sep_id, self.length, self.pad_id)
 
     def __getitem__(self, i: int) -> np.ndarray:
         pieces = self.pieces_of(i)
