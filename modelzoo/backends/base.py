@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from modelzoo.config import OptimizerConfig
 from modelzoo.models.base import StagedModel
-# precision lives in backends/precision.py; inference.py still imports these two from here
+# precision lives in backends/precision.py; the precision tests still read these two here
 from modelzoo.backends.precision import autocast, precision_on  # noqa: F401
 
 

@@ -56,8 +56,8 @@ from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import CheckpointError, ConfigError, UserError
 from modelzoo.files import check_output_dir, check_output_file, output_file
 from modelzoo.files import output_dir as output_dir_of
-from modelzoo.inference import model_inputs
 from modelzoo.models import MODELS, build_model, hf
+from modelzoo.tools.common import model_inputs
 from modelzoo.training import checkpoint as ckpt
 
 PROG = "python -m modelzoo.tools.convert_checkpoint"

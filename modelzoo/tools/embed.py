@@ -28,8 +28,9 @@ from modelzoo.embedding_projector import write_projector
 from modelzoo.entry import OneLineParser
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
-from modelzoo.inference import POOLINGS, add_model_arguments, model_from_args, model_inputs, parse_layer
+from modelzoo.inference import POOLINGS
 from modelzoo.inference_workers import run_tool
+from modelzoo.tools.common import add_model_arguments, model_from_args, model_inputs, parse_layer
 from modelzoo.tools.maps import NO_LABEL, draw_map
 
 PROG = "python -m modelzoo.tools.embed"

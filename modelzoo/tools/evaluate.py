@@ -37,7 +37,7 @@ from modelzoo.evaluation import report
 from modelzoo.evaluation.harness import TASKS, EvalRun, Settings, check_inputs, check_settings
 from modelzoo.evaluation.tasks import RUNNERS
 from modelzoo.files import output_dir
-from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
+from modelzoo.tools.common import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.evaluate"
 TOOL = "modelzoo.tools.evaluate"

@@ -18,7 +18,7 @@ from modelzoo.config import SEED_RANGE
 from modelzoo.entry import OneLineParser, run_entry
 from modelzoo.errors import ConfigError
 from modelzoo.files import output_file
-from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
+from modelzoo.tools.common import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.generate"
 TOOL = "modelzoo.tools.generate"  # the owner named in its output's modelzoo.files marker

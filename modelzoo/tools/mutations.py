@@ -35,8 +35,8 @@ from modelzoo.data.sequences import read_records
 from modelzoo.entry import OneLineParser
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import output_dir
-from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 from modelzoo.inference_workers import run_tool
+from modelzoo.tools.common import add_model_arguments, model_from_args, model_inputs
 from modelzoo.tools.maps import draw_log_probs
 
 PROG = "python -m modelzoo.tools.mutations"

@@ -30,8 +30,8 @@ import numpy as np
 from modelzoo.data.sequences import read_records
 from modelzoo.entry import OneLineParser
 from modelzoo.files import output_file
-from modelzoo.inference import add_model_arguments, model_from_args, model_inputs
 from modelzoo.inference_workers import run_tool
+from modelzoo.tools.common import add_model_arguments, model_from_args, model_inputs
 
 PROG = "python -m modelzoo.tools.score"
 TOOL = "modelzoo.tools.score"  # the owner named in its output's modelzoo.files marker
