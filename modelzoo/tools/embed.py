@@ -25,6 +25,7 @@ import numpy as np
 from modelzoo.data.datasets import read_label_table
 from modelzoo.data.sequences import read_record_batches, read_records
 from modelzoo.embedding_projector import write_projector
+from modelzoo.distributed import exit_process
 from modelzoo.entry import OneLineParser
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import NpyRows, output_dir
@@ -119,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # a worker of --num_workers_per_node skips finalisation, as a rank of run.py does

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from modelzoo.data.sequences import read_records
+from modelzoo.distributed import exit_process
 from modelzoo.entry import OneLineParser
 from modelzoo.errors import ConfigError, DataError
 from modelzoo.files import output_dir
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # a worker of --num_workers_per_node skips finalisation, as a rank of run.py does

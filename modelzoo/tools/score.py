@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 from modelzoo.data.sequences import read_records
+from modelzoo.distributed import exit_process
 from modelzoo.entry import OneLineParser
 from modelzoo.files import output_file
 from modelzoo.inference_workers import run_tool
@@ -92,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # a worker of --num_workers_per_node skips finalisation, as a rank of run.py does
