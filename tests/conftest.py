@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from data_preparation import prepare_genomes
-
-DATA = Path(__file__).parent / "data"
-GENOMES = DATA / "nextstrain_example_first3.fasta.gz"
+# the inference tests still import these from here (they move with those files)
+from tests.helpers import GENOMES, tiny_params, write_params  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -22,26 +20,10 @@ def shards_msl64(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_params(shards: Path, model_dir: Path, **runconfig) -> dict:
-    """A GPT-2 small enough to train a few steps in a second or two."""
-    return {
-        "train_input": {"data_dir": str(shards / "train"), "batch_size": 4, "max_seq_length": 64},
-        "eval_input": {"data_dir": str(shards / "val"), "batch_size": 4, "max_seq_length": 64, "shuffle": False},
-        "model": {"name": "gpt2", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4,
-                  "max_position_embeddings": 64, "dropout_rate": 0.1},
-        "optimizer": {"optimizer_type": "AdamW", "weight_decay": 0.01, "max_gradient_norm": 1.0,
-                      "learning_rate": [{"scheduler": "Linear", "initial_learning_rate": 0.0,
-                                         "end_learning_rate": 0.003, "total_iters": 3},
-                                        {"scheduler": "CosineDecay", "initial_learning_rate": 0.003,
-                                         "end_learning_rate": 0.0003, "total_iters": 20}]},
-        "runconfig": {"model_dir": str(model_dir), "max_steps": 6, "log_steps": 1, "checkpoint_steps": 3,
-                      "eval_steps": 2, **runconfig},
-    }
-
-
-def write_params(path: Path, params: dict) -> Path:
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+@pytest.fixture(scope="session")
+def shards(shards_msl64) -> Path:
+    """The same shards under the name the fault tests (resume, checkpoints, bad inputs) use."""
+    return shards_msl64
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 
 from modelzoo.config import load_params, reference_markdown, validate_params
 from modelzoo.errors import ConfigError
-from tests.conftest import tiny_params, write_params
+from tests.helpers import tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modelzoo.cli import main
-from tests.conftest import tiny_params, write_params
+from tests.helpers import tiny_params, write_params
 
 
 def scalars(directory, tag):
@@ -90,7 +90,7 @@ def test_config_error_exits_2_before_writing(shards_msl64, tmp_path, capsys):
 
 
 def test_prepare_on_first_use(tmp_path):
-    from tests.conftest import GENOMES
+    from tests.helpers import GENOMES
     raw = tiny_params(tmp_path / "shards", tmp_path / "md", max_steps=2)
     for section in ("train_input", "eval_input"):
         raw[section]["prepare"] = {"input": [str(GENOMES)], "split": [0.67, 0.33, 0.0]}

@@ -23,14 +23,13 @@ import yaml
 
 from data_preparation import prepare_genomes
 from modelzoo import cli
-from modelzoo.config import ModelConfig
 from modelzoo.models import build_model
 from modelzoo.tools import convert_checkpoint, convert_params, embed, evaluate, generate, mutations, score
 from modelzoo.training.checkpoint import save_checkpoint
-from tests.conftest import tiny_params
+from tests.helpers import DATA, tiny_config, tiny_params
 
 SEED = 25
-MODELZOO_PARAMS = Path(__file__).parent / "data" / "modelzoo" / "gpt2_sectioned.yaml"  # a Model Zoo file
+MODELZOO_PARAMS = DATA / "modelzoo" / "gpt2_sectioned.yaml"  # a Model Zoo file
 PARAMS_CASES = 120
 TOOL_CASES = 200
 
@@ -120,7 +119,7 @@ def world(tmp_path_factory, shards_msl64):
     """A tiny model_dir, a FASTA of short genes (one of them the reference), params for them."""
     root = tmp_path_factory.mktemp("fuzz")
     torch.manual_seed(0)
-    cfg = ModelConfig(name="gpt2", hidden_size=32, num_hidden_layers=2, num_heads=4, max_position_embeddings=32)
+    cfg = tiny_config(max_position_embeddings=32)
     (root / "md").mkdir()
     save_checkpoint(root / "md", 1, {"model": build_model(cfg).state_dict(), "step": 1,
                                      "params": yaml.safe_dump({"model": cfg.model_dump()})})

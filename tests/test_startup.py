@@ -10,7 +10,7 @@ from modelzoo import cli, startup
 from modelzoo.config import validate_params
 from modelzoo.errors import ConfigError
 from modelzoo.trainer import Trainer
-from tests.conftest import tiny_params, write_params
+from tests.helpers import tiny_params, write_params
 
 
 @pytest.mark.parametrize("device", ["CPU", "CSX"])
