@@ -134,19 +134,15 @@ class CodonTokenizer:
         words = " ".join(seq[i: i + 3] for i in range(0, len(seq), 3)).upper()
         return np.array(self.backend.encode(words).ids, dtype=np.uint8)
 
-    def encode_many(self, seqs, reading_frame: str = "as_read") -> list[np.ndarray]:
-        """``encode`` of each sequence, in one vectorised pass over all of them (much faster than
-        one call per sequence for many short ones, e.g. the genes of a bacterial genome)."""
-        ids, starts, counts = self.encode_flat(seqs, reading_frame)
-        return [ids[a:a + n] for a, n in zip(starts.tolist(), counts.tolist())]  # views
-
     def frame_offset(self, seq: str | bytes, reading_frame: str = "as_read") -> int:
         """Leading nucleotides (not counting whitespace) ``encode`` drops to reach the frame."""
         return self._frame_offset(self._codes(seq), reading_frame)
 
     def encode_flat(self, seqs, reading_frame: str = "as_read") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``encode`` of each sequence as one array: sequence i is ``ids[starts[i]:starts[i] +
-        counts[i]]`` (between sequences may lie an [UNK] left from a partial codon: skip it)."""
+        """``encode`` of each sequence as one array, in one vectorised pass over all of them (much
+        faster than one call per sequence for many short ones, e.g. the genes of a bacterial
+        genome): sequence i is ``ids[starts[i]:starts[i] + counts[i]]`` (between sequences may lie
+        an [UNK] left from a partial codon: skip it)."""
         pieces = [self._codes(seq, reading_frame) for seq in seqs]
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         whole = -(-lengths // 3)  # codons including a completed partial one

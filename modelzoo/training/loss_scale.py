@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable
 
 import torch
 
@@ -43,12 +42,9 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    def unscale_(self, params: Iterable[torch.Tensor]) -> None:
-        """Divide the parameters' gradients by the scale in place (before clipping and the optimizer)."""
-        self.unscale_grads([p.grad for p in params if p.grad is not None])
-
     @torch.no_grad()
     def unscale_grads(self, grads: list[torch.Tensor]) -> None:
+        """Divide the gradients by the scale in place (before clipping and the optimizer)."""
         if grads:
             torch._foreach_mul_(grads, 1.0 / self.scale)
 
