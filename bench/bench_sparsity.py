@@ -6,10 +6,10 @@
 A GPT-J on the shipped SARS-CoV-2 genomes (data/sars_cov_2/, split by genome as
 configs/genslm/quickstart.yaml) trains once per variant through ``run.py CPU`` (train_and_eval,
 same seed, data order and schedule): dense, and density 0.3 static, RigL (dynamic) and, on
-request, SET and GMP. The CSX backend runs the same sparse steps to the same losses (tests/
-test_sparsity.py holds them equal), so training happens once, on the resident backend; the CSX
-columns are the compile-time plan's weight bytes streamed per step, and the bytes one CSX step
-really streamed. The plan of the shipped GenSLM-25M preset (configs/genslm/gptj_25M_msl2048.yaml,
+request, SET and GMP. The CSX backend runs the same sparse steps to the same losses
+(tests/training/test_sparsity.py holds them equal), so training happens once, on the resident
+backend; the CSX columns are the compile-time plan's weight bytes streamed per step, and the bytes
+one CSX step really streamed. The plan of the shipped GenSLM-25M preset (configs/genslm/gptj_25M_msl2048.yaml,
 bf16) at the same densities is printed too. Writes bench/results/sparsity.md.
 
 The defaults are smaller than GenSLM-25M (hidden 512, 8 layers, MSL 2048): on 2 shared CPU cores
