@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from data_preparation import prepare_genomes
-# the inference tests still import these from here (they move with those files)
-from tests.helpers import GENOMES, tiny_params, write_params  # noqa: F401
+from tests.helpers import CSX_SEQ, GENOMES
+from tests.helpers import tiny_params, write_params  # noqa: F401 (the inference tests import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,17 @@ def shards_msl64(tmp_path_factory) -> Path:
 def shards(shards_msl64) -> Path:
     """The same shards under the name the fault tests (resume, checkpoints, bad inputs) use."""
     return shards_msl64
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The same genomes as CSX_SEQ-codon windows, 80% train and 20% val: what the backend
+    comparisons (helpers.make_params) train on. One per test module, as their model_dirs default
+    to data_dir/model."""
+    out = tmp_path_factory.mktemp("csx_data") / "data"
+    assert prepare_genomes.main(["--input", str(GENOMES), "--output_dir", str(out), "--max_seq_length",
+                                 str(CSX_SEQ), "--split", "0.8,0.2,0.0", "--seed", "0"]) in (0, None)
+    return out
 
 
 @pytest.fixture

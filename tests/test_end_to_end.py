@@ -4,16 +4,9 @@ import re
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modelzoo.cli import main
-from tests.helpers import tiny_params, write_params
-
-
-def scalars(directory, tag):
-    acc = EventAccumulator(str(directory))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+from tests.helpers import tensorboard_scalars, tiny_params, write_params
 
 
 def test_train_resume_and_evaluate(shards_msl64, tmp_path, capsys):
@@ -23,13 +16,13 @@ def test_train_resume_and_evaluate(shards_msl64, tmp_path, capsys):
 
     for name in ("checkpoint_3.mdl", "checkpoint_6.mdl", "params_train_and_eval.yaml", "run.log"):
         assert (model_dir / name).is_file(), name
-    train_loss = scalars(model_dir / "train", "loss")
+    train_loss = tensorboard_scalars(model_dir / "train", "loss")
     assert sorted(train_loss) == [1, 2, 3, 4, 5, 6]
     for tag in ("lr", "grad_norm", "samples_per_sec", "tokens_per_sec"):
-        assert len(scalars(model_dir / "train", tag)) == 6
-    eval_ppl = scalars(model_dir / "eval", "perplexity")
+        assert len(tensorboard_scalars(model_dir / "train", tag)) == 6
+    eval_ppl = tensorboard_scalars(model_dir / "eval", "perplexity")
     assert list(eval_ppl) == [6] and 1.0 < eval_ppl[6] < 69.0
-    assert set(scalars(model_dir / "eval", "accuracy")) == {6}
+    assert set(tensorboard_scalars(model_dir / "eval", "accuracy")) == {6}
 
     # the same command with a later max_steps resumes at step 6, not from scratch
     assert main(["CPU", "--params", str(params), "--max_steps", "8", "--mode", "train"]) == 0
@@ -51,7 +44,7 @@ def test_training_lowers_the_loss(shards_msl64, tmp_path):
     raw["model"]["dropout_rate"] = 0.0
     raw["runconfig"].update(max_steps=30, checkpoint_steps=0)
     assert main(["CPU", "--params", str(write_params(tmp_path / "p.yaml", raw))]) == 0
-    loss = scalars(model_dir / "train", "loss")
+    loss = tensorboard_scalars(model_dir / "train", "loss")
     assert sum(loss[s] for s in range(26, 31)) < sum(loss[s] for s in range(1, 6)) - 0.5
 
 

@@ -9,46 +9,15 @@ a factor of 2).
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 from modelzoo import cli
-from modelzoo.data.shards import ShardWriter
-from modelzoo.data.tokenizer import CodonTokenizer
-from tests.helpers import REPO
+from tests.helpers import tensorboard_scalars as scalars  # {step: value} of a run's phase
+from tests.helpers import RANKS_STEPS, REPO, assert_same_curve, ranks_params, run_py, write_shards
 
 pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
-
-L = 32
-STEPS = 10
-
-
-def write_shards(out: Path, n: int, seed: int) -> None:
-    tok = CodonTokenizer()
-    rng = np.random.default_rng(seed)
-    rows = np.full((n, L), tok.pad_id, dtype=np.uint8)
-    for i, fill in enumerate(rng.integers(6, L + 1, size=n)):
-        rows[i, :fill] = rng.integers(5, 69, size=fill)
-    with ShardWriter(out, L, tok, command="test_data_parallel") as w:
-        w.add("synthetic", rows)
-
-
-def write_params(path: Path, grad_accum_steps: int, mode: str = "train_and_eval") -> Path:
-    params = {
-        "train_input": {"data_dir": "data/train", "batch_size": 8, "max_seq_length": L, "shuffle": True},
-        "eval_input": {"data_dir": "data/val", "batch_size": 8, "max_seq_length": L, "shuffle": False},
-        "model": {"name": "gpt2", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2,
-                  "max_position_embeddings": L},
-        "optimizer": {"optimizer_type": "SGD", "learning_rate": 0.5, "momentum": 0.9,
-                      "grad_accum_steps": grad_accum_steps},
-        "runconfig": {"mode": mode, "max_steps": STEPS, "log_steps": 1, "seed": 3},
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,53 +25,32 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dp")
     write_shards(d / "data" / "train", 48, seed=0)
     write_shards(d / "data" / "val", 16, seed=1)
-    write_params(d / "one.yaml", grad_accum_steps=1)
-    write_params(d / "two.yaml", grad_accum_steps=2)  # 4 rows per rank in 2 micro-batches of 2
-    write_params(d / "two_train.yaml", grad_accum_steps=2, mode="train")
+    ranks_params(d / "one.yaml", grad_accum_steps=1)
+    ranks_params(d / "two.yaml", grad_accum_steps=2)  # 4 rows per rank in 2 micro-batches of 2
+    ranks_params(d / "two_train.yaml", grad_accum_steps=2, mode="train")
     return d
-
-
-def run_py(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "run.py"), "CPU", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done
-
-
-def scalars(run_dir: Path, phase: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run_dir / phase))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def assert_same_curve(got: dict, want: dict, steps) -> None:
-    assert sorted(got) == list(steps)
-    for step in steps:
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), f"step {step}"
 
 
 @pytest.fixture(scope="module")
 def one_rank(workdir):
-    run_py(workdir, "--params", "one.yaml", "--model_dir", "one")
+    run_py(workdir, "CPU", "--params", "one.yaml", "--model_dir", "one")
     return workdir / "one"
 
 
 @pytest.fixture(scope="module")
 def two_ranks(workdir):
-    run_py(workdir, "--params", "two.yaml", "--model_dir", "two", "--num_workers_per_node", "2")
+    run_py(workdir, "CPU", "--params", "two.yaml", "--model_dir", "two", "--num_workers_per_node", "2")
     return workdir / "two"
 
 
 def test_two_ranks_follow_the_one_rank_loss_curve(one_rank, two_ranks):
-    steps = range(1, STEPS + 1)
+    steps = range(1, RANKS_STEPS + 1)
     for tag in ("loss", "grad_norm"):
-        assert_same_curve(scalars(two_ranks, "train", tag), scalars(one_rank, "train", tag), steps)
+        assert_same_curve(scalars(two_ranks / "train", tag), scalars(one_rank / "train", tag), steps)
     # eval metrics are summed over both ranks' halves of every eval batch
     for tag in ("loss", "accuracy"):
-        assert_same_curve(scalars(two_ranks, "eval", tag), scalars(one_rank, "eval", tag), [STEPS])
-    ours, theirs = (torch.load(d / f"checkpoint_{STEPS}.mdl", weights_only=False)["model"]
+        assert_same_curve(scalars(two_ranks / "eval", tag), scalars(one_rank / "eval", tag), [RANKS_STEPS])
+    ours, theirs = (torch.load(d / f"checkpoint_{RANKS_STEPS}.mdl", weights_only=False)["model"]
                     for d in (two_ranks, one_rank))
     assert ours.keys() == theirs.keys()  # the bare model's names: no DDP 'module.' prefix
     for k in ours:
@@ -117,17 +65,17 @@ def test_only_rank_zero_writes(two_ranks):
         assert len(list((two_ranks / phase).iterdir())) == 1  # one event file, not one per rank
     log = (two_ranks / "run.log").read_text()
     assert "data parallel over 2 ranks (gloo)" in log
-    assert log.count(f"INFO step {STEPS} | loss") == 1
+    assert log.count(f"INFO step {RANKS_STEPS} | loss") == 1
 
 
 def test_two_rank_run_resumes_from_its_checkpoint(workdir, one_rank):
     args = ("--params", "two_train.yaml", "--model_dir", "resumed", "--num_workers_per_node", "2")
-    run_py(workdir, *args, "--num_steps", "4")
+    run_py(workdir, "CPU", *args, "--num_steps", "4")
     assert [p.name for p in (workdir / "resumed").glob("checkpoint_*.mdl")] == ["checkpoint_4.mdl"]
-    second = run_py(workdir, *args)  # same command, no step count: continues to max_steps
+    second = run_py(workdir, "CPU", *args)  # same command, no step count: continues to max_steps
     assert "checkpoint_4.mdl" in second.stdout and "at step 4" in second.stdout
-    reference = scalars(one_rank, "train", "loss")
-    assert_same_curve(scalars(workdir / "resumed", "train", "loss"), reference, range(1, STEPS + 1))
+    reference = scalars(one_rank / "train", "loss")
+    assert_same_curve(scalars(workdir / "resumed" / "train", "loss"), reference, range(1, RANKS_STEPS + 1))
 
 
 def test_uneven_split_is_refused_before_any_rank_starts(workdir):

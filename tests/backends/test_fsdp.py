@@ -3,37 +3,18 @@ through run.py: the same losses, gradient norms and weights as one rank, checkpo
 format (resumed on 1 rank without sharding, on 2 ranks with DDP and with FSDP), activation
 checkpointing, clipping, mixed precision and static sparsity.
 
-Windows are padded unevenly and SGD is used, as in test_data_parallel.py: only a SUM of the
-ranks' gradients (not FSDP's default mean) reproduces one rank.
+Windows are padded unevenly and SGD is used (helpers.write_shards, ranks_params), as in
+test_data_parallel.py: only a SUM of the ranks' gradients (not FSDP's default mean) reproduces one rank.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.backends.test_data_parallel import L, STEPS, assert_same_curve, run_py, scalars, write_shards
+from tests.helpers import tensorboard_scalars as scalars  # {step: value} of a run's phase
+from tests.helpers import (RANKS_STEPS, assert_same_curve, assert_same_state, checkpoint, ranks_params, run_py,
+                           write_shards)
 
 pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
-
-
-def write_params(path: Path, mode: str = "train_and_eval", **runconfig) -> Path:
-    extra = runconfig.pop("extra", {})
-    params = {
-        "train_input": {"data_dir": "data/train", "batch_size": 8, "max_seq_length": L, "shuffle": True},
-        "eval_input": {"data_dir": "data/val", "batch_size": 8, "max_seq_length": L, "shuffle": False},
-        # GPT-2: its tied embedding and head share the root FSDP unit; every block has its own
-        "model": {"name": "gpt2", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2,
-                  "max_position_embeddings": L},
-        "optimizer": {"optimizer_type": "SGD", "learning_rate": 0.5, "momentum": 0.9, "grad_accum_steps": 2,
-                      "max_gradient_norm": 1.0},
-        "runconfig": {"mode": mode, "max_steps": STEPS, "log_steps": 1, "seed": 3, **runconfig},
-    }
-    for section, values in extra.items():
-        params[section] = {**params.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,56 +22,42 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
     write_shards(d / "data" / "train", 48, seed=0)
     write_shards(d / "data" / "val", 16, seed=1)
-    write_params(d / "none.yaml")
-    write_params(d / "fsdp.yaml", sharding="fsdp")
-    write_params(d / "fsdp_train.yaml", mode="train", sharding="fsdp")
-    write_params(d / "none_train.yaml", mode="train")
-    write_params(d / "fsdp_ckpt.yaml", sharding="fsdp", activation_checkpointing=True)
+    ranks_params(d / "none.yaml", clip=1.0)
+    ranks_params(d / "fsdp.yaml", clip=1.0, sharding="fsdp")
+    ranks_params(d / "fsdp_train.yaml", clip=1.0, mode="train", sharding="fsdp")
+    ranks_params(d / "none_train.yaml", clip=1.0, mode="train")
+    ranks_params(d / "fsdp_ckpt.yaml", clip=1.0, sharding="fsdp", activation_checkpointing=True)
     return d
 
 
 @pytest.fixture(scope="module")
 def one_rank(workdir):
-    run_py(workdir, "--params", "none.yaml", "--model_dir", "one")
+    run_py(workdir, "CPU", "--params", "none.yaml", "--model_dir", "one")
     return workdir / "one"
 
 
 @pytest.fixture(scope="module")
 def two_ranks(workdir):
-    run_py(workdir, "--params", "fsdp.yaml", "--model_dir", "two", "--num_workers_per_node", "2")
+    run_py(workdir, "CPU", "--params", "fsdp.yaml", "--model_dir", "two", "--num_workers_per_node", "2")
     return workdir / "two"
 
 
-def checkpoint(run_dir: Path, step: int = STEPS) -> dict:
-    return torch.load(run_dir / f"checkpoint_{step}.mdl", weights_only=False)
-
-
-def assert_same_state(ours: dict, theirs: dict) -> None:
-    assert ours["model"].keys() == theirs["model"].keys()  # the bare model's names, whole tensors
-    for k in ours["model"]:
-        torch.testing.assert_close(ours["model"][k], theirs["model"][k], rtol=1e-4, atol=1e-6)
-    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
-    for name, values in ours["optimizer"]["state"].items():
-        for key, value in values.items():
-            torch.testing.assert_close(value, theirs["optimizer"]["state"][name][key], rtol=1e-4, atol=1e-6)
-
-
 def test_two_fsdp_ranks_follow_one_rank(one_rank, two_ranks):
-    steps = range(1, STEPS + 1)
+    steps = range(1, RANKS_STEPS + 1)
     for tag in ("loss", "grad_norm"):
-        assert_same_curve(scalars(two_ranks, "train", tag), scalars(one_rank, "train", tag), steps)
-    assert max(scalars(one_rank, "train", "grad_norm").values()) > 1.0  # max_gradient_norm 1 clips
+        assert_same_curve(scalars(two_ranks / "train", tag), scalars(one_rank / "train", tag), steps)
+    assert max(scalars(one_rank / "train", "grad_norm").values()) > 1.0  # max_gradient_norm 1 clips
     for tag in ("loss", "accuracy"):
-        assert_same_curve(scalars(two_ranks, "eval", tag), scalars(one_rank, "eval", tag), [STEPS])
+        assert_same_curve(scalars(two_ranks / "eval", tag), scalars(one_rank / "eval", tag), [RANKS_STEPS])
     assert_same_state(checkpoint(two_ranks), checkpoint(one_rank))
     log = (two_ranks / "run.log").read_text()
     assert "fully sharded (FSDP) over 2 ranks (gloo)" in log
 
 
 def test_fsdp_with_activation_checkpointing_follows_one_rank(workdir, one_rank):
-    run_py(workdir, "--params", "fsdp_ckpt.yaml", "--model_dir", "ckpt", "--num_workers_per_node", "2")
-    assert_same_curve(scalars(workdir / "ckpt", "train", "loss"), scalars(one_rank, "train", "loss"),
-                      range(1, STEPS + 1))
+    run_py(workdir, "CPU", "--params", "fsdp_ckpt.yaml", "--model_dir", "ckpt", "--num_workers_per_node", "2")
+    assert_same_curve(scalars(workdir / "ckpt" / "train", "loss"), scalars(one_rank / "train", "loss"),
+                      range(1, RANKS_STEPS + 1))
     assert_same_state(checkpoint(workdir / "ckpt"), checkpoint(one_rank))
 
 
@@ -101,19 +68,19 @@ def test_fsdp_checkpoint_resumes_anywhere(workdir, one_rank, second):
     params, workers = second
     run_dir = f"resumed-{params}-{workers}"
     ranks = ("--num_workers_per_node", workers) if workers else ()
-    run_py(workdir, "--params", "fsdp_train.yaml", "--model_dir", run_dir, "--num_workers_per_node", "2",
+    run_py(workdir, "CPU", "--params", "fsdp_train.yaml", "--model_dir", run_dir, "--num_workers_per_node", "2",
            "--num_steps", "4")
-    done = run_py(workdir, "--params", params, "--model_dir", run_dir, *ranks)
+    done = run_py(workdir, "CPU", "--params", params, "--model_dir", run_dir, *ranks)
     assert "checkpoint_4.mdl" in done.stdout and "at step 4" in done.stdout
-    assert_same_curve(scalars(workdir / run_dir, "train", "loss"), scalars(one_rank, "train", "loss"),
-                      range(1, STEPS + 1))
+    assert_same_curve(scalars(workdir / run_dir / "train", "loss"), scalars(one_rank / "train", "loss"),
+                      range(1, RANKS_STEPS + 1))
 
 
 def test_a_one_rank_checkpoint_resumes_sharded(workdir, one_rank):
-    run_py(workdir, "--params", "none_train.yaml", "--model_dir", "from-one", "--num_steps", "4")
-    run_py(workdir, "--params", "fsdp_train.yaml", "--model_dir", "from-one", "--num_workers_per_node", "2")
-    assert_same_curve(scalars(workdir / "from-one", "train", "loss"), scalars(one_rank, "train", "loss"),
-                      range(1, STEPS + 1))
+    run_py(workdir, "CPU", "--params", "none_train.yaml", "--model_dir", "from-one", "--num_steps", "4")
+    run_py(workdir, "CPU", "--params", "fsdp_train.yaml", "--model_dir", "from-one", "--num_workers_per_node", "2")
+    assert_same_curve(scalars(workdir / "from-one" / "train", "loss"), scalars(one_rank / "train", "loss"),
+                      range(1, RANKS_STEPS + 1))
     assert_same_state(checkpoint(workdir / "from-one"), checkpoint(one_rank))
 
 
@@ -123,14 +90,14 @@ def test_mixed_precision_follows_one_rank(workdir, fp16_type):
     dynamic loss scale, which ends where one rank's does). Not bit-equal to autocast over fp32
     weights (norms and embeddings see rounded weights), so within 2%."""
     extra = {"model": {"mixed_precision": True, "fp16_type": fp16_type, "mixed_precision_on_cpu": True}}
-    write_params(workdir / f"{fp16_type}-none.yaml", mode="train", extra=extra)
-    write_params(workdir / f"{fp16_type}-fsdp.yaml", mode="train", sharding="fsdp", extra=extra)
-    run_py(workdir, "--params", f"{fp16_type}-none.yaml", "--model_dir", f"{fp16_type}-one")
-    done = run_py(workdir, "--params", f"{fp16_type}-fsdp.yaml", "--model_dir", f"{fp16_type}-two",
+    ranks_params(workdir / f"{fp16_type}-none.yaml", clip=1.0, mode="train", extra=extra)
+    ranks_params(workdir / f"{fp16_type}-fsdp.yaml", clip=1.0, mode="train", sharding="fsdp", extra=extra)
+    run_py(workdir, "CPU", "--params", f"{fp16_type}-none.yaml", "--model_dir", f"{fp16_type}-one")
+    done = run_py(workdir, "CPU", "--params", f"{fp16_type}-fsdp.yaml", "--model_dir", f"{fp16_type}-two",
                   "--num_workers_per_node", "2")
     assert "fully sharded (FSDP) over 2 ranks" in done.stdout + (workdir / f"{fp16_type}-two" / "run.log").read_text()
-    ours, theirs = (scalars(workdir / f"{fp16_type}-{d}", "train", "loss") for d in ("two", "one"))
-    assert sorted(ours) == list(range(1, STEPS + 1))
+    ours, theirs = (scalars(workdir / f"{fp16_type}-{d}" / "train", "loss") for d in ("two", "one"))
+    assert sorted(ours) == list(range(1, RANKS_STEPS + 1))
     for step in ours:
         assert ours[step] == pytest.approx(theirs[step], rel=2e-2), step
     if fp16_type == "float16":
@@ -141,13 +108,13 @@ def test_static_sparsity_follows_one_rank(workdir):
     """Masks from the whole tensors (magnitude: each tensor's top k), each rank applying its chunk;
     checkpoints hold the whole masks, equal to one rank's."""
     extra = {"sparsity": {"density": 0.4, "init_method": "magnitude"}}
-    write_params(workdir / "sparse-none.yaml", mode="train", extra=extra)
-    write_params(workdir / "sparse-fsdp.yaml", mode="train", sharding="fsdp", extra=extra)
-    run_py(workdir, "--params", "sparse-none.yaml", "--model_dir", "sparse-one")
-    run_py(workdir, "--params", "sparse-fsdp.yaml", "--model_dir", "sparse-two", "--num_workers_per_node", "2")
+    ranks_params(workdir / "sparse-none.yaml", clip=1.0, mode="train", extra=extra)
+    ranks_params(workdir / "sparse-fsdp.yaml", clip=1.0, mode="train", sharding="fsdp", extra=extra)
+    run_py(workdir, "CPU", "--params", "sparse-none.yaml", "--model_dir", "sparse-one")
+    run_py(workdir, "CPU", "--params", "sparse-fsdp.yaml", "--model_dir", "sparse-two", "--num_workers_per_node", "2")
     one, two = workdir / "sparse-one", workdir / "sparse-two"
-    assert_same_curve(scalars(two, "train", "loss"), scalars(one, "train", "loss"), range(1, STEPS + 1))
-    assert scalars(two, "train", "sparsity/default/density") == scalars(one, "train", "sparsity/default/density")
+    assert_same_curve(scalars(two / "train", "loss"), scalars(one / "train", "loss"), range(1, RANKS_STEPS + 1))
+    assert scalars(two / "train", "sparsity/default/density") == scalars(one / "train", "sparsity/default/density")
     ours, theirs = checkpoint(two), checkpoint(one)
     assert ours["sparsity"]["masks"].keys() == theirs["sparsity"]["masks"].keys()
     for name, mask in ours["sparsity"]["masks"].items():
@@ -159,7 +126,7 @@ def test_static_sparsity_follows_one_rank(workdir):
 def test_what_fsdp_does_not_do_is_one_line(workdir, monkeypatch, capsys):
     from modelzoo import cli
     monkeypatch.chdir(workdir)
-    write_params(workdir / "gmp.yaml", sharding="fsdp",
+    ranks_params(workdir / "gmp.yaml", clip=1.0, sharding="fsdp",
                  extra={"sparsity": {"algorithm": "gmp", "density": 0.5, "end_step": 4}})
     assert cli.main(["CPU", "--params", "gmp.yaml", "--num_workers_per_node", "2"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -184,7 +151,7 @@ def test_csx_reads_an_fsdp_checkpoint(workdir, two_ranks):
 
 def test_fsdp_evaluates_a_checkpoint(workdir, one_rank, two_ranks):
     """mode eval: the model sharded without an optimizer, evaluated through the FSDP root."""
-    run_py(workdir, "--params", "fsdp.yaml", "--model_dir", "eval-only", "--mode", "eval", "--checkpoint_path",
-           str(two_ranks / f"checkpoint_{STEPS}.mdl"), "--num_workers_per_node", "2")
+    run_py(workdir, "CPU", "--params", "fsdp.yaml", "--model_dir", "eval-only", "--mode", "eval", "--checkpoint_path",
+           str(two_ranks / f"checkpoint_{RANKS_STEPS}.mdl"), "--num_workers_per_node", "2")
     for tag in ("loss", "accuracy"):
-        assert_same_curve(scalars(workdir / "eval-only", "eval", tag), scalars(one_rank, "eval", tag), [STEPS])
+        assert_same_curve(scalars(workdir / "eval-only" / "eval", tag), scalars(one_rank / "eval", tag), [RANKS_STEPS])

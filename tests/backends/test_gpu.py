@@ -13,7 +13,8 @@ from modelzoo import cli
 from modelzoo.backends import resident
 from modelzoo.config import OptimizerConfig
 from modelzoo.errors import ConfigError
-from tests.helpers import REPO, tiny_model, tiny_params, write_params
+from tests import helpers
+from tests.helpers import REPO, assert_close_curves, make_params, tiny_model, tiny_params, train, write_params
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -112,7 +113,6 @@ def test_run_py_gpu_data_parallel_over_nccl(shards_msl64, tmp_path):
 # ------------------------------------------------------------ the CSX wafer on a GPU (csx.wafer_device)
 
 from modelzoo.backends.csx.link import Link, check_wafer_device  # noqa: E402
-from tests.backends.csx.test_csx import assert_close_curves, data_dir, make_params, train  # noqa: E402,F401
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -181,8 +181,7 @@ def test_csx_on_cuda_with_dropout_equals_the_gpu_backend(data_dir, tmp_path, iee
     its masks are the resident GPU backend's."""
     params = make_params(data_dir, dropout=0.1, mixed=mixed, csx={"wafer_device": "cuda"}, tmp=tmp_path)
     on_wafer, backend = train("csx", params, steps=6)
-    import tests.backends.csx.test_csx
-    monkeypatch.setattr(tests.backends.csx.test_csx, "make_backend", lambda kind, params: resident.ResidentBackend("cuda"))
+    monkeypatch.setattr(helpers, "make_backend", lambda kind, params: resident.ResidentBackend("cuda"))
     on_device, _ = train("gpu", params, steps=6)
     # bf16: the wafer gets every weight in bf16 (norms included), autocast only the matmuls'
     assert_close_curves(on_device, on_wafer, rel=2e-2 if mixed else 1e-4)

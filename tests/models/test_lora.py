@@ -12,11 +12,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +23,17 @@ from modelzoo.errors import ConfigError
 from modelzoo.models import MODELS, build_model
 from modelzoo.models.lora import LoRALinear, is_adapter, merged_state, trainable_count
 from modelzoo.training import checkpoint as ckpt
-from tests.helpers import REPO, tiny_config, tiny_params, write_params
-from tests.tools.test_convert_checkpoint import convert, train as run  # a CPU run, a convert_checkpoint call
-from tests.backends.csx.test_csx import assert_close_curves, data_dir, make_backend, make_params, train  # noqa: F401  (fixture)
+from tests.helpers import (RANKS_STEPS, assert_close_curves, assert_same_curve, assert_same_state, checkpoint, convert,
+                           make_params, modelzoo_fixture, ranks_params, run_py, tensorboard_scalars, tiny_config,
+                           tiny_params, train, train_cpu, write_params, write_shards)
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
 
 
 def tiny(name: str, **lora) -> ModelConfig:
-    extra = {"num_labels": 3} if name == "bert" else {}
+    """The tiny model with adapters; a model that can classify does (BERT: its head is fresh too)."""
+    key = MODELS[name].classifier_key
+    extra = {key: 3} if key else {}
     return tiny_config(name, max_position_embeddings=16, lora=LoraConfig(**{**LORA, "dropout": 0.0, **lora}), **extra)
 
 
@@ -150,9 +148,8 @@ def test_a_classifier_adapts_from_an_mlm_checkpoint_with_its_new_head_trained():
 ])
 def test_modelzoo_lora_params_map_to_model_lora(lora_params, expected, shards_msl64, tmp_path):
     from modelzoo.config import load_params
-    from tests.modelzoo_params.test_modelzoo_params import fixture
-    path = fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64,
-                   edit=lambda text: text.replace("model:\n", f"model:\n    lora_params: {lora_params}\n", 1))
+    path = modelzoo_fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64,
+                            edit=lambda text: text.replace("model:\n", f"model:\n    lora_params: {lora_params}\n", 1))
     if isinstance(expected, dict):
         params = load_params(path)
         assert params.model.lora.model_dump(exclude={"trainable"}) == expected
@@ -206,34 +203,26 @@ def test_csx_trains_as_cpu_adapters_only(data_dir, keep):
     csx_backend.close()
 
 
-def run_py(cwd: Path, device: str, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "run.py"), device, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-
 @pytest.mark.distributed
 def test_two_fsdp_ranks_and_two_csx_systems_follow_one_rank(tmp_path, monkeypatch, capsys):
     """run.py end to end: FSDP shards frozen and trained weights alike (only the adapters'
     gradients are reduced), CSX builds the model deferred and splits MemoryX over two systems;
     the same losses, weights and adapter-only optimizer state as one CPU rank."""
-    from tests.backends.test_data_parallel import STEPS, scalars, write_shards
-    from tests.backends.test_fsdp import assert_same_curve, assert_same_state, checkpoint, write_params as fsdp_params
     write_shards(tmp_path / "data" / "train", 48, seed=0)
     write_shards(tmp_path / "data" / "val", 16, seed=1)
     lora = {"model": {"lora": {"rank": 4, "alpha": 8.0}}}  # no dropout: each rank draws its own masks
-    fsdp_params(tmp_path / "one.yaml", mode="train", extra=lora)
-    fsdp_params(tmp_path / "fsdp.yaml", mode="train", sharding="fsdp", extra=lora)
+    ranks_params(tmp_path / "one.yaml", mode="train", clip=1.0, extra=lora)
+    ranks_params(tmp_path / "fsdp.yaml", mode="train", clip=1.0, sharding="fsdp", extra=lora)
     monkeypatch.chdir(tmp_path)
-    run(capsys, "one.yaml", "--model_dir", "one")
+    train_cpu(capsys, "one.yaml", "--model_dir", "one")
     run_py(tmp_path, "CPU", "--params", "fsdp.yaml", "--model_dir", "fsdp", "--num_workers_per_node", "2")
     run_py(tmp_path, "CSX", "--params", "one.yaml", "--model_dir", "csx", "--num_csx", "2")
     one = checkpoint(tmp_path / "one")
     assert set(one["optimizer"]["state"]) == {n for n in one["model"] if is_adapter(n)}
     for run_dir in ("fsdp", "csx"):
-        assert_same_curve(scalars(tmp_path / run_dir, "train", "loss"), scalars(tmp_path / "one", "train", "loss"),
-                          range(1, STEPS + 1))
+        assert_same_curve(tensorboard_scalars(tmp_path / run_dir / "train", "loss"),
+                          tensorboard_scalars(tmp_path / "one" / "train", "loss"),
+                          range(1, RANKS_STEPS + 1))
         assert_same_state(checkpoint(tmp_path / run_dir), one)
 
 
@@ -259,14 +248,14 @@ def test_fine_tune_from_pretrained_resume_merge_and_export(shards_msl64, tmp_pat
     from modelzoo.inference import GenomeLM
     from modelzoo.models import hf
     raw = tiny_params(shards_msl64, tmp_path / "pretrained", max_steps=2, checkpoint_steps=0)
-    run(capsys, write_params(tmp_path / "pre.yaml", raw))
+    train_cpu(capsys, write_params(tmp_path / "pre.yaml", raw))
     pretrained = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "pretrained", 2))["model"]
 
     raw["model"]["lora"] = {**LORA, "targets": ["attn.qkv", "mlp.fc_out"]}
     raw["runconfig"].update(model_dir=str(tmp_path / "lora"), max_steps=4, checkpoint_steps=2)
     lora_yaml = write_params(tmp_path / "lora.yaml", raw)
-    out = run(capsys, lora_yaml, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "pretrained", 2),
-              "--load_checkpoint_states", "model")
+    out = train_cpu(capsys, lora_yaml, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "pretrained", 2),
+                    "--load_checkpoint_states", "model")
     # per block: qkv A 4x32 + B 96x4, fc_out A 4x128 + B 32x4 = 1,152; two blocks
     assert "fresh LoRA adapters on 4 layers" in out and "training 2,304 of 32,032 parameters (the rest frozen)" in out
     tuned = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "lora", 4))
@@ -279,7 +268,7 @@ def test_fine_tune_from_pretrained_resume_merge_and_export(shards_msl64, tmp_pat
     raw["runconfig"]["model_dir"] = str(tmp_path / "resumed")
     (tmp_path / "resumed").mkdir()
     ckpt.save_checkpoint(tmp_path / "resumed", 2, ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "lora", 2)))
-    run(capsys, write_params(tmp_path / "resumed.yaml", raw))
+    train_cpu(capsys, write_params(tmp_path / "resumed.yaml", raw))
     resumed = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "resumed", 4))["model"]
     assert all(torch.equal(resumed[k], v) for k, v in tuned["model"].items())
 
@@ -310,13 +299,13 @@ def test_fine_tune_from_pretrained_resume_merge_and_export(shards_msl64, tmp_pat
     assert hf.architecture(ModelConfig(**yaml.safe_load(merged_ckpt["params"])["model"])) == "GPT2LMHeadModel"
 
     # the merged model_dir trains on, every weight now: its params name it
-    run(capsys, tmp_path / "merged" / "params_merged.yaml", "--max_steps", 5)
+    train_cpu(capsys, tmp_path / "merged" / "params_merged.yaml", "--max_steps", 5)
     assert ckpt.checkpoint_path(tmp_path / "merged", 5).is_file()
 
 
 def test_merge_refusals_are_one_line_and_write_nothing(shards_msl64, tmp_path, capsys):
     raw = tiny_params(shards_msl64, tmp_path / "plain", max_steps=1, checkpoint_steps=0)
-    run(capsys, write_params(tmp_path / "plain.yaml", raw))
+    train_cpu(capsys, write_params(tmp_path / "plain.yaml", raw))
     code, out = convert(capsys, "--merge_lora", "--model_dir", tmp_path / "plain", "--output_dir", tmp_path / "out")
     assert code == 2 and "its params have no model.lora: there are no adapters to merge" in out
     assert len(out.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

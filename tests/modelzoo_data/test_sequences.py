@@ -8,7 +8,6 @@ from modelzoo.errors import DataError
 from tests.helpers import DATA
 
 
-
 def one_line_error(path, **kw) -> str:
     with pytest.raises(DataError) as info:
         list(read_records(path, **kw))

@@ -8,7 +8,6 @@ from modelzoo.data.tokenizer import CodonTokenizer
 from tests.helpers import DATA, REPO
 
 
-
 @pytest.fixture(scope="module")
 def tok():
     return CodonTokenizer()

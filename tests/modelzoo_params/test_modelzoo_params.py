@@ -15,19 +15,10 @@ from modelzoo.errors import ConfigError
 from modelzoo.modelzoo_params import RULES, is_modelzoo_file, reference_markdown
 from modelzoo.tools.convert_params import main as convert_main
 from modelzoo.training.optim import learning_rate_at
-from tests.helpers import REPO, write_params
-from tests.test_end_to_end import scalars
+from tests.helpers import DATA, REPO, tensorboard_scalars, write_params
+from tests.helpers import modelzoo_fixture as fixture  # a Model Zoo params file of FIXTURES, filled in
 
-FIXTURES = REPO / "tests" / "data" / "modelzoo"
-
-
-def fixture(name: str, tmp_path: Path, shards: Path, labels: Path | None = None, edit=None) -> Path:
-    """A Model Zoo fixture with its data and model_dir filled in (and ``edit`` applied to the text)."""
-    text = (FIXTURES / name).read_text().replace("$SHARDS", str(shards)).replace("$MODEL_DIR", str(tmp_path / "md"))
-    text = text.replace("$LABELS", str(labels))
-    path = tmp_path / name
-    path.write_text(edit(text) if edit else text)
-    return path
+FIXTURES = DATA / "modelzoo"
 
 
 def native(shards: Path, model_dir: Path, model: dict, optimizer: dict, runconfig: dict, train: dict,
@@ -89,7 +80,7 @@ def test_two_training_steps_equal_the_native_runs(shards_msl64, tmp_path, one_th
         theirs.mkdir(parents=True), ours.mkdir(parents=True)
         assert main(["CPU", "--params", str(fixture(name, theirs, shards_msl64))]) == 0
         assert main(["CPU", "--params", str(write_params(ours / "p.yaml", expected(shards_msl64, ours / "md")))]) == 0
-        loss_theirs, loss_ours = scalars(theirs / "md" / "train", "loss"), scalars(ours / "md" / "train", "loss")
+        loss_theirs, loss_ours = (tensorboard_scalars(run / "md" / "train", "loss") for run in (theirs, ours))
         assert sorted(loss_theirs) == [1, 2] and loss_theirs == loss_ours
         log = (theirs / "md" / "run.log").read_text()
         assert log.count("Model Zoo keys ignored") == 1 and "data_processor" in log

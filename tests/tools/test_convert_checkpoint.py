@@ -7,11 +7,10 @@ import re
 import pytest
 import torch
 
-from modelzoo import cli
 from modelzoo.models import MODELS
 from modelzoo.tools import convert_checkpoint
 from modelzoo.training import checkpoint as ckpt
-from tests.helpers import tiny_params, write_params
+from tests.helpers import convert, tiny_params, train_cpu, write_params
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -23,22 +22,10 @@ def params_for(name, shards, model_dir, tmp_path, **model):
     return raw, write_params(tmp_path / f"{name}_{model_dir.name}.yaml", raw)
 
 
-def train(capsys, params_path, *flags) -> str:
-    capsys.readouterr()
-    assert cli.main(["CPU", "--params", str(params_path), *map(str, flags)]) == 0
-    return capsys.readouterr().out
-
-
-def convert(capsys, *argv) -> tuple[int, str]:
-    code = convert_checkpoint.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_export_import_round_trip_is_bit_exact_and_training_resumes(name, shards_msl64, tmp_path, capsys):
     _, params = params_for(name, shards_msl64, tmp_path / "trained", tmp_path)
-    train(capsys, params)
+    train_cpu(capsys, params)
     code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "hf")
     assert code == 0, out
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
@@ -55,7 +42,7 @@ def test_export_import_round_trip_is_bit_exact_and_training_resumes(name, shards
     for key in original:
         assert original[key].dtype == imported[key].dtype and torch.equal(original[key], imported[key]), key
 
-    out = train(capsys, params, "--model_dir", tmp_path / "imported", "--num_steps", 1)
+    out = train_cpu(capsys, params, "--model_dir", tmp_path / "imported", "--num_steps", 1)
     assert "checkpoint_0.mdl (states: dataloader,model,optimizer,rng,scheduler) at step 0" in out
     assert ckpt.checkpoint_path(tmp_path / "imported", 1).is_file()
 
@@ -64,12 +51,12 @@ def test_classifier_fine_tunes_from_mlm_and_exports_with_class_names(shards_msl6
     labels = tmp_path / "labels.tsv"
     labels.write_text("strain\tclade\nWuhan/Hu-1/2019\t19A\nWuhan/WH01/2019\t19A\nAustralia/VIC05/2020\t19B\n")
     _, mlm = params_for("bert", shards_msl64, tmp_path / "mlm", tmp_path)
-    train(capsys, mlm)
+    train_cpu(capsys, mlm)
     raw, classifier = params_for("bert", shards_msl64, tmp_path / "cls", tmp_path, num_labels=2)
     for section in ("train_input", "eval_input"):
         raw[section].update(labels_file=str(labels), id_column="strain", label_column="clade")
     write_params(classifier, raw)
-    log = train(capsys, classifier, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "mlm", 2),
+    log = train_cpu(capsys, classifier, "--checkpoint_path", ckpt.checkpoint_path(tmp_path / "mlm", 2),
                 "--load_checkpoint_states", "model", "--num_steps", 1)
     assert "new head tensors head.classifier.bias" in log and "not used: head.bias" in log
     # the new model_dir's run.log says where the run started, though it was created after that
@@ -85,7 +72,7 @@ def test_refusals_are_one_line_with_exit_code_2(shards_msl64, tmp_path, capsys):
     raw, params = params_for("gptj", shards_msl64, tmp_path / "trained", tmp_path)
     code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "o")
     assert code == 2 and "no checkpoint to export" in out and out.count("\n") == 1
-    train(capsys, params)
+    train_cpu(capsys, params)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     code, out = convert(capsys, "--to", "hf", "--model_dir", tmp_path / "trained", "--output_dir", tmp_path / "full")

@@ -5,11 +5,11 @@ import yaml
 
 from modelzoo.config import load_params
 from modelzoo.tools.convert_params import main
-from tests.modelzoo_params.test_modelzoo_params import fixture
+from tests.helpers import modelzoo_fixture
 
 
 def test_converted_file_loads_to_the_same_params_with_comments(shards_msl64, tmp_path, capsys):
-    source = fixture("neox_trainer.yaml", tmp_path, shards_msl64)
+    source = modelzoo_fixture("neox_trainer.yaml", tmp_path, shards_msl64)
     out = tmp_path / "ours.yaml"
     assert main(["--input", str(source), "--output", str(out)]) == 0
     text = out.read_text()
@@ -24,7 +24,7 @@ def test_converted_file_loads_to_the_same_params_with_comments(shards_msl64, tmp
 
 
 def test_outputs_are_replaced_only_with_overwrite_and_only_its_own(shards_msl64, tmp_path, capsys):
-    source = fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64)
+    source = modelzoo_fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64)
     out = tmp_path / "ours.yaml"
     assert main(["--input", str(source), "--output", str(out)]) == 0
     first = out.read_text()
@@ -40,8 +40,8 @@ def test_outputs_are_replaced_only_with_overwrite_and_only_its_own(shards_msl64,
 
 
 def test_bad_or_native_input_writes_nothing(shards_msl64, tmp_path, capsys):
-    bad = fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64,
-                  edit=lambda t: t.replace('optimizer_type: "adamw"', 'optimizer_type: "lamb"'))
+    bad = modelzoo_fixture("gpt2_sectioned.yaml", tmp_path, shards_msl64,
+                           edit=lambda t: t.replace('optimizer_type: "adamw"', 'optimizer_type: "lamb"'))
     out = tmp_path / "ours.yaml"
     assert main(["--input", str(bad), "--output", str(out)]) == 2
     assert main(["--input", str(out.with_name("none.yaml")), "--output", str(out)]) == 2

@@ -18,8 +18,7 @@ from modelzoo.config import SparsityConfig, validate_params
 from modelzoo.errors import ConfigError
 from modelzoo.models import build_model
 from modelzoo.training import sparsity as sp
-from tests.backends.csx.test_csx import assert_close_curves, data_dir, make_params, train  # noqa: F401 (fixture)
-from tests.helpers import tiny_config
+from tests.helpers import assert_close_curves, make_params, tiny_config, train
 
 TINY_GPTJ = tiny_config("gptj", max_position_embeddings=32)
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.backends.csx.test_csx import data_dir, make_params  # noqa: F401  (fixture)
-from tests.backends.csx.test_csx_distributed import scalars
+from tests.helpers import make_params, tensorboard_scalars
 
 pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
 
@@ -35,11 +34,12 @@ def run_sparse(tmp_path, data_dir, systems):  # noqa: F811
 
 def test_two_sparse_systems_equal_one(tmp_path, data_dir):  # noqa: F811
     one, two = run_sparse(tmp_path, data_dir, 1), run_sparse(tmp_path, data_dir, 2)
-    for x, y in zip(scalars(one, "loss"), scalars(two, "loss")):
+    losses = (tensorboard_scalars(run / "train", "loss").values() for run in (one, two))
+    for x, y in zip(*losses):
         assert math.isclose(x, y, rel_tol=1e-5)
     for group, target in (("first", 0.5), ("default", 0.3)):
-        density = scalars(two, f"sparsity/{group}/density")
-        assert density == scalars(one, f"sparsity/{group}/density") and density[0] == pytest.approx(target, abs=2e-3)
+        density, density_one = (tensorboard_scalars(run / "train", f"sparsity/{group}/density") for run in (two, one))
+        assert density == density_one and next(iter(density.values())) == pytest.approx(target, abs=2e-3)
     a = torch.load(one / f"checkpoint_{STEPS}.mdl", weights_only=False)["sparsity"]
     b = torch.load(two / f"checkpoint_{STEPS}.mdl", weights_only=False)["sparsity"]
     assert a["masks"].keys() == b["masks"].keys() and "blocks.1.mlp.fc_in.weight" in a["masks"]

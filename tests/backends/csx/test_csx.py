@@ -9,72 +9,10 @@ import math
 import pytest
 import torch
 
-from data_preparation.prepare_genomes import main as prepare_genomes
-from modelzoo.backends.csx import CSXBackend
-from modelzoo.backends.resident import ResidentBackend
 from modelzoo.cli import main as cli_main
-from modelzoo.config import validate_params
-from modelzoo.data.datasets import build_dataloader, dataset_for
+from modelzoo.data.datasets import build_dataloader
 from modelzoo.models import MODELS, build_model
-from modelzoo.training.optim import learning_rate_at
-from modelzoo.trainer import split_micro_batches
-
-SEQ = 32
-STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("csx_data") / "data"
-    rc = prepare_genomes(["--input", "tests/data/nextstrain_example_first3.fasta.gz", "--output_dir", str(out),
-                          "--max_seq_length", str(SEQ), "--split", "0.8,0.2,0.0", "--seed", "0"])
-    assert rc in (0, None)
-    return out
-
-
-def make_params(data_dir, model_name="gpt2", *, dropout=0.1, accum=2, clip=1.0, csx=None, batch=4,
-                mixed=False, tmp=None, **run):
-    model = MODELS[model_name].debug_config(max_position_embeddings=SEQ, dropout_rate=dropout,
-                                            attention_dropout_rate=dropout, mixed_precision=mixed)
-    raw = {"train_input": {"data_dir": str(data_dir / "train"), "batch_size": batch, "max_seq_length": SEQ},
-           "eval_input": {"data_dir": str(data_dir / "val"), "batch_size": 2, "max_seq_length": SEQ},
-           "model": model,
-           "optimizer": {"optimizer_type": "AdamW", "weight_decay": 0.01, "max_gradient_norm": clip,
-                         "grad_accum_steps": accum,
-                         "learning_rate": [{"scheduler": "Linear", "initial_learning_rate": 0.0,
-                                            "end_learning_rate": 3e-3, "total_iters": 5},
-                                           {"scheduler": "CosineDecay", "initial_learning_rate": 3e-3,
-                                            "end_learning_rate": 1e-4, "total_iters": 15}]},
-           "runconfig": {"seed": 7, "model_dir": str(tmp or data_dir / "model"), "csx": csx or {}, **run}}
-    return validate_params(raw)
-
-
-def make_backend(kind, params):
-    return ResidentBackend("cpu") if kind == "cpu" else CSXBackend(params)
-
-
-def train(kind, params, steps=STEPS, backend=None):
-    """Losses and grad norms of `steps` steps, from a model built under the params' seed."""
-    torch.manual_seed(params.runconfig.seed)
-    if backend is None:
-        backend = make_backend(kind, params)
-        backend.setup(build_model(params.model), params.optimizer)
-    cfg = params.train_input
-    cls, kwargs = dataset_for(params.model, cfg, params.runconfig.seed)
-    loader = build_dataloader(cfg.data_dir, cfg.batch_size, shuffle=True, shuffle_seed=0,
-                              max_seq_length=SEQ, dataset_cls=cls, dataset_kwargs=kwargs)
-    batches, curve = iter(loader), []
-    for step in range(steps):
-        lr = learning_rate_at(step, params.optimizer)
-        m = backend.train_step(split_micro_batches(next(batches), params.optimizer.grad_accum_steps), lr)
-        curve.append((m["loss"], m["grad_norm"]))
-    return curve, backend
-
-
-def assert_close_curves(a, b, rel=1e-5):
-    for step, ((la, na), (lb, nb)) in enumerate(zip(a, b)):
-        assert math.isclose(la, lb, rel_tol=rel), f"step {step + 1}: loss {la} vs {lb}"
-        assert math.isclose(na, nb, rel_tol=rel), f"step {step + 1}: grad_norm {na} vs {nb}"
+from tests.helpers import CSX_SEQ, assert_close_curves, make_backend, make_params, train
 
 
 @pytest.mark.parametrize("model_name", sorted(n for n in MODELS if n != "bert") + ["bert"] * ("bert" in MODELS))
@@ -88,7 +26,7 @@ def test_csx_loss_curve_equals_cpu(data_dir, model_name):
     assert_close_curves(cpu, csx)
 
 
-@pytest.mark.parametrize("model_name", ["gpt2", "bert"])
+@pytest.mark.parametrize("model_name", [name for name, spec in MODELS.items() if spec.hf.tied])
 def test_kept_activations_equal_cpu_and_leave_no_weights_on_the_wafer(data_dir, model_name, monkeypatch):
     """keep_activations: no recompute, weights still stream in twice and are released between the
     passes; the loss curve is the resident one (tied weights, dropout, disk MemoryX included)."""
@@ -162,7 +100,7 @@ def test_eval_step_matches_cpu(data_dir):
     cpu, cpu_backend = train("cpu", params, steps=2)
     csx, csx_backend = train("csx", params, steps=2)
     cfg = params.eval_input
-    batch = next(iter(build_dataloader(cfg.data_dir, 2, shuffle=False, shuffle_seed=0, max_seq_length=SEQ)))
+    batch = next(iter(build_dataloader(cfg.data_dir, 2, shuffle=False, shuffle_seed=0, max_seq_length=CSX_SEQ)))
     a, b = cpu_backend.eval_step(batch), csx_backend.eval_step(batch)
     assert a["tokens"] == b["tokens"] and a["correct"] == b["correct"]
     assert math.isclose(a["loss_sum"], b["loss_sum"], rel_tol=1e-5)
@@ -191,7 +129,7 @@ def test_plan_counts_kept_activations(data_dir):
     from modelzoo.backends.csx.plan import make_plan
     params = make_params(data_dir)
     model = build_model(params.model)
-    plans = {keep: make_plan(model, (4, SEQ), 2, 1, 1, params.optimizer, keep_activations=keep)
+    plans = {keep: make_plan(model, (4, CSX_SEQ), 2, 1, 1, params.optimizer, keep_activations=keep)
              for keep in (False, True)}
     kept = sum(c.saved_bytes for c in plans[True].stages[:-1])
     assert kept > 0
@@ -205,7 +143,7 @@ def _wafer_between_the_two_plans(params) -> float:
     """A wafer_memory_gb that the recompute plan fits and the plan keeping activations does not."""
     from modelzoo.backends.csx.plan import GiB, make_plan
     model = build_model(params.model)
-    peaks = [make_plan(model, (2, SEQ), 2, 1, 1, params.optimizer, keep_activations=keep).peak.peak_bytes
+    peaks = [make_plan(model, (2, CSX_SEQ), 2, 1, 1, params.optimizer, keep_activations=keep).peak.peak_bytes
              for keep in (False, True)]
     assert peaks[0] < peaks[1]
     return (peaks[0] + peaks[1]) / 2 / GiB

@@ -11,18 +11,11 @@ import torch
 import pytest
 import yaml
 
-from tests.backends.csx.test_csx import SEQ, data_dir, make_params  # noqa: F401  (fixture)
+from tests.helpers import make_params, tensorboard_scalars
 
 pytestmark = pytest.mark.distributed  # several processes (ranks, systems): `pytest -m "not distributed"` skips them
 
 STEPS = 6
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(run_dir / "train"))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
 
 
 def run_cli(tmp_path, data_dir, systems, memoryx="ram"):
@@ -41,7 +34,7 @@ def test_two_systems_equal_one(tmp_path, data_dir):  # noqa: F811
     one = run_cli(tmp_path, data_dir, 1)
     two = run_cli(tmp_path, data_dir, 2, memoryx="disk")  # sharded disk MemoryX, one shard per system
     for tag in ("loss", "grad_norm"):
-        a, b = scalars(one, tag), scalars(two, tag)
+        a, b = (list(tensorboard_scalars(run / "train", tag).values()) for run in (one, two))
         assert len(a) == len(b) == STEPS
         for step, (x, y) in enumerate(zip(a, b)):
             assert math.isclose(x, y, rel_tol=1e-5), f"{tag} at step {step + 1}: {x} vs {y}"

@@ -18,7 +18,7 @@ from modelzoo.backends.csx.deferred_init import build_deferred
 from modelzoo.backends.csx.streamed_state import StreamedState
 from modelzoo.models import MODELS, build_model
 from modelzoo.training import checkpoint as ckpt
-from tests.backends.csx.test_csx import assert_close_curves, data_dir, make_backend, make_params, train  # noqa: F401  (fixture)
+from tests.helpers import assert_close_curves, make_backend, make_params, train
 
 
 def save(directory, step, state):
