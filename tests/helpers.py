@@ -1,6 +1,9 @@
-"""What the tests share (fixtures live in conftest.py): where the fixture files are, a tiny model of
-every registered architecture built from its spec's debug config, the one tiny training params, and
-running the command line in this process or as a user would.
+"""What the tests share (fixtures live in conftest.py), each once: where the fixture files are, a
+FASTA of awkward formatting with Biopython's reading of it, a tiny model of every registered
+architecture built from its spec's debug config, the one tiny training params, running the command
+line in this process or as a user would, reading TensorBoard scalars, and the pieces of the two
+kinds of exactness comparison: CSX against the resident CPU backend step by step, and N ranks
+against one through run.py.
 
 Every training run here is a tiny GPT-2 (hidden 32, 2 layers, MSL 64) on shards prepared from the
 three Nextstrain genomes in tests/data, so a whole run takes well under a second of compute.
@@ -8,6 +11,7 @@ three Nextstrain genomes in tests/data, so a whole run takes well under a second
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import subprocess
@@ -18,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from Bio import SeqIO
 
 from modelzoo import cli
 from modelzoo.backends.csx import CSXBackend
@@ -35,6 +40,20 @@ DATA = Path(__file__).parent / "data"
 GENOMES = DATA / "nextstrain_example_first3.fasta.gz"  # three SARS-CoV-2 genomes
 REPO = Path(__file__).resolve().parent.parent
 MSL = 64
+
+# Line endings of three kinds, a blank line inside a record, tabs and '>' inside a header, a '>'
+# inside a sequence line, spaces inside a sequence, a record with no sequence, no final newline.
+AWKWARD_FASTA = (b">one first record\r\nACGTAC\r\nGGT\r\n\r\nTTA\r\n"
+                 b">two\tdesc >not a new record\nacgu>ac\nAC GT\n"
+                 b">three\rNNNACG\rT\r"
+                 b">empty\n"
+                 b">last\nACGTACGTA")
+
+
+def biopython_records(data: bytes) -> list[tuple[str, str]]:
+    """(id, sequence) of each record of FASTA bytes as Biopython reads them: the slow reference."""
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="latin-1", newline=None)
+    return [(r.id, str(r.seq)) for r in SeqIO.parse(text, "fasta")]
 
 
 # ------------------------------------------------------------------ tiny models

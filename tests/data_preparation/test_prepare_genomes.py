@@ -191,3 +191,13 @@ def test_typed_options_prepare_what_the_command_line_does(tmp_path):
     for split in ("train", "val"):
         for f in sorted((tmp_path / "cli" / split).iterdir()):
             assert (tmp_path / "typed" / split / f.name).read_bytes() == f.read_bytes(), f
+
+
+def test_unk_counts_ignore_the_filler_between_sequences():
+    from data_preparation.prepare_genomes import _unk_counts
+    tok = CodonTokenizer()
+    # "AC" leaves a completed partial codon ([UNK]) that belongs to no sequence; so does "ACGN"
+    ids, starts, counts = tok.encode_flat([b"AC", b"NNNACG", b"ACGN", b"TTT"])
+    assert counts.tolist() == [0, 2, 1, 1]
+    assert (ids == tok.unk_id).sum() == 3
+    assert _unk_counts(ids, starts, counts, tok.unk_id).tolist() == [0, 1, 0, 0]

@@ -9,9 +9,9 @@ import torch
 
 from modelzoo.config import validate_params
 from modelzoo.errors import ConfigError
-from modelzoo.models import MODELS, layers
+from modelzoo.models import MODELS, build_model, layers
 from modelzoo.models.layers import attention_in_fp32
-from tests.helpers import tiny_model, tiny_params
+from tests.helpers import tiny_config, tiny_model, tiny_params
 
 IDS = torch.randint(5, 69, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -73,6 +73,31 @@ def test_fp32_attention_trains_under_bf16_autocast(monkeypatch):
         loss = model({"input_ids": IDS, "labels": IDS})["loss"]
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_attention_in_fp32_under_bf16_autocast(monkeypatch):
+    """attention_in_fp32: the attention kernel gets fp32 q/k/v under bf16 autocast (without it,
+    bf16), the block's output stays in the autocast dtype, and the model trains."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kw):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    ids = torch.randint(5, 69, (2, 32), generator=torch.Generator().manual_seed(0))
+    for flag, expected in ((False, torch.bfloat16), (True, torch.float32)):
+        cfg = tiny_config("gptj", hidden_size=64, max_position_embeddings=32, mixed_precision=True,
+                          attention_in_fp32=flag)
+        model = build_model(cfg)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model({"input_ids": ids, "labels": ids})["loss"]
+            attn_out = model.blocks[0].attn(torch.randn(2, 32, 64))
+        assert seen and set(seen) == {expected}
+        assert attn_out.dtype == torch.bfloat16
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_a_bad_value_is_one_line_naming_the_key(shards_msl64, tmp_path):

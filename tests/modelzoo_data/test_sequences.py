@@ -3,9 +3,11 @@ import shutil
 
 import pytest
 
+from modelzoo.data import sequences
 from modelzoo.data.sequences import Record, read_records
+from modelzoo.data.tokenizer import CodonTokenizer
 from modelzoo.errors import DataError
-from tests.helpers import DATA
+from tests.helpers import AWKWARD_FASTA, DATA, biopython_records
 
 
 def one_line_error(path, **kw) -> str:
@@ -132,3 +134,38 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path, monkeypatch):
     assert "cannot read (Permission denied)" in one_line_error(locked)
     with pytest.raises(DataError, match="cannot read"):
         list(read_record_chunks(locked))
+
+
+# ------------------------------------------------------------------ the block reader against Biopython
+
+@pytest.mark.parametrize("block", [1 << 26, 5, 1])  # one read, and reads that cut records and CR LF pairs
+def test_block_reader_reads_what_biopython_reads(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(sequences, "_FASTA_BLOCK", block)
+    path = tmp_path / "awkward.fa"
+    path.write_bytes(AWKWARD_FASTA)
+    ours = [(r.id, r.seq) for r in read_records(path, allow_empty=True)]
+    assert ours == biopython_records(AWKWARD_FASTA)
+    assert [i for i, _ in ours] == ["one", "two", "three", "empty", "last"]
+    raw = list(read_records(path, allow_empty=True, raw=True))
+    tok = CodonTokenizer()
+    assert [tok.encode(r.seq).tolist() for r in raw] == [tok.encode(s).tolist() for _, s in ours]
+
+
+def test_multi_member_and_padded_gzip_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequences, "_FASTA_BLOCK", 16)
+    path = tmp_path / "two_members.fa.gz"
+    path.write_bytes(gzip.compress(b">a\nACGT\nAC\n") + gzip.compress(b">b\nGGGCCC\n") + b"\x00" * 8)
+    assert [(r.id, r.seq) for r in read_records(path)] == [("a", "ACGTAC"), ("b", "GGGCCC")]
+    truncated = tmp_path / "truncated.fa.gz"
+    truncated.write_bytes(gzip.compress(b">a\n" + b"ACGT" * 5000)[:-12])
+    with pytest.raises(DataError, match="truncated gzip"):
+        list(read_records(truncated))
+
+
+def test_duplicate_ids_across_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequences, "_FASTA_BLOCK", 4)  # every record in a batch of its own
+    path = tmp_path / "dup.fa"
+    path.write_bytes(b">a\nACG\n>b\nTTT\n>a\nGGG\n>a\nCCC\n")
+    with pytest.raises(DataError, match="duplicate record id 'a'"):
+        list(read_records(path))
+    assert [r.id for r in read_records(path, rename_duplicates=True)] == ["a", "b", "a#2", "a#3"]

@@ -326,3 +326,23 @@ def test_eval_loader_covers_every_window_once(shard_dir, world):
     dataset = CausalLMDataset(ShardSet(shard_dir))
     assert sorted(seen) == sorted(tuple(dataset[i]["input_ids"].tolist()) for i in range(23))
     assert labelled == sum(int((dataset[i]["labels"] != -100).sum()) for i in range(23))
+
+
+def test_shard_writer_add_many_equals_add(tmp_path):
+    tok = CodonTokenizer()
+    rows = np.full((5, 8), tok.pad_id, dtype=np.uint8)
+    for i, n in enumerate([8, 3, 8, 1, 5]):
+        rows[i, :n] = 7 + i
+    ids, counts = ["a", "empty", "b", "c"], [2, 0, 1, 2]
+    from modelzoo.data.shards import ShardWriter
+    with ShardWriter(tmp_path / "one", 8, tok, windows_per_file=3) as one:
+        for rec_id, lo, hi in zip(ids, np.cumsum([0] + counts[:-1]), np.cumsum(counts)):
+            one.add(rec_id, rows[lo:hi])
+    with ShardWriter(tmp_path / "many", 8, tok, windows_per_file=3) as many:
+        many.add_many(ids[:2], counts[:2], rows[:2])
+        many.add_many(ids[2:], counts[2:], rows[2:])
+    assert one.manifest == many.manifest
+    from modelzoo.data.shards import ShardSet
+    assert ShardSet(tmp_path / "many").records.num_tokens.tolist() == [11, 0, 8, 6]
+    with pytest.raises(ValueError, match="does not cut"):
+        many.add_many(["x"], [2], rows[:1])

@@ -5,7 +5,7 @@ import pytest
 from Bio import SeqIO
 
 from modelzoo.data.tokenizer import CodonTokenizer
-from tests.helpers import DATA, REPO
+from tests.helpers import AWKWARD_FASTA, DATA, REPO, biopython_records
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,19 @@ def test_genslm_ids_on_real_genomes_and_the_default_differences(tok):
     assert tok.encode("AUG").tolist() == tok.encode("ATG").tolist() != recipe("AUG")
     with pytest.raises(ValueError, match="genslm=True reads as GenSLM does"):
         tok.encode("ATG", "longest_orf", genslm=True)
+
+
+def encoded_apart(tok: CodonTokenizer, seqs) -> list[list[int]]:
+    ids, starts, counts = tok.encode_flat(seqs)
+    assert len(starts) == len(counts) == len(seqs)
+    return [ids[a:a + n].tolist() for a, n in zip(starts.tolist(), counts.tolist())]
+
+
+def test_encode_flat_equals_one_call_per_sequence():
+    tok = CodonTokenizer()
+    seqs = ["", "A", "AC", "ACG", "acgu\nTTA", "ACGNNRTTTA", b"GGG\r\nCCCA", "AT\u00e9GGCC", "ACGT" * 1001]
+    assert encoded_apart(tok, seqs) == [tok.encode(seq).tolist() for seq in seqs]
+    assert encoded_apart(tok, []) == []
+    # the slow tokenizers reference agrees on a real genome
+    genome = "".join(s for _, s in biopython_records(AWKWARD_FASTA))
+    assert encoded_apart(tok, [genome]) == [tok.encode_with_tokenizers(genome)]
