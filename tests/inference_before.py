@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import yaml
 
-from modelzoo.config import ModelConfig
 from modelzoo.models import build_model
 from modelzoo.training.checkpoint import save_checkpoint
+from tests.helpers import DATA, tiny_config
 
-SAVED = Path(__file__).parent / "data" / "inference_before"
+SAVED = DATA / "inference_before"
 CONTEXT = 24
 LENGTHS = [2, 40, 7, 90, 31, 24, 1, 64, 12, 65, 5, 20, 3, 23, 25, 47]  # codons per record
 MODELS = ("gpt2", "gpt_neox", "bert")
@@ -38,7 +38,7 @@ RUNS = [("embed", "gpt2", [], "embeddings.npy"),
 def model_dir(root: Path, name: str) -> Path:
     """A model_dir holding one checkpoint of a tiny untrained seeded model."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name=name, hidden_size=32, num_hidden_layers=2, num_heads=4, max_position_embeddings=CONTEXT)
+    cfg = tiny_config(name, max_position_embeddings=CONTEXT)
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, 1, {"model": build_model(cfg).state_dict(), "step": 1,
