@@ -286,6 +286,17 @@ def assert_same_curve(got: dict, want: dict, steps) -> None:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), f"step {step}"
 
 
+def assert_same_curves(run_dir: Path, one_rank: Path) -> None:
+    """A run's training loss and gradient norm at every step, and its evaluation's loss and accuracy
+    (summed over the ranks' halves of every batch), as one rank's."""
+    for tag in ("loss", "grad_norm"):
+        assert_same_curve(tensorboard_scalars(run_dir / "train", tag), tensorboard_scalars(one_rank / "train", tag),
+                          range(1, RANKS_STEPS + 1))
+    for tag in ("loss", "accuracy"):
+        assert_same_curve(tensorboard_scalars(run_dir / "eval", tag), tensorboard_scalars(one_rank / "eval", tag),
+                          [RANKS_STEPS])
+
+
 def assert_same_state(ours: dict, theirs: dict) -> None:
     assert ours["model"].keys() == theirs["model"].keys()  # the bare model's names, whole tensors
     for k in ours["model"]:
