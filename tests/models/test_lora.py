@@ -123,9 +123,9 @@ def test_a_classifier_adapts_from_an_mlm_checkpoint_with_its_new_head_trained():
     """Fine-tuning's transfer takes the backbone from the checkpoint and keeps the model's own
     fresh head and adapters; lora.trainable makes the new head train beside the adapters."""
     from modelzoo.models import transfer_backbone
-    shape = dict(name="bert", hidden_size=32, num_hidden_layers=2, num_heads=4, max_position_embeddings=16)
-    saved = build_model(ModelConfig(**shape)).state_dict()
-    model = build_model(ModelConfig(**shape, num_labels=3, lora=LoraConfig(trainable=["head.*"])))
+    saved = build_model(tiny_config("bert", max_position_embeddings=16)).state_dict()
+    model = build_model(tiny_config("bert", max_position_embeddings=16, num_labels=3,
+                                    lora=LoraConfig(trainable=["head.*"])))
     fresh = model.state_dict()
     state = transfer_backbone(saved, fresh, "mlm.mdl")
     assert state.keys() == fresh.keys()
