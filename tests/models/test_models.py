@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modelzoo.config import ModelConfig
-from modelzoo.models import MODELS, build_model, transfer_backbone
+from modelzoo.models import CLASSIFY, MODELS, build_model, objective_of, transfer_backbone
 from modelzoo.models.layers import Rotary
 from modelzoo.errors import CheckpointError
 from tests.helpers import tiny_config, tiny_model
@@ -37,12 +37,15 @@ def test_model_name_is_checked_against_the_registry():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stages_compose_to_forward(variant):
     model, b = small(variant), batch()
+    # labels for the head's loss: a class per sequence, else a token per position
+    b["labels"] = torch.tensor([0, 2]) if objective_of(model.config) == CLASSIFY else b["input_ids"].roll(-1, 1)
     stages = model.stages()
     assert len(stages) == tiny_config().num_hidden_layers + 2
     hidden = None
     for stage in stages[:-1]:
         hidden = stage(hidden, b)
-    assert torch.equal(stages[-1](hidden, b)["logits"], model(b)["logits"])
+    staged, whole = stages[-1](hidden, b), model(b)
+    assert torch.equal(staged["logits"], whole["logits"]) and torch.equal(staged["loss"], whole["loss"])
     owned = {id(p) for s in stages for p in s.parameters()}
     assert owned == {id(p) for p in model.parameters()}  # no parameter lives outside the stages
 
