@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,12 @@ class Rotary(nn.Module):
     (2i, 2i+1); GPT-NeoX (``interleaved=False``) pairs dim i with dim i + d/2 ("rotate half").
     The angles are recomputed per call (a (t, d/2) table, negligible next to attention) so the
     module holds no state to checkpoint.
+
+    A pair (a, b) turns to (a cos - b sin, b cos + a sin). That is computed as
+    x * cos + partner(x) * sin, with cos and sin laid out as the dims they turn and sin negated
+    where the partner is subtracted: the same products and sums, so the same bits, in four
+    element-wise ops over the rotated dims alone. Attention turns q and k together, in place in
+    its fused q/k/v projection (``turn_qk_``): the rest of each head is neither read nor copied.
     """
 
     def __init__(self, rotary_dim: int, base: float = 10000.0, interleaved: bool = True):
@@ -36,29 +42,47 @@ class Rotary(nn.Module):
         theta = positions.to(torch.float32)[..., None] * inv_freq
         return theta.cos(), theta.sin()
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        d = self.rotary_dim
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin per rotated dim, in ``dtype``: positions (...) -> (..., rotary_dim)."""
+        cos, sin = (z.to(dtype) for z in self.angles(positions))
         if self.interleaved:
-            pairs = x[..., :d].unflatten(-1, (d // 2, 2))
-            first, second = pairs[..., 0], pairs[..., 1]
-        else:
-            first, second = x[..., : d // 2], x[..., d // 2: d]
-        turned = (first * cos - second * sin, second * cos + first * sin)
-        rotated = torch.stack(turned, dim=-1).flatten(-2) if self.interleaved else torch.cat(turned, dim=-1)
-        return torch.cat((rotated, x[..., d:]), dim=-1)
+            return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+    def partner(self, x: torch.Tensor) -> torch.Tensor:
+        """The dim each rotated dim pairs with, at its place: (x1, x0, x3, x2, ...) interleaved,
+        else (second half, first half)."""
+        if self.interleaved:
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        half = self.rotary_dim // 2
+        return torch.cat((x[..., half:], x[..., :half]), -1)
+
+    def turned(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x's first rotary_dim dims turned (the rest left out); cos, sin from ``tables``."""
+        x = x[..., : self.rotary_dim]
+        return x * cos + self.partner(x) * sin
+
+    @staticmethod
+    def _positions(t: int, offset: int, positions: Optional[torch.Tensor], device) -> torch.Tensor:
+        return torch.arange(offset, offset + t, device=device) if positions is None else positions
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0,
                 positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: (batch, heads, t, head_dim) -> the same with positions rotated in: each row's
         ``positions`` (batch, t) when given (packed windows restart them per record), else
         offset, offset + 1, ..."""
-        if positions is None:
-            positions = torch.arange(offset, offset + q.shape[-2], device=q.device)
-        else:
-            positions = positions[:, None, :]  # one angle per row and token, shared by the heads
-        cos, sin = self.angles(positions)
-        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        at = self._positions(q.shape[-2], offset, positions, q.device)
+        cos, sin = self.tables(at if positions is None else at[:, None, :], q.dtype)  # shared by the heads
+        return tuple(torch.cat((self.turned(x, cos, sin), x[..., self.rotary_dim:]), dim=-1) for x in (q, k))
+
+    def turn_qk_(self, qkv: torch.Tensor, offset: int = 0, positions: Optional[torch.Tensor] = None) -> None:
+        """Rotate q and k in place in a fused projection qkv (batch, t, 3, heads, head_dim) whose
+        [:, :, 0] is q and [:, :, 1] k; positions as ``forward``'s. (In place is safe for autograd:
+        no op before it saved the projection's output, and the turn itself saves only the tables.)"""
+        at = self._positions(qkv.shape[1], offset, positions, qkv.device)
+        cos, sin = (z[..., None, None, :] for z in self.tables(at, qkv.dtype))  # shared by q, k and heads
+        qk = qkv[:, :, :2]
+        qk[..., : self.rotary_dim] = self.turned(qk, cos, sin)
 
 
 class KVCache:
@@ -251,7 +275,7 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, bias: bool, dropout: float,
                  attention_dropout: float, causal: bool,
-                 rotary: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
+                 rotary: Optional[Rotary] = None,
                  out_bias: Optional[bool] = None, in_fp32: Union[bool, Literal["auto"]] = False):
         super().__init__()
         self.num_heads = num_heads
@@ -280,11 +304,11 @@ class Attention(nn.Module):
         in_fp32 = attention_in_fp32(self.in_fp32, qkv.device, dtype)
         if in_fp32:  # one cast of q, k and v together, before rotary, so positions rotate in fp32 too
             qkv = qkv.float()
-        q, k, v = qkv.view(b, t, 3, self.num_heads, c // self.num_heads).unbind(2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, head_dim)
+        qkv = qkv.view(b, t, 3, self.num_heads, c // self.num_heads)
         past = 0 if cache is None else cache.length(self)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, offset=past, positions=batch.get("position_ids") if cache is None else None)
+            self.rotary.turn_qk_(qkv, offset=past, positions=batch.get("position_ids") if cache is None else None)
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # (b, heads, t, head_dim)
         if cache is not None:
             k, v = cache.extend(self, k, v)
         mask = None
