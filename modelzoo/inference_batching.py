@@ -9,7 +9,10 @@ first and laid into batches: rows as wide as the batch's longest piece, as many 
 holds several pieces carries the training path's packed layout (``document_ids``, and
 ``position_ids`` counted from 0 in each piece), so every piece attends only to itself, at its own
 positions: its results are those of the piece alone. A batch whose rows hold one piece each is
-a plain padded batch.
+a plain padded batch. On a CPU a batch is computed in forward passes of about
+``CPU_PASS_TOKENS`` (its rows, fullest first, each pass as wide as its fullest row): a piece's
+results depend on its row alone (up to float32 rounding: a pass narrower than its batch pads
+less, which saved a tenth of the CPU time on genes; embeddings moved by at most 1.2e-7).
 
 Under a process group (an outer ``torchrun``, or a tool's ``--num_workers_per_node``), every
 process reads the same input and plans the same batches; process r computes batches r, r + K,
@@ -30,6 +33,12 @@ from modelzoo.backends.base import rank_and_world
 # The same for any number of processes (the batches, and so the bytes, must not depend on it):
 # more than this many processes would idle.
 ROUND_BATCHES = 8
+# On a CPU, tokens per forward pass (padding included; whole rows, one at least): a batch is
+# computed in passes this size, whose activations stay in the caches. The same rows in one
+# 15,000-25,000-token pass took 1.2-1.8x the CPU time (the GPT-NeoX of bench/bench_inference.py,
+# 2 layers of 128, at widths 305-2048, Intel Xeon with AMX); 1,024-4,096 measured alike. A GPU
+# takes a batch whole.
+CPU_PASS_TOKENS = 2048
 
 
 class Piece:
@@ -49,7 +58,7 @@ class Packed:
     ``piece_of`` = k at each token (-1: padding), ``order[k]`` = its index in the round."""
 
     def __init__(self, rows: list[list[int]], pieces: Sequence[Piece], pad_id: int, mask_id: int, device):
-        width = len(pieces[rows[0][0]].ids)
+        width = max(sum(len(pieces[i].ids) for i in row) for row in rows)
         several = any(len(row) > 1 for row in rows)
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         piece_of = np.full((len(rows), width), -1, dtype=np.int64)
@@ -136,6 +145,21 @@ def plan(lengths: Sequence[int], batch_tokens: int, max_pieces: int | None = Non
     return batches
 
 
+def passes(rows: list[list[int]], lengths: Sequence[int], most: int) -> Iterator[list[list[int]]]:
+    """A batch's rows in forward passes of at most ``most`` tokens (one row at least), each as
+    wide as its fullest row: rows sorted fullest first (ties in plan order) so that a pass's
+    rows are alike and padding stays small. What a piece computes depends on its row alone."""
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    order = sorted(range(len(rows)), key=lambda r: -fill[r])
+    start = 0
+    while start < len(order):
+        width, end = fill[order[start]], start + 1
+        while end < len(order) and (end + 1 - start) * width <= most:
+            end += 1
+        yield [rows[r] for r in order[start:end]]
+        start = end
+
+
 def rounds(encoded: Iterable[tuple[object, np.ndarray]], pieces_of: Callable[[np.ndarray], Iterable[Piece]],
            work: int, max_pieces: int | None) -> Iterator[tuple[list, list[Piece]]]:
     """The input a round at a time: (sequences as given, their pieces), a round closing once its
@@ -158,12 +182,15 @@ def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_to
             max_pieces: int | None, pad_id: int, mask_id: int, device) -> list:
     """``compute``'s result for every piece of a round, in the round's order: this process
     computes its share of the batches, and the shares of the others are gathered."""
-    batches = plan([len(p.ids) for p in pieces], batch_tokens, max_pieces)
+    lengths = [len(p.ids) for p in pieces]
+    batches = plan(lengths, batch_tokens, max_pieces)
     rank, world = rank_and_world()
+    most = CPU_PASS_TOKENS if torch.device(device).type == "cpu" else batch_tokens
     found: dict[int, object] = {}
     for b in range(rank, len(batches), world):
-        packed = Packed(batches[b], pieces, pad_id, mask_id, device)
-        found.update(zip(packed.order, compute(packed)))
+        for rows in passes(batches[b], lengths, most):
+            packed = Packed(rows, pieces, pad_id, mask_id, device)
+            found.update(zip(packed.order, compute(packed)))
     if world > 1:
         found = gathered(found, world)
     return [found[i] for i in range(len(pieces))]
