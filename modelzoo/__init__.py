@@ -1,7 +1,7 @@
 """Codon-level genome language models (GenSLM-style) in the shape of the Cerebras Model Zoo.
 
 ``from modelzoo import GenomeLM`` loads a trained model for embeddings, generation and scoring
-(see modelzoo/inference.py). It is imported on first use, so ``import modelzoo`` stays light.
+(see modelzoo/inference/). It is imported on first use, so ``import modelzoo`` stays light.
 """
 
 __all__ = ["GenomeLM"]

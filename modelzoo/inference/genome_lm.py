@@ -81,8 +81,9 @@ class GenomeLM:
             from the first nucleotide), only its first ``max_position_embeddings`` tokens, one
             window, every non-pad position averaged ([UNK] included). Default: surprise for GPT
             models, mean for BERT.
-        batch_tokens: tokens per forward pass, padding included (default: 8 full windows);
-            batch_size: at most this many windows per pass (default: no limit but batch_tokens).
+        batch_tokens: tokens per batch, padding included (default: 8 full windows): the unit sorted,
+            packed and shared among processes; a CPU computes it in forward passes of about 2,048
+            tokens. batch_size: at most this many windows per batch (default: batch_tokens decides).
             Short sequences share a window (packed, each attending only to itself): the results
             are each sequence's alone, whatever the batches.
         bf16: deprecated (precision follows the model config, ``precision``): computes under

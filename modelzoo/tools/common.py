@@ -25,10 +25,10 @@ def add_model_arguments(parser, overwrite: str | None = None, packed: bool = Fal
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     if packed:
         parser.add_argument("--batch_tokens", type=int, default=None,
-                            help=f"tokens per forward pass, padding included (default: {DEFAULT_BATCH_WINDOWS} "
+                            help=f"tokens per batch, padding included (default: {DEFAULT_BATCH_WINDOWS} "
                                  f"windows of the model's context); short records share a window")
         parser.add_argument("--batch_size", type=int, default=None,
-                            help="at most this many windows per forward pass (default: --batch_tokens decides)")
+                            help="at most this many windows per batch (default: --batch_tokens decides)")
         parser.add_argument("--num_workers_per_node", type=int, default=1,
                             help="processes on this machine (each its own GPU with --device cuda), each "
                                  "computing a share of the batches; the output is the same bytes")
