@@ -8,7 +8,6 @@ import pytest
 
 from data_preparation import prepare_genomes
 from tests.helpers import CSX_SEQ, GENOMES
-from tests.helpers import tiny_params, write_params  # noqa: F401 (the inference tests import them from here)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from modelzoo.evaluation import profiles
 from modelzoo.evaluation.ngram import SMOOTHINGS, CodonNGrams
 from modelzoo.tools import evaluate
 from tests.helpers import GENOMES
-from tests.test_inference_cli import model_dir, records  # noqa: F401 (the tiny trained model and its genomes)
-from tests.test_inference_cli import run as run_tool
+from tests.tools.test_inference_cli import model_dir, records  # noqa: F401 (the tiny trained model and its genomes)
+from tests.tools.test_inference_cli import run as run_tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
 

@@ -5,7 +5,7 @@ one process writes. A user error is still one line, exit code 2, nothing written
 import pytest
 
 from modelzoo.tools import embed, score
-from tests import inference_before as before
+from tests.inference import before
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # the reference: one process on one thread, as each worker
               pytest.mark.distributed]  # several processes: `pytest -m "not distributed"` skips them

@@ -13,7 +13,7 @@ from modelzoo import GenomeLM
 from modelzoo import inference_batching as batching
 from modelzoo.config import ModelConfig
 from modelzoo.models import build_model
-from tests import inference_before as before
+from tests.inference import before
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math
 

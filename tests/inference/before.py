@@ -3,7 +3,7 @@ outputs are unchanged: tiny seeded models and seeded records of mixed lengths (o
 several windows, some with N), the tools run on them, their outputs kept under
 tests/data/inference_before/.
 
-    python -m tests.inference_before     # rewrites the saved outputs (only to be run on the old code)
+    python -m tests.inference.before     # rewrites the saved outputs (only to be run on the old code)
 """
 
 from __future__ import annotations

@@ -361,4 +361,4 @@ def test_import_stays_light():
     code = ("import sys; from modelzoo import GenomeLM; "
             "heavy = [m for m in ('transformers', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]; "
             "assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -18,7 +18,7 @@ from modelzoo.config import ModelConfig
 from modelzoo.data.sequences import read_records
 from modelzoo.models import build_model
 from modelzoo.tools import maps, mutations, score
-from tests.conftest import GENOMES, tiny_params, write_params
+from tests.helpers import GENOMES, tiny_params, write_params
 
 CONTEXT = 32
 

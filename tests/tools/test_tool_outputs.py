@@ -26,7 +26,7 @@ from modelzoo.files import OWNER_MARKER, NpyRows
 from modelzoo.models import build_model
 from modelzoo.tools import convert_checkpoint, embed, generate, mutations, score
 from modelzoo.training.checkpoint import save_checkpoint
-from tests.conftest import GENOMES, tiny_params, write_params
+from tests.helpers import GENOMES, tiny_params, write_params
 
 TOOLS = {"prepare_genomes": prepare_genomes, "embed": embed, "score": score, "generate": generate,
          "convert_checkpoint": convert_checkpoint, "mutations": mutations}

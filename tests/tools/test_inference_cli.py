@@ -11,7 +11,7 @@ from modelzoo.data.sequences import read_records
 from modelzoo.models import build_model
 from modelzoo.tools import embed, generate, score
 from modelzoo.training.checkpoint import save_checkpoint
-from tests.conftest import GENOMES, tiny_params, write_params
+from tests.helpers import GENOMES, tiny_params, write_params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP wake-ups cost more than the math

@@ -1,0 +1,1 @@
+"""Tests of modelzoo/inference/: GenomeLM, its readers, packed batching, worker processes."""
