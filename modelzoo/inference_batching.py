@@ -23,6 +23,7 @@ in input order, the same bytes as one process (the same batches, summed in the s
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -208,13 +209,21 @@ def results(pieces: Sequence[Piece], compute: Callable[[Packed], list], batch_to
     return [found[i] for i in range(len(pieces))]
 
 
+@functools.cache
+def glibc():
+    """The C library when it is glibc (malloc_trim, mallopt), else None: loaded once per process."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim; without glibc,
     nothing): see ``RELEASE_PASSES``."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if glibc() is not None:
+        glibc().malloc_trim(0)
 
 
 _results_group: dict = {}  # the default group -> a gloo group for the results (None: it is gloo itself)

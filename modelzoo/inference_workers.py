@@ -13,13 +13,13 @@ rank. A user error is one line from process 0, exit code 2, nothing written.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import Callable, Iterable
 
 from modelzoo import distributed
 from modelzoo.entry import run_entry
 from modelzoo.errors import ConfigError, UserError
+from modelzoo.inference_batching import glibc
 
 MAX_WORKERS = 1024
 M_MMAP_THRESHOLD, MMAP_FROM = -3, 4 << 20  # glibc's mallopt parameter, and the size from which blocks are mmapped
@@ -58,10 +58,8 @@ def _fixed_mmap_threshold() -> None:
     (bench/bench_inference.py: +29% at 10x the records). A fixed threshold returns every buffer
     of ``MMAP_FROM`` bytes or more to the system when freed: memory stays flat in the input, for
     about the same CPU time. (Set in the process the tool runs in; without glibc, nothing.)"""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
-    except (OSError, AttributeError):
-        pass
+    if glibc() is not None:
+        glibc().mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
 
 
 def _refuse(message: str):

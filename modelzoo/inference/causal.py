@@ -58,8 +58,7 @@ class CausalReader:
     def _log_probs(self, packed: Packed, score_unk: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token (flattened, on the CPU): its log-probability given the tokens before it in its
         piece, and whether it is scored (a codon, or [UNK] with ``score_unk``, not a piece's first)."""
-        with self.lm._autocast(False):
-            logits = self.lm.model(packed.batch)["logits"]
+        logits = self.lm.token_logits(packed)
         scored = torch.from_numpy(self.lm._scored(packed.input_ids.cpu().numpy(), score_unk).reshape(-1))
         return next_token_log_probs(packed, logits), scored & packed.follows()
 

@@ -255,6 +255,11 @@ class GenomeLM:
         ``backends.precision.precision_on``, the training runs' rule), else float32."""
         return self._compute.fp16_type if self._compute.mixed_precision else "float32"
 
+    def token_logits(self, packed) -> torch.Tensor:
+        """The model's logits over a packed batch, in the precision it computes in."""
+        with self._autocast(False):
+            return self.model(packed.batch)["logits"]
+
     def _autocast(self, bf16: bool):
         if bf16:  # the deprecated embed(bf16=True)
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

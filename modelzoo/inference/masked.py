@@ -46,8 +46,7 @@ class MaskedReader:
     def sums(self, packed: Packed, score_unk: bool = False) -> list[tuple[float, int]]:
         """Log-probability of each piece's masked codon, from both sides (and 1 codon scored);
         which codons are scored (``score_unk``) the pieces decided."""
-        with self.lm._autocast(False):
-            logits = self.lm.model(packed.batch)["logits"]
+        logits = self.lm.token_logits(packed)
         at = torch.tensor(packed.masked, device=self.lm.device)
         targets = torch.tensor(packed.targets, device=self.lm.device)
         logp = logits.reshape(-1, logits.shape[-1])[at].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
